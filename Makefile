@@ -1,0 +1,45 @@
+# stemlive: set-up and the two everyday commands (`make demo`, `make test`).
+# Creates .venv with Python 3.11 and installs stemlive with its simulation extra.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: demo test test-all libraries demo-library bench clean-venv
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "stemlive needs Python >= 3.11"' \
+	  || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[sim,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stemlive demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# The default training libraries (issue 2): SrTiO3 [001], 200 kV, into the user cache.
+# Resumable: rerun after an interruption.  ~46 min wall on 2 cores (benchmarks/library_speed.py).
+libraries: $(STAMP)
+	$(BIN)/stemlive simulate pacbed --alpha 13.6 --thickness 1 120 1
+	$(BIN)/stemlive simulate pacbed --alpha 19.1 --thickness 1 80 1
+
+# Rebuilds the small position-resolved library shipped for the demo scan (~4 min).
+demo-library: $(STAMP)
+	$(BIN)/stemlive simulate pacbed --alpha 13.6 --kv 200 --thickness 8 56 2 --tilts "0 1.5 3" \
+	  --signed-tilts --max-angle 61.2 --pixels 41 --positions 8 8 --keep-positions \
+	  --out simulate/data/cbed-positions_SrTiO3_001_200kV_13.6mrad.h5
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/library_speed.py
+	$(BIN)/python benchmarks/phonon_convergence.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The operator dashboard (Bokeh server application)."""

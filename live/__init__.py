@@ -1,0 +1,1 @@
+"""Acquisition side of stemlive: the `stemlive` entry point and (from issue 4) the live engine."""

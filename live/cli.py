@@ -1,0 +1,37 @@
+"""The `stemlive` command: dispatches to each folder's own ``cli.py``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import version
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="stemlive",
+        description="Live 4D-STEM analysis: PACBED thickness/tilt and atom positions while the scan runs.",
+    )
+    ap.add_argument("--version", action="version", version=f"stemlive {version('stemlive')}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import demo
+    from ..simulate import cli as simulate_cli
+
+    demo.add_parser(sub)
+    simulate_cli.add_parsers(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"stemlive {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

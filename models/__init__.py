@@ -1,0 +1,1 @@
+"""Networks, model cards, inference backends and analysers of stemlive."""

@@ -1,0 +1,89 @@
+"""`stemlive simulate pacbed|scan`: command-line front end of the simulation package."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .params import SEED_TILTS_MRAD, PacbedParams
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache for libraries and scans (never committed)."""
+    import os
+
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("STEMLIVE_CACHE", user_cache_dir("stemlive")))
+
+
+def default_library_path(p: PacbedParams) -> Path:
+    zone = p.zone.strip("[]")
+    kind = "cbed-positions" if p.keep_positions else "pacbed"
+    name = f"{kind}_{Path(p.material).stem}_{zone}_{p.kv:g}kV_{p.alpha_mrad:g}mrad.h5"
+    return default_cache_dir() / "libraries" / name
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.replace(",", " ").split())
+
+
+def add_pacbed_parser(sub) -> None:
+    ap = sub.add_parser(
+        "pacbed", help="simulate a PACBED (or position-resolved CBED) library with abTEM",
+        description="Frozen-phonon multislice thickness series for a grid of tilts. Resumable: "
+                    "rerun the same command after an interruption.",
+    )
+    ap.add_argument("--material", default="SrTiO3", help="built-in 'SrTiO3' or a CIF file")
+    ap.add_argument("--zone", default="[001]", help="zone axis [uvw] (default [001])")
+    ap.add_argument("--kv", type=float, default=200.0, help="high tension [kV]")
+    ap.add_argument("--alpha", type=float, default=13.6, help="convergence semi-angle [mrad]")
+    ap.add_argument("--thickness", type=float, nargs=3, default=(1.0, 120.0, 1.0),
+                    metavar=("MIN", "MAX", "STEP"), help="thickness range [nm]")
+    ap.add_argument("--tilts", type=_floats, default=SEED_TILTS_MRAD,
+                    help="tilt values along both axes [mrad], e.g. '0 0.25 0.5 1' (default: the seed's "
+                         "0-4 mrad, 0.25 steps below 1 and 0.5 above)")
+    ap.add_argument("--signed-tilts", action="store_true", help="also negative tilts (default: first quadrant; "
+                    "the others follow by the zone's mirrors when reading)")
+    ap.add_argument("--max-angle", type=float, default=None, help="stored half-range [mrad] (default 3α)")
+    ap.add_argument("--pixels", type=int, default=None, help="stored pattern size, odd (default: native sampling)")
+    ap.add_argument("--positions", type=int, nargs=2, default=None, metavar=("N0", "N1"),
+                    help="probe positions per unit cell (default: smallest N > 2α/θ₁₀₀)")
+    ap.add_argument("--cell-extent", type=float, default=19.5, help="supercell edge [Å] (sets λ/extent sampling)")
+    ap.add_argument("--sampling", type=float, default=0.0765, help="potential sampling [Å]")
+    ap.add_argument("--phonon-passes", type=int, default=2,
+                    help="frozen-phonon passes; each gives every row of probe positions a fresh configuration "
+                         "(0: static lattice)")
+    ap.add_argument("--pool-cells", type=int, default=32, help="displaced unit-cell repeats in the slice pool")
+    ap.add_argument("--keep-positions", action="store_true", help="store the CBED of every probe position")
+    ap.add_argument("--no-symmetry", action="store_true", help="simulate every tilt directly")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    ap.add_argument("--keep-parts", action="store_true", help="keep the per-tilt parts after assembly")
+    ap.add_argument("--out", type=Path, default=None, help="output HDF5 (default: the user cache)")
+    ap.set_defaults(func=run_pacbed)
+
+
+def run_pacbed(args) -> int:
+    from .build import build_library
+
+    p = PacbedParams(
+        material=args.material, zone=args.zone, kv=args.kv, alpha_mrad=args.alpha,
+        thickness_nm=tuple(args.thickness), tilt_values_mrad=tuple(args.tilts), tilt_signed=args.signed_tilts,
+        max_angle_mrad=args.max_angle, pixels=args.pixels,
+        positions=tuple(args.positions) if args.positions else None, cell_extent_A=args.cell_extent,
+        sampling_A=args.sampling, phonon_passes=args.phonon_passes, pool_cells=args.pool_cells,
+        keep_positions=args.keep_positions, use_symmetry=not args.no_symmetry, seed=args.seed,
+    )
+    out = args.out or default_library_path(p)
+    build_library(p, out, workers=args.workers, keep_parts=args.keep_parts)
+    print(out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    ap = sub.add_parser("simulate", help="simulate PACBED libraries and synthetic 4D-STEM scans")
+    ssub = ap.add_subparsers(dest="what", required=True)
+    add_pacbed_parser(ssub)
+    from .scan_cli import add_scan_parser
+
+    add_scan_parser(ssub)

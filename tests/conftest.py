@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny abTEM libraries (seconds each) built once per test session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest
+
+from stemlive.simulate.params import PacbedParams
+
+# 2x2 unit cells, 0.1 Å sampling: ~1 s per tilt; physics is coarse but every symmetry and
+# normalisation property the tests check holds exactly at any sampling.
+TINY = dict(cell_extent_A=8.0, sampling_A=0.1, max_angle_mrad=30.0, pool_cells=4)
+
+
+def tiny_params(**kw) -> PacbedParams:
+    d = dict(TINY, thickness_nm=(1.0, 4.0, 1.0), tilt_values_mrad=(0.0, 1.0))
+    d.update(kw)
+    return PacbedParams(**d)
+
+
+@pytest.fixture(scope="session")
+def position_library(tmp_path_factory):
+    """Position-resolved, signed-tilt library like the shipped demo one, but tiny."""
+    from stemlive.simulate.build import build_library
+
+    out = tmp_path_factory.mktemp("lib") / "positions.h5"
+    p = tiny_params(thickness_nm=(2.0, 8.0, 2.0), tilt_values_mrad=(0.0, 1.5), tilt_signed=True,
+                    positions=(8, 8), keep_positions=True, max_angle_mrad=4.5 * 13.6, pixels=21,
+                    sampling_A=0.07)
+    build_library(p, out, workers=1, progress=False)
+    return out

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def stemlive(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "stemlive.live.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_subcommands():
+    res = stemlive("--help")
+    assert res.returncode == 0
+    for cmd in ("demo", "simulate"):
+        assert cmd in res.stdout
+    res = stemlive("simulate", "--help")
+    assert "pacbed" in res.stdout and "scan" in res.stdout
+
+
+def test_core_imports_without_torch_or_abtem():
+    code = ("import sys; import stemlive.live.cli, stemlive.simulate.scan, stemlive.simulate.library; "
+            "bad = [m for m in ('torch', 'abtem') if m in sys.modules]; assert not bad, bad")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_demo_builds_scan_from_shipped_library(tmp_path):
+    from stemlive.simulate.scan_cli import SHIPPED_LIBRARY
+
+    if not SHIPPED_LIBRARY.exists():
+        pytest.fail(f"shipped demo library missing: {SHIPPED_LIBRARY}")
+    res = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
+    assert res.returncode == 0, res.stderr
+    assert "scan ready" in res.stdout
+    again = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
+    assert again.returncode == 0 and len(list(tmp_path.iterdir())) == 1  # cached, not rebuilt

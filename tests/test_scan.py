@@ -1,0 +1,111 @@
+"""Synthetic 4D-STEM scans: ground truth, noise model, formats LiberTEM reads."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from stemlive.simulate.library import PacbedLibrary
+from stemlive.simulate.scan import ScanParams, compose_frames, thickness_field, tilt_field, write_scan
+
+SMALL = dict(scan_shape=(24, 32), thickness_nm=(2.5, 7.5), bowl_tilt_mrad=1.2, bowl_radius=0.25)
+
+
+def test_ground_truth_fields_match_request():
+    p = ScanParams(**SMALL, tilt_offset_mrad=(0.1, -0.2))
+    t = thickness_field(p)
+    assert t[:, 0] == pytest.approx(2.5) and t[:, -1] == pytest.approx(7.5)
+    assert np.all(np.diff(t, axis=1) > 0)
+    tilt = tilt_field(p)
+    dev = np.linalg.norm(tilt - np.array([0.1, -0.2]), axis=-1)
+    assert dev.max() == pytest.approx(1.2, rel=0.05)  # largest bowl tilt as requested
+    r, c = round(0.5 * 23), round(0.4 * 31)
+    assert dev[r, c] < 0.25  # flat at the bowl centre (pixel within 0.6 px of it)
+    d = tilt - np.array([0.1, -0.2])
+    assert d[r, c + 6, 1] > 0.5 and d[r, c - 6, 1] < -0.5  # radial, pointing away from the centre
+    assert d[r + 6, c, 0] > 0.5 and abs(d[r + 6, c, 1]) < 0.15
+    stepped = thickness_field(ScanParams(**SMALL, thickness_steps=3))
+    assert len(np.unique(stepped)) == 3
+
+
+def test_frames_follow_the_library(position_library):
+    lib = PacbedLibrary.load(position_library, positions=True)
+    p = ScanParams(**dict(SMALL, bowl_tilt_mrad=0.0), dose=1e6, psf_sigma_px=0.0, inelastic_mfp_nm=1e9,
+                   dtype="uint32")
+    frames = compose_frames(lib, p, progress=False)
+    assert frames.shape == (24, 32, 21, 21) and frames.dtype == np.uint32
+    # at a library thickness and tilt (0, 0), each frame is the library CBED at its position
+    col = int(np.argmin(np.abs(thickness_field(p)[0] - lib.thickness_nm[1])))
+    t = thickness_field(p)[0, col]
+    assert abs(t - lib.thickness_nm[1]) < 0.2
+    i0 = lib.tilt_index((0.0, 0.0))
+    ref = lib.positions_for_tilt(i0)
+    i = int(np.searchsorted(lib.thickness_nm, t, side="right") - 1)
+    w = (t - lib.thickness_nm[i]) / (lib.thickness_nm[i + 1] - lib.thickness_nm[i])
+    expect = (1 - w) * ref[i] + w * ref[i + 1]
+    def chi2(counts, cbed):
+        mu = cbed * p.dose
+        return float(np.mean((counts - mu) ** 2 / np.maximum(mu, 1.0)))
+
+    for r in (0, 3, 9):
+        assert chi2(frames[r, col], expect[r % 8, col % 8]) < 1.5  # only Poisson noise
+        assert chi2(frames[r, col], expect[(r + 4) % 8, col % 8]) > 5  # another probe position is not
+    # PACBED over whole unit cells is the library PACBED
+    block = frames[:8, col - col % 8: col - col % 8 + 8].mean(axis=(0, 1)) / p.dose
+    assert np.abs(block - expect.mean(axis=(0, 1))).sum() / block.sum() < 0.15
+
+
+def test_dose_background_and_seed(position_library):
+    lib = PacbedLibrary.load(position_library, positions=True)
+    a = compose_frames(lib, ScanParams(**SMALL, dose=2e4), progress=False)
+    b = compose_frames(lib, ScanParams(**SMALL, dose=2e4), progress=False)
+    c = compose_frames(lib, ScanParams(**SMALL, dose=2e4, seed=1), progress=False)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # counts ≈ dose x fraction of the probe on the detector
+    assert a.sum(axis=(-1, -2)).mean() == pytest.approx(2e4 * lib.patterns[0, 0].sum(), rel=0.1)
+    # inelastic background: thick frames carry more intensity far from the disk than without it
+    kw = dict(SMALL, dose=1e6, seed=2, dtype="uint32", psf_sigma_px=0.0)
+    no_bg = compose_frames(lib, ScanParams(**kw, inelastic_mfp_nm=1e9), progress=False).astype(float)
+    bg = compose_frames(lib, ScanParams(**kw, inelastic_mfp_nm=20.0), progress=False).astype(float)
+    k = np.hypot(*np.meshgrid(np.arange(21) - 10, np.arange(21) - 10, indexing="ij"))
+    ring = (k > 5) & (k < 8)  # 30-49 mrad, outside the zero disk (6.1 mrad/px)
+    thick, thin = bg[:, -4:], bg[:, :4]
+    gain_thick = thick[..., ring].sum() / no_bg[:, -4:][..., ring].sum()
+    gain_thin = thin[..., ring].sum() / no_bg[:, :4][..., ring].sum()
+    assert gain_thick > gain_thin > 1.0  # background grows with thickness
+    assert bg.sum() == pytest.approx(no_bg.sum(), rel=0.01)  # redistributed, not added
+
+
+def test_saturation_is_counted_and_warned(position_library):
+    lib = PacbedLibrary.load(position_library, positions=True)
+    with pytest.warns(UserWarning, match="saturated"):
+        frames = compose_frames(lib, ScanParams(**SMALL, dose=2e6, dtype="uint16"), progress=False)
+    assert frames.max() == 65535
+
+
+def test_tilt_outside_library_is_refused(position_library):
+    lib = PacbedLibrary.load(position_library, positions=True)
+    with pytest.raises(ValueError, match="beyond the library"):
+        compose_frames(lib, ScanParams(**dict(SMALL, bowl_tilt_mrad=5.0)), progress=False)
+
+
+def test_written_scan_reads_in_libertem(position_library, tmp_path):
+    import libertem.api as lt
+    from libertem.udf.sum import SumUDF
+
+    out = write_scan(position_library, ScanParams(**SMALL), tmp_path / "scan", progress=False)
+    meta = json.loads((out / "params.json").read_text())
+    assert meta["scan_shape"] == [24, 32] and meta["frame_shape"] == [21, 21]
+    frames = np.load(out / "frames.npy")
+    with h5py.File(out / "truth.h5") as f:
+        assert f["thickness_nm"].shape == (24, 32) and f["tilt_mrad"].shape == (24, 32, 2)
+        cols = f["columns/position_px"][()]
+        species = [s.decode() for s in f["columns/species"][()]]
+    sr = cols[np.array(species) == "Sr"]
+    assert np.allclose(sr % 8, 0)  # Sr on the mirror origin, 8 scan steps per unit cell
+    assert len(sr) == 3 * 4  # 24/8 x 32/8 inside the field
+    with lt.Context.make_with("inline") as ctx:
+        for ds in (ctx.load("npy", path=str(out / "frames.npy")),
+                   ctx.load("hdf5", path=str(out / "frames.h5"), ds_path="data")):
+            res = ctx.run_udf(ds, SumUDF())
+            assert np.allclose(res["intensity"].data, frames.sum(axis=(0, 1)))

@@ -1,0 +1,1 @@
+"""LiberTEM UDFs of stemlive (reductions only: per-block PACBED sums, virtual detectors)."""

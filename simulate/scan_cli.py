@@ -36,6 +36,7 @@ def add_scan_parser(sub) -> None:
     ap.add_argument("--dtype", default=d.dtype, choices=["uint8", "uint16", "uint32"])
     ap.add_argument("--format", default="npy,h5", help="comma-separated: npy, h5")
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--no-preview", action="store_true", help="skip overview.png (truth, virtual images, PACBEDs)")
     ap.set_defaults(func=run_scan)
 
 
@@ -53,5 +54,9 @@ def run_scan(args) -> int:
     if bad:
         raise ValueError(f"unknown format(s) {sorted(bad)}; choose from npy, h5")
     out = write_scan(args.library, p, args.out, formats=formats)
+    if not args.no_preview and "npy" in formats:
+        from .preview import write_overview
+
+        write_overview(out)
     print(json.dumps({"out": str(out), "files": sorted(f.name for f in out.iterdir())}))
     return 0

@@ -109,3 +109,17 @@ def test_written_scan_reads_in_libertem(position_library, tmp_path):
                    ctx.load("hdf5", path=str(out / "frames.h5"), ds_path="data")):
             res = ctx.run_udf(ds, SumUDF())
             assert np.allclose(res["intensity"].data, frames.sum(axis=(0, 1)))
+
+
+def test_scan_cli_round_trip(position_library, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli-scan"
+    res = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "simulate", "scan", "--library",
+                          str(position_library), "--out", str(out), "--scan-shape", "16", "24", "--thickness",
+                          "3", "6", "--bowl-tilt", "1.0", "--format", "npy"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"] == ["frames.npy", "overview.png", "params.json", "truth.h5"]
+    assert np.load(out / "frames.npy").shape == (16, 24, 21, 21)

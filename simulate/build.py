@@ -154,7 +154,7 @@ def write_library(plan, parts: Path, out: Path) -> None:
         pacbed = np.stack([apply_to_pattern(sims[plan.tilt_source[i]].mean(axis=(1, 2)) if p.keep_positions
                                             else sims[plan.tilt_source[i]], plan.tilt_ops[i]) for i in range(n)])
         # a position-resolved library is stored compactly (see below); a PACBED library in float32
-        f.create_dataset("patterns", data=round_float16(pacbed, 3) if p.keep_positions else pacbed,
+        f.create_dataset("patterns", data=round_float16(pacbed, 3).astype(np.float32) if p.keep_positions else pacbed,
                          chunks=(1, nt, k, k), compression="gzip", compression_opts=4, shuffle=True)
         if p.keep_positions:
             # Only the simulated tilts: derived ones cost a flip at read time (PacbedLibrary), which

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -133,18 +132,27 @@ def projected_columns(zc) -> list[dict]:
     return [{"frac": [float(f[0]), float(f[1])], "species": "+".join(sorted(s))} for f, s in sorted(cols.items())]
 
 
-@lru_cache(maxsize=2)
-def _pool_for(plan_key: str):
-    from .crystals import zone_cell
-    from .phonons import build_pool
+class PoolCache:
+    """The slice pool of the last plan used in this process (built once per worker, not per tilt)."""
 
-    plan = _PLANS[plan_key]
-    zc = zone_cell(plan.params.material, plan.params.zone)
-    return build_pool(zc, plan.reps, plan.gpts, plan.per_repeat, plan.params.pool_cells, plan.sigmas,
-                      plan.params.seed)
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._pool = None
+
+    def get(self, plan: Plan):
+        from .crystals import zone_cell
+        from .phonons import build_pool
+
+        key = plan.params.to_json()
+        if key != self._key:
+            zc = zone_cell(plan.params.material, plan.params.zone)
+            self._pool = build_pool(zc, plan.reps, plan.gpts, plan.per_repeat, plan.params.pool_cells,
+                                    plan.sigmas, plan.params.seed)
+            self._key = key
+        return self._pool
 
 
-_PLANS: dict[str, Plan] = {}
+POOLS = PoolCache()
 
 
 def simulate_tilt(plan: Plan, sim_index: int) -> dict:
@@ -156,9 +164,7 @@ def simulate_tilt(plan: Plan, sim_index: int) -> dict:
     import abtem
 
     abtem.config.set({"dask.lazy": False})
-    key = plan.params.to_json()
-    _PLANS[key] = plan
-    pool = _pool_for(key)
+    pool = POOLS.get(plan)
     p = plan.params
     t0 = time.perf_counter()
     tilt = tuple(float(t) for t in plan.sim_tilts[sim_index])

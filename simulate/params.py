@@ -41,7 +41,7 @@ class PacbedParams:
     keep_positions: bool = False
     use_symmetry: bool = True
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # free-form provenance stored verbatim with the library
 
     def resolved_max_angle(self) -> float:
         return self.max_angle_mrad if self.max_angle_mrad is not None else 3.0 * self.alpha_mrad

@@ -19,13 +19,14 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from .library import PacbedLibrary
+from .resample import resample_pattern
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ScanParams:
     """Specimen fields, acquisition and detector model of a synthetic scan."""
 
     scan_shape: tuple[int, int] = (256, 256)
+    stride: int = 1  # scan step in library positions: a/N·stride (N = 8 for the shipped library)
+    frame_pixels: int | None = None  # resample frames to this odd size over the same angular range
     thickness_nm: tuple[float, float] = (10.0, 55.0)  # wedge: at column 0 and at the last column
     thickness_steps: int = 0  # >0: quantise the wedge into this many terraces
     tilt_offset_mrad: tuple[float, float] = (0.0, 0.0)  # uniform tilt of the whole field
@@ -45,7 +48,6 @@ class ScanParams:
     psf_sigma_px: float = 0.5
     dtype: str = "uint16"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def key(self, library: Path) -> str:
         h = hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + str(_file_id(library))).encode())
@@ -92,17 +94,26 @@ def _bracket(grid: np.ndarray, x: np.ndarray):
     return i, np.clip(wgt, 0.0, 1.0)
 
 
-def column_positions(lib: PacbedLibrary, scan_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+def frame_sampling(lib: PacbedLibrary, p: ScanParams) -> float:
+    """Detector sampling of the frames [mrad/px]: the library's, or resampled to ``frame_pixels``."""
+    if p.frame_pixels is None:
+        return lib.mrad_per_px
+    k = lib.patterns.shape[-1]
+    return lib.mrad_per_px * (k - 1) / (p.frame_pixels - 1)
+
+
+def column_positions(lib: PacbedLibrary, scan_shape: tuple[int, int], stride: int = 1
+                     ) -> tuple[np.ndarray, list[str]]:
     """Atomic columns in scan pixels (pixel centres at integer indices) and their species."""
     info = json.loads(lib.attrs["columns"])  # [{"frac": [f0, f1], "species": "Sr"}, ...]
-    n0, n1 = json.loads(lib.attrs["plan"])["positions_per_cell"]
+    n0, n1 = (n / stride for n in json.loads(lib.attrs["plan"])["positions_per_cell"])
     origin = np.asarray(json.loads(lib.attrs["plan"])["position_origin_frac"], float)
     h, w = scan_shape
     pos, names = [], []
     for col in info:
         f = (np.asarray(col["frac"]) - origin) % 1.0
-        for i in range(-1, h // n0 + 2):
-            for j in range(-1, w // n1 + 2):
+        for i in range(-1, int(h // n0) + 2):
+            for j in range(-1, int(w // n1) + 2):
                 r, c = (i + f[0]) * n0, (j + f[1]) * n1
                 if -0.5 <= r <= h - 0.5 and -0.5 <= c <= w - 0.5:
                     pos.append((r, c))
@@ -125,11 +136,17 @@ def compose_frames(lib: PacbedLibrary, p: ScanParams, progress: bool = True) -> 
         raise ValueError("the library's tilts must form a full grid (simulate with --signed-tilts)")
     lut = {(a, b): i for i, (a, b) in enumerate(map(tuple, tilts))}
     per_tilt = {}
+    mrad_per_px = frame_sampling(lib, p)
+    if p.frame_pixels is not None:
+        k = p.frame_pixels
 
     def tilt_frames(i0, i1):
         key = lut[(t0_grid[i0], t1_grid[i1])]
         if key not in per_tilt:
-            per_tilt[key] = lib.positions_for_tilt(key)
+            arr = lib.positions_for_tilt(key)
+            if p.frame_pixels is not None:
+                arr = resample_pattern(arr, lib.mrad_per_px, mrad_per_px, p.frame_pixels)
+            per_tilt[key] = arr
         return per_tilt[key]
 
     thick = thickness_field(p)
@@ -142,11 +159,12 @@ def compose_frames(lib: PacbedLibrary, p: ScanParams, progress: bool = True) -> 
     th_lo, th_w = _bracket(lib.thickness_nm, thick)
     a_lo, a_w = _bracket(t0_grid, tilt[..., 0])
     b_lo, b_w = _bracket(t1_grid, tilt[..., 1])
-    pr = np.arange(h)[:, None] % n0 + np.zeros((1, w), int)
-    pc = np.arange(w)[None, :] % n1 + np.zeros((h, 1), int)
+    if p.stride < 1 or n0 % p.stride or n1 % p.stride:
+        raise ValueError(f"stride {p.stride} must divide the library's {n0}x{n1} positions per cell")
+    pr = (np.arange(h)[:, None] * p.stride) % n0 + np.zeros((1, w), int)
+    pc = (np.arange(w)[None, :] * p.stride) % n1 + np.zeros((h, 1), int)
     rng = np.random.default_rng(p.seed)
     out = np.empty((h, w, k, k), np.dtype(p.dtype))
-    mrad_per_px = lib.mrad_per_px
     sig_in = p.inelastic_sigma_mrad / mrad_per_px
     limit = np.iinfo(out.dtype).max
     saturated = 0
@@ -195,8 +213,8 @@ def write_scan(lib_path: Path, p: ScanParams, out_dir: Path, formats=("npy", "h5
     meta = {
         "scan": asdict(p), "library": str(lib_path), "library_sha256": _file_id(lib_path),
         "library_params": lib.params, "kv": lib.kv, "alpha_mrad": lib.alpha_mrad,
-        "mrad_per_px": lib.mrad_per_px, "center_px": [(frames.shape[-2] - 1) / 2, (frames.shape[-1] - 1) / 2],
-        "scan_step_nm": float(json.loads(lib.attrs["plan"])["cell_A"][0]) / frames_per_cell(lib)[0] / 10,
+        "mrad_per_px": frame_sampling(lib, p), "center_px": [(frames.shape[-2] - 1) / 2, (frames.shape[-1] - 1) / 2],
+        "scan_step_nm": float(json.loads(lib.attrs["plan"])["cell_A"][0]) * p.stride / frames_per_cell(lib)[0] / 10,
         "frame_shape": list(frames.shape[-2:]), "scan_shape": list(p.scan_shape),
         "material": lib.attrs["material"], "zone": lib.attrs["zone"],
         "tilt_convention": lib.attrs["tilt_convention"],
@@ -210,7 +228,7 @@ def write_scan(lib_path: Path, p: ScanParams, out_dir: Path, formats=("npy", "h5
                 for key, val in meta.items():
                     f.attrs[key] = json.dumps(val) if isinstance(val, (dict, list, tuple)) else val
         _atomic(out_dir / "frames.h5", _h5)
-    cols, species = column_positions(lib, p.scan_shape)
+    cols, species = column_positions(lib, p.scan_shape, p.stride)
 
     def _truth(tmp):
         with h5py.File(tmp, "w") as f:

@@ -22,6 +22,10 @@ def add_scan_parser(sub) -> None:
                          "default: the shipped SrTiO3 [001] 200 kV 13.6 mrad one")
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     ap.add_argument("--scan-shape", type=int, nargs=2, default=d.scan_shape, metavar=("H", "W"))
+    ap.add_argument("--stride", type=int, default=d.stride,
+                    help="scan step in library probe positions: a/N·stride (shipped library: N = 8)")
+    ap.add_argument("--frame-pixels", type=int, default=None,
+                    help="resample frames to this odd size over the same angular range")
     ap.add_argument("--thickness", type=float, nargs=2, default=d.thickness_nm, metavar=("LEFT", "RIGHT"),
                     help="wedge thickness at the first and last scan column [nm]")
     ap.add_argument("--steps", type=int, default=0, help="quantise the wedge into this many terraces")
@@ -44,7 +48,7 @@ def run_scan(args) -> int:
     from .scan import write_scan
 
     p = ScanParams(
-        scan_shape=tuple(args.scan_shape), thickness_nm=tuple(args.thickness), thickness_steps=args.steps,
+        scan_shape=tuple(args.scan_shape), stride=args.stride, frame_pixels=args.frame_pixels, thickness_nm=tuple(args.thickness), thickness_steps=args.steps,
         tilt_offset_mrad=tuple(args.tilt_offset), bowl_center=tuple(args.bowl_center),
         bowl_radius=args.bowl_radius, bowl_tilt_mrad=args.bowl_tilt, dose=args.dose,
         psf_sigma_px=args.psf, dtype=args.dtype, seed=args.seed,

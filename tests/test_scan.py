@@ -123,3 +123,21 @@ def test_scan_cli_round_trip(position_library, tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["files"] == ["frames.npy", "overview.png", "params.json", "truth.h5"]
     assert np.load(out / "frames.npy").shape == (16, 24, 21, 21)
+
+
+def test_stride_and_frame_size(position_library, tmp_path):
+    out = write_scan(position_library, ScanParams(**SMALL, stride=2, frame_pixels=15), tmp_path / "s",
+                     formats=("npy",), progress=False)
+    frames = np.load(out / "frames.npy")
+    meta = json.loads((out / "params.json").read_text())
+    assert frames.shape == (24, 32, 15, 15)
+    assert meta["mrad_per_px"] == pytest.approx(2 * 4.5 * 13.6 / 14)
+    assert meta["scan_step_nm"] == pytest.approx(0.3905 / 4)
+    with h5py.File(out / "truth.h5") as f:
+        cols = f["columns/position_px"][()]
+        species = [s.decode() for s in f["columns/species"][()]]
+    sr = cols[np.array(species) == "Sr"]
+    assert np.allclose(sr % 4, 0) and len(sr) == 6 * 8  # 4 scan steps per cell now
+    with pytest.raises(ValueError, match="must divide"):
+        compose_frames(PacbedLibrary.load(position_library, positions=True), ScanParams(**SMALL, stride=3),
+                       progress=False)

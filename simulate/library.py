@@ -44,19 +44,12 @@ class PacbedLibrary:
     def positions_for_tilt(self, index: int) -> np.ndarray:
         """Per-position CBED (thickness, N0, N1, k0, k1) at ``tilt_mrad[index]``, derived with the
         stored symmetry operation; positions are mapped with it (grid starts on the mirror origin)."""
-        from .symmetry import apply_to_pattern
+        from .symmetry import apply_to_position_grid
 
         if self.position_patterns is None:
             raise ValueError("library loaded without per-position CBED (positions=True)")
-        g = self.tilt_op[index]
         src = self.position_patterns[self.tilt_source[index]].astype(np.float32)
-        arr = apply_to_pattern(src, g)
-        n0, n1 = arr.shape[1:3]
-        idx = np.indices((n0, n1)).reshape(2, -1).T
-        moved = np.mod(idx @ g.T, (n0, n1))
-        out = np.empty_like(arr)
-        out[:, moved[:, 0], moved[:, 1]] = arr[:, idx[:, 0], idx[:, 1]]
-        return out
+        return apply_to_position_grid(src, self.tilt_op[index])
 
     @classmethod
     def load(cls, path: str | Path, positions: bool = False) -> "PacbedLibrary":

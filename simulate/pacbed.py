@@ -211,20 +211,10 @@ def stabilizer(plan: Plan, sim_index: int) -> list[np.ndarray]:
 def symmetrize(acc: np.ndarray, plan: Plan, sim_index: int) -> np.ndarray:
     """Average over the tilt's stabilizer: the ensemble average has that symmetry exactly, so this
     only removes frozen-phonon noise (e.g. 8 operations at zero tilt on [001])."""
-    from .symmetry import apply_to_pattern
+    from .symmetry import apply_to_pattern, apply_to_position_grid
 
     ops = stabilizer(plan, sim_index)
     if len(ops) == 1:
         return acc
-    if not plan.params.keep_positions:
-        return sum(apply_to_pattern(acc, g) for g in ops) / len(ops)
-    n0, n1 = plan.positions
-    if n0 != n1 and any(g[0, 0] == 0 for g in ops):
-        return acc
-    out = np.zeros_like(acc)
-    idx = np.indices((n0, n1)).reshape(2, -1).T
-    for g in ops:
-        moved = np.mod(idx @ g.T, (n0, n1))  # position p -> g·p (grid starts on the mirror origin)
-        mapped = apply_to_pattern(acc, g)
-        out[:, moved[:, 0], moved[:, 1]] += mapped[:, idx[:, 0], idx[:, 1]]
-    return out / len(ops)
+    apply = apply_to_position_grid if plan.params.keep_positions else apply_to_pattern
+    return sum(apply(acc, g) for g in ops) / len(ops)

@@ -26,24 +26,26 @@ def _signed_permutations(square: bool) -> list[np.ndarray]:
     return ops
 
 
-def _maps_onto_itself(atoms, op: np.ndarray, tol: float) -> np.ndarray | None:
-    """In-plane translation t with op·r + t ≡ r (mod cell) for every atom, or None."""
+def _invariant(atoms, op: np.ndarray, shift: np.ndarray, tol: float) -> bool:
+    """Whether r -> op·r + shift (in plane, z kept) maps every atom onto one of the same species."""
     cell = np.diag(np.asarray(atoms.cell))
     pos = atoms.positions
     sym = np.array(atoms.get_chemical_symbols())
     moved = pos.copy()
-    moved[:, :2] = pos[:, :2] @ op.T
-    ref = 0
-    for j in np.flatnonzero(sym == sym[ref]):
-        t = pos[j, :2] - moved[ref, :2]
-        cand = moved.copy()
-        cand[:, :2] += t
-        d = cand[:, None, :] - pos[None, :, :]
-        d -= np.round(d / cell) * cell
-        dist = np.linalg.norm(d, axis=-1)
-        same = sym[:, None] == sym[None, :]
-        dist = np.where(same, dist, np.inf)
-        if np.all(dist.min(axis=1) < tol):
+    moved[:, :2] = pos[:, :2] @ op.T + shift
+    d = moved[:, None, :] - pos[None, :, :]
+    d -= np.round(d / cell) * cell
+    dist = np.where(sym[:, None] == sym[None, :], np.linalg.norm(d, axis=-1), np.inf)
+    return bool(np.all(dist.min(axis=1) < tol))
+
+
+def _symmetry_shift(atoms, op: np.ndarray, tol: float) -> np.ndarray | None:
+    """In-plane translation t with op·r + t a symmetry of ``atoms``, or None."""
+    pos = atoms.positions
+    sym = np.array(atoms.get_chemical_symbols())
+    for j in np.flatnonzero(sym == sym[0]):
+        t = pos[j, :2] - op @ pos[0, :2]
+        if _invariant(atoms, op, t, tol):
             return t
     return None
 
@@ -52,33 +54,18 @@ def point_group(atoms, tol: float = 1e-3) -> list[np.ndarray]:
     """The 2D signed-permutation operations (z kept) under which ``atoms`` is invariant."""
     a, b = np.diag(np.asarray(atoms.cell))[:2]
     square = abs(a - b) < 1e-6
-    return [op for op in _signed_permutations(square) if _maps_onto_itself(atoms, op, tol) is not None]
+    return [op for op in _signed_permutations(square) if _symmetry_shift(atoms, op, tol) is not None]
 
 
 def mirror_origin(atoms, group: list[np.ndarray], tol: float = 1e-3) -> np.ndarray:
-    """An in-plane point [Å] fixed by every operation of ``group`` (probe grids start there,
-    so the grid maps onto itself under the group and position-resolved patterns can be derived)."""
+    """An in-plane point o [Å] fixed by every operation of ``group`` (r -> op·(r - o) + o), so a probe
+    grid starting there maps onto itself and position-resolved patterns can be derived."""
     cell = np.diag(np.asarray(atoms.cell))[:2]
     cands = [p[:2] for p in atoms.positions] + [np.array(h) * cell for h in product((0, 0.5), repeat=2)]
     for o in cands:
-        shifted = atoms.copy()
-        shifted.positions[:, :2] -= o
-        shifted.wrap()
-        if all(_maps_onto_itself_exact(shifted, op, tol) for op in group):
+        if all(_invariant(atoms, op, o - op @ o, tol) for op in group):
             return np.asarray(o, float)
     raise ValueError("no common mirror origin found for this crystal's point group")
-
-
-def _maps_onto_itself_exact(atoms, op: np.ndarray, tol: float) -> bool:
-    cell = np.diag(np.asarray(atoms.cell))
-    pos = atoms.positions
-    sym = np.array(atoms.get_chemical_symbols())
-    moved = pos.copy()
-    moved[:, :2] = pos[:, :2] @ op.T
-    d = moved[:, None, :] - pos[None, :, :]
-    d -= np.round(d / cell) * cell
-    dist = np.where(sym[:, None] == sym[None, :], np.linalg.norm(d, axis=-1), np.inf)
-    return bool(np.all(dist.min(axis=1) < tol))
 
 
 def apply_to_pattern(pattern: np.ndarray, op: np.ndarray) -> np.ndarray:
@@ -103,9 +90,19 @@ def apply_to_pattern(pattern: np.ndarray, op: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def apply_to_positions(frac: np.ndarray, op: np.ndarray) -> np.ndarray:
-    """Fractional probe positions (relative to the mirror origin) mapped by ``op``, wrapped to [0, 1)."""
-    return np.mod(frac @ op.T, 1.0)
+def apply_to_position_grid(arr: np.ndarray, op: np.ndarray) -> np.ndarray:
+    """Per-position patterns (..., N0, N1, k0, k1) of the tilt ``op·t`` from those of ``t``: each
+    pattern is mapped by ``op`` and moves from probe position p to op·p (the grid of N0×N1
+    positions per cell starts on the mirror origin, so op·p is again a grid point)."""
+    mapped = apply_to_pattern(arr, op)
+    n0, n1 = arr.shape[-4:-2]
+    if n0 != n1 and op[0, 0] == 0:
+        raise ValueError("a diagonal mirror needs a square probe grid")
+    idx = np.indices((n0, n1)).reshape(2, -1).T
+    moved = np.mod(idx @ op.T, (n0, n1))
+    out = np.empty_like(mapped)
+    out[..., moved[:, 0], moved[:, 1], :, :] = mapped[..., idx[:, 0], idx[:, 1], :, :]
+    return out
 
 
 def reduce_tilts(tilts: np.ndarray, group: list[np.ndarray], decimals: int = 6):

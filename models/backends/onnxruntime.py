@@ -1,0 +1,40 @@
+"""ONNX Runtime on the CPU: the default backend, and the one the tests use."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import Backend
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, session, path: Path):
+        inp = session.get_inputs()[0]
+        shape = tuple(int(d) for d in inp.shape[1:])
+        super().__init__(path, inp.name, shape, [o.name for o in session.get_outputs()])
+        self.session = session
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, **options) -> "OnnxRuntimeBackend":
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        return cls(sess, path)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: batch})
+        return dict(zip(self.output_names, outs))
+
+    def metadata(self) -> dict[str, str]:
+        """The ONNX file's ``metadata_props`` (the card id and input contract travel there)."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)

@@ -1,0 +1,139 @@
+"""Inference backends and model cards (a tiny hand-made ONNX graph; no torch needed)."""
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+from stemlive.models import cards
+from stemlive.models.backends import BackendUnavailable, OnnxRuntimeBackend, load_backend
+from stemlive.models.backends import tensorrt as trt_backend
+
+
+def tiny_onnx(path):
+    """y = 2·relu(x), s = sum over (C, H, W): input (N, 1, 4, 4)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 1])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"]),
+             helper.make_node("ReduceSum", ["y", "axes"], ["s0"], keepdims=0),
+             helper.make_node("Unsqueeze", ["s0", "one"], ["s"])]
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(nodes, "tiny", [x], [y, s], initializer=[two, axes, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path):
+    onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
+    data = {"id": "tiny-1", "task": "pacbed-thickness-tilt", "onnx_file": "tiny.onnx",
+            "input": {"shape": [1, 4, 4], "normalisation": "none"}, "outputs": {"y": "a.u.", "s": "a.u."},
+            "training": {"kv": 200.0, "alpha_mrad": 13.6, "material": "SrTiO3", "zone": "[001]"},
+            "validation": {}}
+    cards.write_metadata(onnx_path, data)
+    data["onnx_sha256"] = cards.sha256_of(onnx_path)
+    card_path = tmp_path / "tiny.json"
+    card_path.write_text(json.dumps(data))
+    return card_path
+
+
+def test_onnxruntime_runs_and_checks_input(model):
+    card = cards.load_card(model)
+    be = OnnxRuntimeBackend.load(card.onnx_path)
+    x = np.random.default_rng(0).normal(size=(3, 1, 4, 4)).astype(np.float32)
+    out = be(x)
+    assert np.allclose(out["y"], 2 * np.maximum(x, 0))
+    assert np.allclose(out["s"][:, 0], out["y"].sum(axis=(1, 2, 3)), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"input must be \(N, 1, 4, 4\)"):
+        be(np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        be(np.full((1, 1, 4, 4), np.nan, np.float32))
+    cards.verify(card, be.metadata())
+
+
+def test_card_refuses_modified_model(model):
+    card = cards.load_card(model)
+    with open(card.onnx_path, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(cards.ModelMismatch, match="tiny.onnx does not match its card tiny.json"):
+        cards.verify(card)
+
+
+def test_card_refuses_foreign_metadata(model, tmp_path):
+    card = cards.load_card(model)
+    data = dict(card.data, id="other")
+    cards.write_metadata(card.onnx_path, data)
+    data["onnx_sha256"] = cards.sha256_of(card.onnx_path)
+    model.write_text(json.dumps(dict(card.data, onnx_sha256=data["onnx_sha256"])))
+    card = cards.load_card(model)
+    with pytest.raises(cards.ModelMismatch, match="says it is 'other'"):
+        cards.verify(card, OnnxRuntimeBackend.load(card.onnx_path).metadata())
+
+
+def test_card_missing_fields_and_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"id": "x"}))
+    with pytest.raises(cards.ModelMismatch, match="lacks task"):
+        cards.load_card(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cards.load_card(tmp_path / "none.json")
+
+
+def test_model_selection_by_kv_and_alpha(model):
+    found = cards.find_cards(model.parent)
+    assert cards.select(found, "pacbed-thickness-tilt", 200, 13.7).id == "tiny-1"
+    with pytest.raises(ValueError, match=r"no pacbed-thickness-tilt model for 300 kV and 13.6 mrad.*available: tiny-1"):
+        cards.select(found, "pacbed-thickness-tilt", 300, 13.6)
+    with pytest.raises(ValueError, match="19.1 mrad"):
+        cards.select(found, "pacbed-thickness-tilt", 200, 19.1)
+
+
+def test_no_cuda_device_here_and_tensorrt_never_imported():
+    assert trt_backend.cuda_device(libname="libdoes-not-exist.so") is None
+    if trt_backend.cuda_device() is not None:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        trt_backend.TensorRTBackend.load(__file__)
+    assert "tensorrt" not in sys.modules
+
+
+def test_auto_falls_back_to_cpu_with_a_warning(model, caplog):
+    if trt_backend.cuda_device() is not None:
+        pytest.skip("a CUDA device is present")
+    card = cards.load_card(model)
+    with caplog.at_level(logging.WARNING):
+        be = load_backend(card.onnx_path, "auto")
+    assert be.name == "onnxruntime"
+    assert "using onnxruntime on the CPU" in caplog.text and "no CUDA device" in caplog.text
+    with pytest.raises(BackendUnavailable):
+        load_backend(card.onnx_path, "tensorrt")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend(card.onnx_path, "cuda")
+
+
+def test_engine_cache_key_covers_every_dependency(model, tmp_path):
+    gpu = trt_backend.GpuInfo("NVIDIA H100", (9, 0))
+    s = trt_backend.EngineSettings()
+    base = trt_backend.engine_cache_key("abc", s, "10.3.0", gpu)
+    variants = [
+        trt_backend.engine_cache_key("abd", s, "10.3.0", gpu),
+        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(fp16=False), "10.3.0", gpu),
+        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(max_batch=128), "10.3.0", gpu),
+        trt_backend.engine_cache_key("abc", s, "10.4.0", gpu),
+        trt_backend.engine_cache_key("abc", s, "10.3.0", trt_backend.GpuInfo("NVIDIA A100", (9, 0))),
+        trt_backend.engine_cache_key("abc", s, "10.3.0", trt_backend.GpuInfo("NVIDIA H100", (8, 0))),
+    ]
+    assert len({base, *variants}) == 7
+    assert base == trt_backend.engine_cache_key("abc", s, "10.3.0", gpu)  # stable
+    onnx_path = cards.load_card(model).onnx_path
+    p = trt_backend.engine_path(onnx_path, s, "10.3.0", gpu, tmp_path)
+    assert p.parent == tmp_path and p.name.startswith("tiny-") and p.suffix == ".engine"

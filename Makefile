@@ -1,5 +1,5 @@
 # stemlive: set-up and the two everyday commands (`make demo`, `make test`).
-# Creates .venv with Python 3.11 and installs stemlive with its simulation extra.
+# Creates .venv with Python 3.11 and installs stemlive with its simulation and training extras.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	  || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[sim,dev]"
+	# exactly 2.13.0 (a CPU wheel): any other torch pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[sim,train,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

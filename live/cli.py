@@ -15,9 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from . import demo
     from ..simulate import cli as simulate_cli
+    from ..simulate import train_cli
 
     demo.add_parser(sub)
     simulate_cli.add_parsers(sub)
+    train_cli.add_parsers(sub)
     return ap
 
 

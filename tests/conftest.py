@@ -31,3 +31,14 @@ def position_library(tmp_path_factory):
                     sampling_A=0.07)
     build_library(p, out, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def quadrant_library(tmp_path_factory):
+    """First-quadrant PACBED library on a 3x3 tilt grid (6 simulated orbits), for training tests."""
+    from stemlive.simulate.build import build_library
+
+    out = tmp_path_factory.mktemp("lib") / "quadrant.h5"
+    build_library(tiny_params(tilt_values_mrad=(0.0, 1.0, 2.0), max_angle_mrad=3 * 13.6, pixels=33,
+                              sampling_A=0.07), out, workers=1, progress=False)
+    return out

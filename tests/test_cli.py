@@ -34,3 +34,9 @@ def test_demo_builds_scan_from_shipped_library(tmp_path):
     assert "scan ready" in res.stdout
     again = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
     assert again.returncode == 0 and len(list(tmp_path.iterdir())) == 1  # cached, not rebuilt
+
+
+def test_help_builds_without_torch():
+    code = ("import sys; from stemlive.live.cli import build_parser; build_parser(); "
+            "bad = [m for m in ('torch', 'abtem') if m in sys.modules]; assert not bad, bad")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,58 @@
+"""The canonical frame every PACBED network reads: the contract between alignment and analysis.
+
+An aligned pattern is resampled onto ``PIXELS``² with the zero-disk centre on the centre pixel,
+the disk radius (α) at ``ALPHA_PX`` pixels and the crystal axes along the array axes, then
+normalised (square root of intensity over its mean, standardised).  Training (simulate/) and
+inference (models/) both use these constants and :func:`normalise`.
+
+Rotation follows DESIGN.md: the raw pixel at offset d from the centre shows the aligned pattern
+at R(θ)·d, so aligned pixel u samples the raw pattern at centre + R(−θ)·u·(radius / ALPHA_PX).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+PIXELS = 64
+HALF_RANGE_ALPHA = 2.6  # the frame spans ±2.6 α
+ALPHA_PX = (PIXELS - 1) / 2 / HALF_RANGE_ALPHA  # ≈ 12.1 px
+
+
+def rotation_matrix(theta_deg: float) -> np.ndarray:
+    t = np.deg2rad(theta_deg)
+    return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+
+def sample_grid(center: tuple[float, float], radius_px: float, rotation_deg: float = 0.0) -> np.ndarray:
+    """(2, PIXELS, PIXELS) raw-pattern coordinates of the canonical pixels."""
+    c = (PIXELS - 1) / 2
+    u = np.stack(np.meshgrid(np.arange(PIXELS) - c, np.arange(PIXELS) - c, indexing="ij"))
+    m = rotation_matrix(-rotation_deg) * (radius_px / ALPHA_PX)
+    xy = np.tensordot(m, u, axes=1)
+    return xy + np.asarray(center, float)[:, None, None]
+
+
+def to_canonical(pattern: np.ndarray, center: tuple[float, float], radius_px: float,
+                 rotation_deg: float = 0.0) -> np.ndarray:
+    """Resample a raw pattern into the canonical frame (intensity per canonical pixel).
+
+    When the raw disk is larger than the canonical one, the pattern is first smoothed over the
+    footprint of a canonical pixel so fine raw sampling does not alias.
+    """
+    scale = radius_px / ALPHA_PX
+    src = np.asarray(pattern, np.float32)
+    if scale > 1.5:
+        src = ndimage.gaussian_filter(src, 0.42 * scale)
+    out = ndimage.map_coordinates(src, sample_grid(center, radius_px, rotation_deg), order=1, mode="constant")
+    return out.astype(np.float32) * np.float32(scale**2)
+
+
+def normalise(canonical: np.ndarray, background: float | np.ndarray = 0.0) -> np.ndarray:
+    """Network input from canonical intensities: subtract a uniform background (in units of the
+    mean), take sqrt(I / mean) (stabilises shot noise), standardise per pattern."""
+    x = np.asarray(canonical, np.float32)
+    mean = x.mean(axis=(-1, -2), keepdims=True)
+    x = x / np.maximum(mean, 1e-12) - np.asarray(background, np.float32).reshape(x.shape[:-2] + (1, 1))
+    x = np.sqrt(np.clip(x, 0, None))
+    x = x - x.mean(axis=(-1, -2), keepdims=True)
+    return x / np.maximum(x.std(axis=(-1, -2), keepdims=True), 1e-6)

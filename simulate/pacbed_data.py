@@ -1,0 +1,217 @@
+"""Training samples for the PACBED thickness/tilt network, drawn on the fly from a library (torch).
+
+Each sample: a continuous thickness and tilt (linear / bilinear interpolation between library
+patterns), a random sign per tilt axis (the mirrors of the zone: flipping pattern axis 0 flips
+t0), then what an experiment does to it, in the order it happens:
+
+    residual misalignment (shift, size, rotation, affine distortion; the tilt label follows the
+    rotation) -> inelastic background (a thickness-dependent blurred copy) -> uniform background
+    -> detector sampling (coarser pixels), point spread and gain non-uniformity -> shot noise at
+    4.5e6-1e9 electrons/pattern and a dark offset -> part of the background subtracted
+    (the analysis converges this) -> canonical normalisation.
+
+Held-out split by simulation: whole symmetry orbits of simulated tilts (each with its own
+phonon seeds) are kept out of training, and a training tilt is interpolated only inside grid
+cells whose four corners are training tilts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import canonical
+from .library import PacbedLibrary
+
+
+@dataclass
+class Augment:
+    """Ranges of the augmentations (uniform unless said otherwise)."""
+
+    dose: tuple[float, float] = (4.5e6, 1e9)  # electrons per pattern, log-uniform
+    shift_px: float = 1.0  # residual centre error [canonical px]
+    scale: float = 0.015  # residual size error (relative)
+    rotation_deg: float = 1.5  # residual rotation error
+    shear: float = 0.01  # affine distortion of the projector lenses
+    inelastic_mfp_nm: tuple[float, float] = (100.0, 300.0)
+    inelastic_sigma_mrad: tuple[float, float] = (1.0, 5.0)
+    background: tuple[float, float] = (0.0, 0.4)  # uniform, in units of the mean intensity
+    detector_factor: tuple[float, ...] = (1.0, 1.0, 1.5, 2.0, 2.8)  # canonical px per detector px
+    psf_px: tuple[float, float] = (0.0, 0.8)
+    gain_sigma: float = 0.02
+    dark_counts: tuple[float, float] = (0.0, 3.0)
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
+    return k / k.sum()
+
+
+def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W), zero outside."""
+    if sigma <= 0.05:
+        return img
+    k = _gauss_kernel(sigma)
+    n = len(k)
+    img = F.conv2d(img, k.view(1, 1, n, 1), padding=(n // 2, 0))
+    return F.conv2d(img, k.view(1, 1, 1, n), padding=(0, n // 2))
+
+
+def normalise_torch(counts: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`stemlive.models.canonical.normalise`."""
+    mean = counts.mean(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
+    x = (counts / mean - background.view(-1, 1, 1, 1)).clamp_min(0).sqrt()
+    x = x - x.mean(dim=(-1, -2), keepdim=True)
+    return x / x.std(dim=(-1, -2), keepdim=True).clamp_min(1e-6)
+
+
+class PacbedSampler:
+    """Draws augmented canonical PACBEDs with labels from a first-quadrant library."""
+
+    def __init__(self, lib: PacbedLibrary, holdout_fraction: float = 0.1, seed: int = 0):
+        v0, v1 = np.unique(lib.tilt_mrad[:, 0]), np.unique(lib.tilt_mrad[:, 1])
+        if v0.min() < 0 or v1.min() < 0 or len(v0) * len(v1) != len(lib.tilt_mrad):
+            raise ValueError("training needs a first-quadrant library on a full tilt grid (t0, t1 ≥ 0)")
+        idx = {tuple(t): i for i, t in enumerate(lib.tilt_mrad)}
+        order = [[idx[(a, b)] for b in v1] for a in v0]
+        self.patterns = torch.from_numpy(lib.patterns[np.array(order)])  # (n0, n1, nt, K, K)
+        self.v0, self.v1 = torch.tensor(v0, dtype=torch.float32), torch.tensor(v1, dtype=torch.float32)
+        self.thickness = torch.tensor(lib.thickness_nm, dtype=torch.float32)
+        self.lib_alpha_px = lib.alpha_mrad / lib.mrad_per_px
+        self.alpha_mrad, self.mrad_per_px = lib.alpha_mrad, lib.mrad_per_px
+        k = self.patterns.shape[-1]
+        self.k = k
+        # held-out orbits (by simulated tilt, i.e. by phonon seed)
+        source = lib.tilt_source if lib.tilt_source is not None else np.arange(len(lib.tilt_mrad))
+        orbits = np.unique(source)
+        rng = np.random.default_rng(seed)
+        n_hold = max(1, int(round(holdout_fraction * len(orbits)))) if holdout_fraction > 0 else 0
+        held = set(rng.choice(orbits, n_hold, replace=False).tolist()) if n_hold else set()
+        grid_src = source[np.array(order)]
+        self.train_mask = torch.from_numpy(~np.isin(grid_src, list(held)))
+        self.heldout = [(i, j) for i in range(len(v0)) for j in range(len(v1)) if not self.train_mask[i, j]]
+        self.held_orbits = sorted(held)
+        tm = self.train_mask
+        self.train_cells = tm[:-1, :-1] & tm[1:, :-1] & tm[:-1, 1:] & tm[1:, 1:]
+        if not self.train_cells.any():
+            raise ValueError("every tilt-grid cell has a held-out corner: lower holdout_fraction or use a finer grid")
+
+    # -- label sampling -------------------------------------------------------------------
+    def _bracket(self, grid: torch.Tensor, x: torch.Tensor):
+        i = torch.clamp(torch.searchsorted(grid, x, right=True) - 1, 0, len(grid) - 2)
+        w = ((x - grid[i]) / (grid[i + 1] - grid[i])).clamp(0, 1)
+        return i, w
+
+    def _train_labels(self, n: int, g: torch.Generator):
+        out_t0, out_t1 = [], []
+        got = 0
+        while got < n:
+            a = torch.rand(2 * n, generator=g) * self.v0[-1]
+            b = torch.rand(2 * n, generator=g) * self.v1[-1]
+            i, _ = self._bracket(self.v0, a)
+            j, _ = self._bracket(self.v1, b)
+            ok = self.train_cells[i, j]
+            out_t0.append(a[ok])
+            out_t1.append(b[ok])
+            got += int(ok.sum())
+        t0, t1 = torch.cat(out_t0)[:n], torch.cat(out_t1)[:n]
+        th = self.thickness[0] + torch.rand(n, generator=g) * (self.thickness[-1] - self.thickness[0])
+        return th, t0, t1
+
+    def _heldout_labels(self, n: int, g: torch.Generator):
+        if not self.heldout:
+            raise ValueError("no held-out tilts (holdout_fraction=0)")
+        pick = torch.randint(len(self.heldout), (n,), generator=g)
+        t0 = torch.stack([self.v0[self.heldout[p][0]] for p in pick])
+        t1 = torch.stack([self.v1[self.heldout[p][1]] for p in pick])
+        th = self.thickness[torch.randint(len(self.thickness), (n,), generator=g)]
+        return th, t0, t1
+
+    def clean_patterns(self, th: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        """Noise-free library patterns interpolated at (thickness, t0 ≥ 0, t1 ≥ 0): (B, K, K)."""
+        i, wi = self._bracket(self.v0, t0)
+        j, wj = self._bracket(self.v1, t1)
+        k, wk = self._bracket(self.thickness, th)
+        out = 0
+        for di, fi in ((0, 1 - wi), (1, wi)):
+            for dj, fj in ((0, 1 - wj), (1, wj)):
+                for dk, fk in ((0, 1 - wk), (1, wk)):
+                    out = out + (fi * fj * fk)[:, None, None] * self.patterns[i + di, j + dj, k + dk]
+        return out
+
+    # -- the experiment -------------------------------------------------------------------
+    def sample(self, n: int, g: torch.Generator, aug: Augment, split: str = "train",
+               dose: float | None = None, subtract_background: bool = True):
+        """(x (n, 1, 64, 64), labels dict) for ``split`` in {'train', 'heldout'}."""
+        th, t0, t1 = self._train_labels(n, g) if split == "train" else self._heldout_labels(n, g)
+        p = self.clean_patterns(th, t0, t1)
+        window_fraction = p.sum(dim=(-1, -2))
+        # mirrors: random signs
+        s0 = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        s1 = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        p = torch.where((s0 < 0)[:, None, None], p.flip(-2), p)
+        p = torch.where((s1 < 0)[:, None, None], p.flip(-1), p)
+        tilt = torch.stack([s0 * t0, s1 * t1], dim=1)
+        # residual misalignment: canonical u -> library c + M u + shift
+        phi = (torch.rand(n, generator=g) * 2 - 1) * math.radians(aug.rotation_deg)
+        scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * aug.scale
+        shear = (torch.rand(n, 2, generator=g) * 2 - 1) * aug.shear
+        cos, sin = torch.cos(phi), torch.sin(phi)
+        rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-phi)
+        a = torch.eye(2).repeat(n, 1, 1)
+        a[:, 0, 1], a[:, 1, 0] = shear[:, 0], shear[:, 1]
+        m = (self.lib_alpha_px / canonical.ALPHA_PX) * scale[:, None, None] * (a @ rot_inv)
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * aug.shift_px * (self.lib_alpha_px / canonical.ALPHA_PX)
+        # tilt seen in the canonical frame: R(phi) A^-1 t
+        rot = rot_inv.transpose(1, 2)
+        tilt = (rot @ torch.linalg.inv(a) @ tilt[:, :, None])[:, :, 0]
+        c = (canonical.PIXELS - 1) / 2
+        u = torch.stack(torch.meshgrid(torch.arange(canonical.PIXELS) - c, torch.arange(canonical.PIXELS) - c,
+                                       indexing="ij"), 0).float().view(2, -1)
+        xy = m @ u + ((self.k - 1) / 2 + shift)[:, :, None]  # (n, 2, P*P) library (row, col)
+        grid = (xy / (self.k - 1) * 2 - 1).flip(1).transpose(1, 2).reshape(n, canonical.PIXELS, canonical.PIXELS, 2)
+        img = F.grid_sample(p[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        img = img * (m.det().abs())[:, None, None, None]  # intensity per canonical pixel
+        # inelastic background: thickness-dependent blurred copy (one σ per batch)
+        mfp = aug.inelastic_mfp_nm[0] + torch.rand(n, generator=g) * (aug.inelastic_mfp_nm[1] - aug.inelastic_mfp_nm[0])
+        f_in = (1 - torch.exp(-th / mfp))[:, None, None, None]
+        sig_in = float(aug.inelastic_sigma_mrad[0] + torch.rand(1, generator=g) * np.ptp(aug.inelastic_sigma_mrad))
+        sig_px = sig_in / (self.alpha_mrad / canonical.ALPHA_PX)
+        img = (1 - f_in) * img + f_in * blur(img, sig_px)
+        # uniform background, in units of the mean intensity
+        b = aug.background[0] + torch.rand(n, generator=g) * (aug.background[1] - aug.background[0])
+        mean = img.mean(dim=(-1, -2), keepdim=True)
+        img = img + b[:, None, None, None] * mean
+        # detector: coarser pixels, point spread, gain non-uniformity (one factor per batch)
+        fac = float(aug.detector_factor[int(torch.randint(len(aug.detector_factor), (1,), generator=g))])
+        size = max(8, int(round(canonical.PIXELS / fac)))
+        det = F.interpolate(img, size=(size, size), mode="area") if size != canonical.PIXELS else img
+        psf = float(aug.psf_px[0] + torch.rand(1, generator=g) * (aug.psf_px[1] - aug.psf_px[0]))
+        det = blur(det, psf)
+        det = det * (1 + aug.gain_sigma * torch.randn(det.shape, generator=g)).clamp_min(0)
+        # shot noise at the dose, plus dark counts
+        if dose is None:
+            lo, hi = math.log(aug.dose[0]), math.log(aug.dose[1])
+            d = torch.exp(lo + torch.rand(n, generator=g) * (hi - lo))
+        else:
+            d = torch.full((n,), float(dose))
+        expected = det / det.sum(dim=(-1, -2), keepdim=True) * (d * window_fraction)[:, None, None, None]
+        counts = torch.poisson(expected, generator=g)
+        dark = aug.dark_counts[0] + torch.rand(n, generator=g) * (aug.dark_counts[1] - aug.dark_counts[0])
+        counts = counts + dark[:, None, None, None]
+        if size != canonical.PIXELS:
+            counts = F.interpolate(counts, size=(canonical.PIXELS, canonical.PIXELS), mode="bilinear",
+                                   align_corners=False)
+        # the uniform part in units of the final mean: what the analysis must subtract
+        cm = counts.mean(dim=(-1, -2))[:, 0]
+        b_total = (b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) / cm + dark / cm
+        sub = b_total * torch.rand(n, generator=g) if subtract_background else torch.zeros(n)
+        x = normalise_torch(counts, sub)
+        labels = {"thickness_nm": th, "tilt_mrad": tilt, "background": b_total - sub, "dose": d,
+                  "background_total": b_total, "counts": counts}
+        return x, labels

@@ -1,0 +1,56 @@
+"""`stemlive train pacbed`: reproduce the shipped PACBED models from the libraries."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .params import PacbedParams
+
+# The shipped models and the libraries they come from (`make libraries` builds these).
+SHIPPED = [
+    ("pacbed_SrTiO3_001_200kV_13.6mrad", PacbedParams(alpha_mrad=13.6, thickness_nm=(1.0, 120.0, 1.0))),
+    ("pacbed_SrTiO3_001_200kV_19.1mrad", PacbedParams(alpha_mrad=19.1, thickness_nm=(1.0, 80.0, 1.0))),
+]
+
+
+def add_parsers(sub) -> None:
+    from .train_config import TrainConfig
+
+    ap = sub.add_parser("train", help="train the networks (PyTorch) and export ONNX + model cards")
+    tsub = ap.add_subparsers(dest="what", required=True)
+    d = TrainConfig()
+    p = tsub.add_parser("pacbed", help="thickness/tilt network(s) from PACBED libraries (resumable)",
+                        description="Without --library, reproduces every shipped model from the default "
+                                    "libraries in the user cache (build them with `make libraries`).")
+    p.add_argument("--library", type=Path, default=None, help="one library to train on")
+    p.add_argument("--name", default=None, help="model name (with --library)")
+    p.add_argument("--out", type=Path, default=None, help="where the .onnx and .json go (default: models/shipped)")
+    p.add_argument("--work", type=Path, default=None, help="checkpoints and curves (default: user cache)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--holdout", type=float, default=d.holdout_fraction, help="fraction of simulations held out")
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=run_pacbed)
+
+
+def run_pacbed(args) -> int:
+    from ..models.cards import SHIPPED_DIR
+    from .cli import default_cache_dir, default_library_path
+    from .train_config import TrainConfig
+    from .train_pacbed import train_pacbed
+
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, width=args.width, holdout_fraction=args.holdout,
+                      val_every=args.val_every, seed=args.seed)
+    if args.library:
+        jobs = [(args.name or args.library.stem, args.library)]
+    else:
+        jobs = [(name, default_library_path(p)) for name, p in SHIPPED]
+        missing = [str(lib) for _, lib in jobs if not lib.exists()]
+        if missing:
+            raise FileNotFoundError(f"libraries missing: {', '.join(missing)}; build them with `make libraries`")
+    for name, lib in jobs:
+        work = args.work or default_cache_dir() / "training" / name
+        card = train_pacbed(lib, args.out or SHIPPED_DIR, name, work / f"{name}-s{cfg.steps}", cfg)
+        print(card)
+    return 0

@@ -1,0 +1,65 @@
+"""PACBED training on a tiny library: sampler geometry, resumable training, export and card."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stemlive.models import canonical, cards
+from stemlive.models.backends import OnnxRuntimeBackend
+from stemlive.simulate.library import PacbedLibrary
+from stemlive.simulate.pacbed_data import Augment, PacbedSampler
+from stemlive.simulate.train_config import TrainConfig
+from stemlive.simulate.train_pacbed import train_pacbed
+
+CLEAN = Augment(dose=(1e12, 1e12), shift_px=0, scale=0, rotation_deg=0, shear=0, inelastic_mfp_nm=(1e9, 1e9),
+                background=(0, 0), detector_factor=(1.0,), psf_px=(0, 0), gain_sigma=0, dark_counts=(0, 0))
+
+
+def test_sampler_matches_numpy_canonical_frame_and_signs(quadrant_library):
+    lib = PacbedLibrary.load(quadrant_library)
+    s = PacbedSampler(lib, holdout_fraction=0.17, seed=3)
+    x, lab = s.sample(64, torch.Generator().manual_seed(1), CLEAN, split="heldout", subtract_background=False)
+    c = (lib.patterns.shape[-1] - 1) / 2
+    for i in range(8):
+        t = lab["tilt_mrad"][i].numpy()
+        it = int(np.argmin(np.abs(lib.thickness_nm - float(lab["thickness_nm"][i]))))
+        raw = lib.pattern(lib.thickness_nm[it], tuple(t))  # negative tilts derived by the mirrors
+        ref = canonical.to_canonical(raw, (c, c), lib.alpha_mrad / lib.mrad_per_px)
+        got = lab["counts"][i, 0].numpy()
+        assert np.abs(got / got.sum() - ref / ref.sum()).sum() < 0.02, t
+
+
+def test_heldout_orbits_never_train(quadrant_library):
+    lib = PacbedLibrary.load(quadrant_library)
+    s = PacbedSampler(lib, holdout_fraction=0.17, seed=3)
+    assert s.heldout and s.train_cells.any()
+    _, lab = s.sample(512, torch.Generator().manual_seed(2), CLEAN)
+    held = torch.tensor([[float(s.v0[i]), float(s.v1[j])] for i, j in s.heldout])
+    t = lab["tilt_mrad"].abs()
+    # every training tilt lies in a cell whose four corners are training tilts
+    i = torch.clamp(torch.searchsorted(s.v0, t[:, 0], right=True) - 1, 0, len(s.v0) - 2)
+    j = torch.clamp(torch.searchsorted(s.v1, t[:, 1], right=True) - 1, 0, len(s.v1) - 2)
+    assert s.train_cells[i, j].all()
+    assert not any(torch.allclose(a, h) for a in t for h in held)
+
+
+def test_training_resumes_exports_and_writes_card(quadrant_library, tmp_path):
+    cfg = TrainConfig(steps=40, batch=16, val_every=20, val_samples=32, holdout_fraction=0.17, seed=3, width=4)
+    work = tmp_path / "work"
+    assert train_pacbed(quadrant_library, tmp_path / "out", "tiny", work, cfg, progress=False, stop_after=20) is None
+    meta = json.loads((work / "checkpoint.json").read_text())
+    assert meta["step"] == 20 and len(meta["history"]) == 1
+    card_path = train_pacbed(quadrant_library, tmp_path / "out", "tiny", work, cfg, progress=False)
+    meta = json.loads((work / "checkpoint.json").read_text())
+    assert [h["step"] for h in meta["history"]] == [20, 40]  # continued, not restarted
+    card = cards.load_card(card_path)
+    be = OnnxRuntimeBackend.load(cards.verify(card))
+    cards.verify(card, be.metadata())
+    out = be(np.zeros((3, 1, 64, 64), np.float32))
+    assert set(out) == {"thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_sigma_mrad", "background"}
+    assert out["tilt_mrad"].shape == (3, 2) and np.all(out["thickness_sigma_nm"] > 0)
+    assert set(card.data["validation"]) == {"2.3e+07", "4.7e+07", "2.3e+08"}
+    assert card.data["parity"]["max_relative_difference"] < 1e-3
+    assert card.kv == 200 and card.alpha_mrad == 13.6
+    assert (tmp_path / "out" / "tiny_training_curves.png").exists()

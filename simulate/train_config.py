@@ -10,7 +10,7 @@ class TrainConfig:
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    width: int = 16
+    width: int = 8
     holdout_fraction: float = 0.1
     val_every: int = 500
     val_samples: int = 1024  # per dose

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..models.cards import sha256_of
 from .library import PacbedLibrary
 from .resample import resample_pattern
 
@@ -50,17 +51,8 @@ class ScanParams:
     seed: int = 0
 
     def key(self, library: Path) -> str:
-        h = hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + str(_file_id(library))).encode())
+        h = hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + str(sha256_of(library))).encode())
         return h.hexdigest()[:12]
-
-
-def _file_id(path: Path) -> str:
-    """Content hash of a file (so cached scans follow the library, not its mtime)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def thickness_field(p: ScanParams) -> np.ndarray:
@@ -211,7 +203,7 @@ def write_scan(lib_path: Path, p: ScanParams, out_dir: Path, formats=("npy", "h5
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = compose_frames(lib, p, progress=progress)
     meta = {
-        "scan": asdict(p), "library": str(lib_path), "library_sha256": _file_id(lib_path),
+        "scan": asdict(p), "library": str(lib_path), "library_sha256": sha256_of(lib_path),
         "library_params": lib.params, "kv": lib.kv, "alpha_mrad": lib.alpha_mrad,
         "mrad_per_px": frame_sampling(lib, p), "center_px": [(frames.shape[-2] - 1) / 2, (frames.shape[-1] - 1) / 2],
         "scan_step_nm": float(json.loads(lib.attrs["plan"])["cell_A"][0]) * p.stride / frames_per_cell(lib)[0] / 10,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cards import sha256_of
 from .base import Backend, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ def cuda_device(index: int = 0, libname: str = "libcuda.so.1") -> GpuInfo | None
     return GpuInfo(name.value.decode(errors="replace"), (major.value, minor.value), index)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def engine_cache_key(onnx_sha256: str, settings: EngineSettings, trt_version: str, gpu: GpuInfo) -> str:
     """Hash of everything an engine depends on."""
     blob = json.dumps({
@@ -96,7 +89,7 @@ def default_engine_dir() -> Path:
 
 def engine_path(onnx_path: Path, settings: EngineSettings, trt_version: str, gpu: GpuInfo,
                 cache_dir: Path | None = None) -> Path:
-    key = engine_cache_key(file_sha256(onnx_path), settings, trt_version, gpu)
+    key = engine_cache_key(sha256_of(onnx_path), settings, trt_version, gpu)
     return Path(cache_dir or default_engine_dir()) / f"{Path(onnx_path).stem}-{key}.engine"
 
 

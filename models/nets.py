@@ -46,3 +46,26 @@ class PacbedThicknessTiltNet(nn.Module):
         tilt_sig = (nn.functional.softplus(z[:, 4:6]) + 1e-3) * self.tilt_scale * 0.05
         bg = z[:, 6:7]
         return t, t_sig, tilt, tilt_sig, bg
+
+
+class PacbedAlignNet(nn.Module):
+    """Where the zero disk really is in a crop made from the current estimate.
+
+    Input: the canonical crop (current centre, radius, rotation). Outputs: ``center_offset_px``
+    (the true centre in the crop, canonical px from the centre pixel), ``log_radius_ratio``
+    (true radius over the canonical one) and ``rotation_4`` = (cos 4θ, sin 4θ), the residual
+    pattern rotation modulo the zone's 90° symmetry.  Applied iteratively (seed Fig. 2).
+    """
+
+    output_names = ("center_offset_px", "log_radius_ratio", "rotation_4")
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 5, stride=2, padding=2), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(_block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 8 * w))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * w * 16, 128), nn.ReLU(inplace=True), nn.Linear(128, 5))
+
+    def forward(self, x: torch.Tensor):
+        z = self.head(self.features(self.stem(x)))
+        return z[:, 0:2] * 4.0, z[:, 2:3] * 0.2, z[:, 3:5]

@@ -43,6 +43,15 @@ class Augment:
     psf_px: tuple[float, float] = (0.0, 0.8)
     gain_sigma: float = 0.02
     dark_counts: tuple[float, float] = (0.0, 3.0)
+    # raw-recording effects (for the alignment network; off for thickness/tilt, which reads
+    # linear data): share of samples that are saturated / display-scaled, and hot pixels
+    saturate_prob: float = 0.0
+    display_prob: float = 0.0  # gamma 0.4-1, 8-bit quantised
+    hot_pixels: int = 0
+
+
+ALIGN_AUGMENT = Augment(shift_px=5.0, scale=0.25, rotation_deg=45.0, shear=0.02, saturate_prob=0.2,
+                        display_prob=0.3, hot_pixels=4)
 
 
 def _gauss_kernel(sigma: float) -> torch.Tensor:
@@ -77,10 +86,11 @@ class PacbedSampler:
     """Draws augmented canonical PACBEDs with labels from a first-quadrant library."""
 
     def __init__(self, lib: PacbedLibrary, holdout_fraction: float = 0.1, seed: int = 0):
-        v0, v1 = np.unique(lib.tilt_mrad[:, 0]), np.unique(lib.tilt_mrad[:, 1])
-        if v0.min() < 0 or v1.min() < 0 or len(v0) * len(v1) != len(lib.tilt_mrad):
-            raise ValueError("training needs a first-quadrant library on a full tilt grid (t0, t1 ≥ 0)")
-        idx = {tuple(t): i for i, t in enumerate(lib.tilt_mrad)}
+        quadrant = np.flatnonzero((lib.tilt_mrad >= 0).all(axis=1))  # signed libraries: their t ≥ 0 part
+        v0, v1 = np.unique(lib.tilt_mrad[quadrant, 0]), np.unique(lib.tilt_mrad[quadrant, 1])
+        if len(v0) < 2 or len(v1) < 2 or len(v0) * len(v1) != len(quadrant):
+            raise ValueError("training needs a library whose tilts t0, t1 ≥ 0 form a full grid (≥ 2x2)")
+        idx = {tuple(lib.tilt_mrad[i]): i for i in quadrant}
         order = [[idx[(a, b)] for b in v1] for a in v0]
         self.patterns = torch.from_numpy(lib.patterns[np.array(order)])  # (n0, n1, nt, K, K)
         self.v0, self.v1 = torch.tensor(v0, dtype=torch.float32), torch.tensor(v1, dtype=torch.float32)
@@ -147,6 +157,28 @@ class PacbedSampler:
                     out = out + (fi * fj * fk)[:, None, None] * self.patterns[i + di, j + dj, k + dk]
         return out
 
+    @staticmethod
+    def _raw_effects(counts: torch.Tensor, g: torch.Generator, aug: Augment) -> torch.Tensor:
+        """Saturation, hot pixels and display scaling (gamma, 8 bit) of raw recordings."""
+        n = counts.shape[0]
+        if aug.saturate_prob > 0:
+            peak = counts.amax(dim=(-1, -2), keepdim=True)
+            level = peak * (0.3 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
+            sat = (torch.rand(n, 1, 1, 1, generator=g) < aug.saturate_prob)
+            counts = torch.where(sat, torch.minimum(counts, level), counts)
+        if aug.hot_pixels > 0:
+            flat = counts.view(n, -1)
+            idx = torch.randint(flat.shape[1], (n, aug.hot_pixels), generator=g)
+            val = flat.amax(dim=1, keepdim=True) * (1 + 4 * torch.rand(n, aug.hot_pixels, generator=g))
+            flat.scatter_(1, idx, val)
+        if aug.display_prob > 0:
+            gamma = 0.4 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
+            peak = counts.amax(dim=(-1, -2), keepdim=True).clamp_min(1e-9)
+            shown = torch.round((counts / peak).clamp(0, 1) ** gamma * 255)
+            disp = torch.rand(n, 1, 1, 1, generator=g) < aug.display_prob
+            counts = torch.where(disp, shown, counts)
+        return counts
+
     # -- the experiment -------------------------------------------------------------------
     def sample(self, n: int, g: torch.Generator, aug: Augment, split: str = "train",
                dose: float | None = None, subtract_background: bool = True):
@@ -207,6 +239,7 @@ class PacbedSampler:
         counts = torch.poisson(expected, generator=g)
         dark = aug.dark_counts[0] + torch.rand(n, generator=g) * (aug.dark_counts[1] - aug.dark_counts[0])
         counts = counts + dark[:, None, None, None]
+        counts = self._raw_effects(counts, g, aug)
         if size != canonical.PIXELS:
             counts = F.interpolate(counts, size=(canonical.PIXELS, canonical.PIXELS), mode="bilinear",
                                    align_corners=False)
@@ -215,6 +248,11 @@ class PacbedSampler:
         b_total = (b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) / cm + dark / cm
         sub = b_total * torch.rand(n, generator=g) if subtract_background else torch.zeros(n)
         x = normalise_torch(counts, sub)
+        # where the true disk is, as seen in this crop: centre u* = -M^-1 shift [canonical px],
+        # radius ALPHA_PX / scale, rotation θ = -φ (DESIGN.md: crop offset d shows R(θ)·d)
+        centre = -(torch.linalg.inv(m) @ shift[:, :, None])[:, :, 0]
+        theta = torch.rad2deg(-phi)
         labels = {"thickness_nm": th, "tilt_mrad": tilt, "background": b_total - sub, "dose": d,
-                  "background_total": b_total, "counts": counts}
+                  "background_total": b_total, "counts": counts, "center_offset_px": centre,
+                  "radius_ratio": 1 / scale, "rotation_deg": theta}
         return x, labels

@@ -63,3 +63,40 @@ def test_training_resumes_exports_and_writes_card(quadrant_library, tmp_path):
     assert card.data["parity"]["max_relative_difference"] < 1e-3
     assert card.kv == 200 and card.alpha_mrad == 13.6
     assert (tmp_path / "out" / "tiny_training_curves.png").exists()
+
+
+def test_alignment_labels_say_where_the_disk_is():
+    """Re-crop with the labelled centre/radius/rotation: the aligned view is the library pattern
+    at the library tilt (and the opposite rotation sign is clearly worse)."""
+    from stemlive.simulate.pacbed_data import ALIGN_AUGMENT
+    from stemlive.simulate.scan_cli import SHIPPED_LIBRARY
+
+    lib = PacbedLibrary.load(SHIPPED_LIBRARY)  # thick patterns with strong features
+    s = PacbedSampler(lib, holdout_fraction=0.17, seed=1)
+    aug = Augment(**{**ALIGN_AUGMENT.__dict__, **{k: getattr(CLEAN, k) for k in (
+        "dose", "inelastic_mfp_nm", "background", "detector_factor", "psf_px", "gain_sigma", "dark_counts")},
+        "saturate_prob": 0.0, "display_prob": 0.0, "hot_pixels": 0, "shear": 0.0})
+    _, lab = s.sample(64, torch.Generator().manual_seed(5), aug, split="heldout", subtract_background=False)
+    c = (canonical.PIXELS - 1) / 2
+    kc = (lib.patterns.shape[-1] - 1) / 2
+    checked = 0
+    for i in range(64):
+        th = float(lab["rotation_deg"][i])
+        if abs(th) < 10 or float(lab["thickness_nm"][i]) < 25:
+            continue
+        crop = lab["counts"][i, 0].numpy()
+        centre = tuple(c + lab["center_offset_px"][i].numpy())
+        radius = canonical.ALPHA_PX * float(lab["radius_ratio"][i])
+        t_lib = canonical.rotation_matrix(th) @ lab["tilt_mrad"][i].numpy()  # back to the library frame
+        ref = canonical.to_canonical(lib.pattern(float(lab["thickness_nm"][i]), tuple(np.round(t_lib, 6))),
+                                     (kc, kc), lib.alpha_mrad / lib.mrad_per_px)
+        m = np.hypot(*(np.indices(ref.shape) - c)) < 2.0 * canonical.ALPHA_PX
+
+        def err(angle):
+            redo = canonical.to_canonical(crop, centre, radius, angle)
+            return np.abs(redo / redo[m].sum() - ref / ref[m].sum())[m].sum()
+
+        good, wrong = err(th), err(-th)
+        assert good < 0.06 and good < 0.5 * wrong, (i, th, good, wrong)
+        checked += 1
+    assert checked >= 5

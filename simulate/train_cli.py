@@ -31,6 +31,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--holdout", type=float, default=d.holdout_fraction, help="fraction of simulations held out")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--task", choices=["all", "align", "thickness-tilt"], default="all",
+                   help="which network(s): the alignment one (centre, size, rotation), the thickness/tilt one, or both")
     p.set_defaults(func=run_pacbed)
 
 
@@ -38,6 +40,7 @@ def run_pacbed(args) -> int:
     from ..models.cards import SHIPPED_DIR
     from .cli import default_cache_dir, default_library_path
     from .train_config import TrainConfig
+    from .train_align import train_align
     from .train_pacbed import train_pacbed
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, width=args.width, holdout_fraction=args.holdout,
@@ -49,8 +52,12 @@ def run_pacbed(args) -> int:
         missing = [str(lib) for _, lib in jobs if not lib.exists()]
         if missing:
             raise FileNotFoundError(f"libraries missing: {', '.join(missing)}; build them with `make libraries`")
+    tasks = [("align", train_align, "_align"), ("thickness-tilt", train_pacbed, "")]
     for name, lib in jobs:
-        work = args.work or default_cache_dir() / "training" / name
-        card = train_pacbed(lib, args.out or SHIPPED_DIR, name, work / f"{name}-s{cfg.steps}", cfg)
-        print(card)
+        for task, train, suffix in tasks:
+            if args.task not in ("all", task):
+                continue
+            model = name + suffix
+            work = (args.work or default_cache_dir() / "training") / f"{model}-s{cfg.steps}-b{cfg.batch}-w{cfg.width}"
+            print(train(lib, args.out or SHIPPED_DIR, model, work, cfg))
     return 0

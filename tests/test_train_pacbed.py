@@ -100,3 +100,16 @@ def test_alignment_labels_say_where_the_disk_is():
         assert good < 0.06 and good < 0.5 * wrong, (i, th, good, wrong)
         checked += 1
     assert checked >= 5
+
+
+def test_alignment_training_exports_a_card(quadrant_library, tmp_path):
+    from stemlive.simulate.train_align import train_align
+
+    cfg = TrainConfig(steps=20, batch=16, val_every=10, val_samples=32, holdout_fraction=0.17, seed=3, width=4)
+    card = cards.load_card(train_align(quadrant_library, tmp_path / "out", "align", tmp_path / "w", cfg,
+                                       progress=False))
+    assert card.task == "pacbed-align"
+    be = OnnxRuntimeBackend.load(cards.verify(card))
+    out = be(np.zeros((2, 1, 64, 64), np.float32))
+    assert out["center_offset_px"].shape == (2, 2) and out["rotation_4"].shape == (2, 2)
+    assert set(card.data["validation"]) == {"first step", "converging"}

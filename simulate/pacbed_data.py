@@ -185,7 +185,6 @@ class PacbedSampler:
         """(x (n, 1, 64, 64), labels dict) for ``split`` in {'train', 'heldout'}."""
         th, t0, t1 = self._train_labels(n, g) if split == "train" else self._heldout_labels(n, g)
         p = self.clean_patterns(th, t0, t1)
-        window_fraction = p.sum(dim=(-1, -2))
         # mirrors: random signs
         s0 = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
         s1 = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
@@ -235,7 +234,9 @@ class PacbedSampler:
             d = torch.exp(lo + torch.rand(n, generator=g) * (hi - lo))
         else:
             d = torch.full((n,), float(dose))
-        expected = det / det.sum(dim=(-1, -2), keepdim=True) * (d * window_fraction)[:, None, None, None]
+        # det is in fractions of the incident probe per pixel ('area' resampling averages, so scale
+        # back to the coarser pixel's share); the dose is electrons per pattern
+        expected = det * (canonical.PIXELS / size) ** 2 * d[:, None, None, None]
         counts = torch.poisson(expected, generator=g)
         dark = aug.dark_counts[0] + torch.rand(n, generator=g) * (aug.dark_counts[1] - aug.dark_counts[0])
         counts = counts + dark[:, None, None, None]

@@ -67,7 +67,7 @@ METRICS = [("thickness_within_1nm", "held-out thickness within ±1 nm"),
 
 
 def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: TrainConfig = TrainConfig(),
-                 progress: bool = True, stop_after: int | None = None) -> Path | None:
+                 progress: bool = True, stop_after: int | None = None, aug: Augment | None = None) -> Path | None:
     """Train (resuming if possible), export ``<out_dir>/<name>.onnx`` and its card. Returns the card path.
 
     ``stop_after`` ends this call after that many new steps (checkpointed), returning None;
@@ -76,7 +76,7 @@ def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: T
 
     lib = PacbedLibrary.load(library)
     sampler = PacbedSampler(lib, cfg.holdout_fraction, seed=cfg.seed)
-    aug = Augment()
+    aug = aug or Augment()
     torch.manual_seed(cfg.seed)
     t_mid = float(lib.thickness_nm.mean())
     model = PacbedThicknessTiltNet(width=cfg.width, thickness_scale=t_mid, tilt_scale=float(sampler.v0[-1]))

@@ -61,7 +61,8 @@ def plot_curves(history: list, png: Path, metrics: list[tuple[str, str]]) -> Non
         return
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 4), constrained_layout=True)
-    ax[0].semilogy(steps, [h["loss"] for h in history])
+    ax[0].plot(steps, [h["loss"] for h in history])
+    ax[0].set_yscale("symlog", linthresh=1e-2)  # a Gaussian NLL goes negative once σ is small
     ax[0].set(title="training loss", xlabel="step")
     for a, (key, title) in zip(ax[1:], metrics):
         for group in history[-1]["val"]:

@@ -101,7 +101,12 @@ class PacbedSampler:
         self.k = k
         # held-out orbits (by simulated tilt, i.e. by phonon seed)
         source = lib.tilt_source if lib.tilt_source is not None else np.arange(len(lib.tilt_mrad))
-        orbits = np.unique(source)
+        # held-out orbits come from the interior of the grid: a held-out tilt on the edge would
+        # test extrapolation (no training cell can surround it), not generalisation
+        edge = (lib.tilt_mrad[:, 0] >= v0[-1]) | (lib.tilt_mrad[:, 1] >= v1[-1])
+        orbits = np.setdiff1d(np.unique(source), np.unique(source[edge]))
+        if len(orbits) == 0:
+            orbits = np.unique(source)
         rng = np.random.default_rng(seed)
         n_hold = max(1, int(round(holdout_fraction * len(orbits)))) if holdout_fraction > 0 else 0
         held = set(rng.choice(orbits, n_hold, replace=False).tolist()) if n_hold else set()

@@ -80,9 +80,9 @@ def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: T
     torch.manual_seed(cfg.seed)
     t_mid = float(lib.thickness_nm.mean())
     model = PacbedThicknessTiltNet(width=cfg.width, thickness_scale=t_mid, tilt_scale=float(sampler.v0[-1]))
-    gval = torch.Generator().manual_seed(10_000 + cfg.seed)
     val = []
-    for dose in VAL_DOSES:
+    for dose in VAL_DOSES:  # the same patterns and misalignments at each dose, only the noise differs
+        gval = torch.Generator().manual_seed(10_000 + cfg.seed)
         _, lab = sampler.sample(cfg.val_samples, gval, aug, split="heldout", dose=dose, subtract_background=False)
         val.append((dose, (lab.pop("counts"), lab)))
 

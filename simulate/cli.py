@@ -1,7 +1,6 @@
 """`stemlive simulate pacbed|scan`: command-line front end of the simulation package."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .params import SEED_TILTS_MRAD, PacbedParams

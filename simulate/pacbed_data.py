@@ -104,20 +104,27 @@ class PacbedSampler:
         # held-out orbits come from the interior of the grid: a held-out tilt on the edge would
         # test extrapolation (no training cell can surround it), not generalisation
         edge = (lib.tilt_mrad[:, 0] >= v0[-1]) | (lib.tilt_mrad[:, 1] >= v1[-1])
-        orbits = np.setdiff1d(np.unique(source), np.unique(source[edge]))
-        if len(orbits) == 0:
-            orbits = np.unique(source)
-        rng = np.random.default_rng(seed)
-        n_hold = max(1, int(round(holdout_fraction * len(orbits)))) if holdout_fraction > 0 else 0
-        held = set(rng.choice(orbits, n_hold, replace=False).tolist()) if n_hold else set()
+        all_orbits = np.unique(source)
+        candidates = np.setdiff1d(all_orbits, np.unique(source[edge]))
+        n_hold = max(1, int(round(holdout_fraction * len(all_orbits)))) if holdout_fraction > 0 else 0
         grid_src = source[np.array(order)]
-        self.train_mask = torch.from_numpy(~np.isin(grid_src, list(held)))
+
+        def cells(held_set):
+            tm = torch.from_numpy(~np.isin(grid_src, list(held_set)))
+            return tm, tm[:-1, :-1] & tm[1:, :-1] & tm[:-1, 1:] & tm[1:, 1:]
+
+        held: set = set()
+        for orbit in np.random.default_rng(seed).permutation(candidates):  # keep some training cells
+            if len(held) >= n_hold:
+                break
+            if cells(held | {int(orbit)})[1].any():
+                held.add(int(orbit))
+        if n_hold and not held:
+            raise ValueError("no interior tilt can be held out without removing every training cell; "
+                             "use a finer tilt grid or holdout_fraction=0")
+        self.train_mask, self.train_cells = cells(held)
         self.heldout = [(i, j) for i in range(len(v0)) for j in range(len(v1)) if not self.train_mask[i, j]]
         self.held_orbits = sorted(held)
-        tm = self.train_mask
-        self.train_cells = tm[:-1, :-1] & tm[1:, :-1] & tm[:-1, 1:] & tm[1:, 1:]
-        if not self.train_cells.any():
-            raise ValueError("every tilt-grid cell has a held-out corner: lower holdout_fraction or use a finer grid")
 
     # -- label sampling -------------------------------------------------------------------
     def _bracket(self, grid: torch.Tensor, x: torch.Tensor):

@@ -8,18 +8,16 @@ Validation: held-out simulations, large misalignment ("first step") and small ("
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..models import canonical
-from ..models.cards import sha256_of
 from .library import PacbedLibrary
 from .pacbed_data import ALIGN_AUGMENT, PacbedSampler
 from .train_config import TrainConfig
-from .trainer import export, fit, plot_curves
+from .trainer import fit, make_card, publish
 
 TASK = "pacbed-align"
 VAL_DOSE = 4.7e7
@@ -88,35 +86,14 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
                             progress, stop_after)
     if not finished:
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    card = {
-        "id": f"{name}-{sha256_of(library)[:8]}-s{cfg.steps}",
-        "task": TASK,
-        "onnx_file": f"{name}.onnx",
-        "input": {"name": "x", "shape": [1, canonical.PIXELS, canonical.PIXELS],
-                  "frame": {"pixels": canonical.PIXELS, "alpha_px": canonical.ALPHA_PX,
-                            "half_range_alpha": canonical.HALF_RANGE_ALPHA,
-                            "center": "crop centred on the current centre estimate, scaled by the current radius"},
-                  "normalisation": "sqrt(I/mean(I)), then zero mean and unit std per pattern"},
-        "outputs": {"center_offset_px": "true centre in the crop, canonical px from its centre pixel (row, col)",
-                    "log_radius_ratio": "ln(true radius / ALPHA_PX)",
-                    "rotation_4": "(cos 4θ, sin 4θ), θ per DESIGN.md modulo 90°"},
-        "training": {
-            "material": lib.attrs["material"], "zone": lib.attrs["zone"], "kv": lib.kv, "alpha_mrad": lib.alpha_mrad,
-            "thickness_nm": [float(lib.thickness_nm[0]), float(lib.thickness_nm[-1])],
-            "library": Path(library).name, "library_sha256": sha256_of(library),
-            "simulator": lib.attrs["simulator"], "simulator_version": lib.attrs["simulator_version"],
-            "samples_seen": cfg.steps * cfg.batch, "held_out_orbits": sampler.held_orbits,
-            "augmentation": asdict(aug), "config": asdict(cfg), "training_seconds": history[-1]["seconds"],
-        },
-        "validation": history[-1]["val"],
-    }
-    x = val[0][1][0][:16]
-    card["parity"] = export(model, out_dir / f"{name}.onnx", card, x)
-    card["onnx_sha256"] = sha256_of(out_dir / f"{name}.onnx")
-    (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2))
-    plot_curves(history, out_dir / f"{name}_training_curves.png", METRICS)
-    return out_dir / f"{name}.json"
+    card = make_card(
+        name=name, task=TASK, library=library, lib=lib, sampler=sampler, cfg=cfg, aug=aug, history=history,
+        frame_center="crop centred on the current centre estimate, scaled by the current radius",
+        normalisation="sqrt(I/mean(I)), then zero mean and unit std per pattern",
+        outputs={"center_offset_px": "true centre in the crop, canonical px from its centre pixel (row, col)",
+                 "log_radius_ratio": "ln(true radius / ALPHA_PX)",
+                 "rotation_4": "(cos 4θ, sin 4θ), θ per DESIGN.md modulo 90°"})
+    return publish(model, card, out_dir, val[0][1][0][:16], history, METRICS)
 
 
 __all__ = ["train_align", "rotation_from_4", "wrap45"]

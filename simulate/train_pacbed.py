@@ -5,18 +5,14 @@ phonon seeds) at three fixed doses; the loop, checkpoints and export are in ``tr
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..models import canonical
-from ..models.cards import sha256_of
 from .library import PacbedLibrary
 from .pacbed_data import Augment, PacbedSampler, normalise_torch
 from .train_config import TrainConfig
-from .trainer import export, fit, plot_curves
+from .trainer import fit, make_card, publish
 
 VAL_DOSES = (2.3e7, 4.7e7, 2.3e8)
 TASK = "pacbed-thickness-tilt"
@@ -96,32 +92,13 @@ def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: T
                             METRICS, progress, stop_after)
     if not finished:
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    card = {
-        "id": f"{name}-{sha256_of(library)[:8]}-s{cfg.steps}",
-        "task": TASK,
-        "onnx_file": f"{name}.onnx",
-        "input": {"name": "x", "shape": [1, canonical.PIXELS, canonical.PIXELS],
-                  "frame": {"pixels": canonical.PIXELS, "alpha_px": canonical.ALPHA_PX,
-                            "half_range_alpha": canonical.HALF_RANGE_ALPHA,
-                            "center": "zero-disk centre on the centre pixel; crystal axes along array axes"},
-                  "normalisation": "sqrt(I/mean(I) - background), then zero mean and unit std per pattern"},
-        "outputs": {"thickness_nm": "nm", "thickness_sigma_nm": "nm", "tilt_mrad": "mrad (t0, t1), DESIGN.md",
-                    "tilt_sigma_mrad": "mrad", "background": "residual uniform background, units of mean(I)"},
-        "training": {
-            "material": lib.attrs["material"], "zone": lib.attrs["zone"], "kv": lib.kv, "alpha_mrad": lib.alpha_mrad,
-            "thickness_nm": [float(lib.thickness_nm[0]), float(lib.thickness_nm[-1])],
-            "tilt_mrad": [-float(sampler.v0[-1]), float(sampler.v0[-1])], "dose_electrons": list(aug.dose),
-            "library": Path(library).name, "library_sha256": sha256_of(library),
-            "simulator": lib.attrs["simulator"], "simulator_version": lib.attrs["simulator_version"],
-            "samples_seen": cfg.steps * cfg.batch, "held_out_orbits": sampler.held_orbits,
-            "augmentation": asdict(aug), "config": asdict(cfg), "training_seconds": history[-1]["seconds"],
-        },
-        "validation": history[-1]["val"],
-    }
+    card = make_card(
+        name=name, task=TASK, library=library, lib=lib, sampler=sampler, cfg=cfg, aug=aug, history=history,
+        frame_center="zero-disk centre on the centre pixel; crystal axes along array axes",
+        normalisation="sqrt(I/mean(I) - background), then zero mean and unit std per pattern",
+        outputs={"thickness_nm": "nm", "thickness_sigma_nm": "nm", "tilt_mrad": "mrad (t0, t1), DESIGN.md",
+                 "tilt_sigma_mrad": "mrad", "background": "residual uniform background, units of mean(I)"},
+        extra_training={"tilt_mrad": [-float(sampler.v0[-1]), float(sampler.v0[-1])],
+                        "dose_electrons": list(aug.dose)})
     counts = val[1][1][0][:16]
-    card["parity"] = export(model, out_dir / f"{name}.onnx", card, normalise_torch(counts, torch.zeros(len(counts))))
-    card["onnx_sha256"] = sha256_of(out_dir / f"{name}.onnx")
-    (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2))
-    plot_curves(history, out_dir / f"{name}_training_curves.png", METRICS)
-    return out_dir / f"{name}.json"
+    return publish(model, card, out_dir, normalise_torch(counts, torch.zeros(len(counts))), history, METRICS)

@@ -139,3 +139,47 @@ def fit(model, sample: Callable[[torch.Generator], tuple], loss_fn: Callable, ev
         save_checkpoint(ckpt, model, opt, end, history, cfg)
     model.eval()
     return history, end >= cfg.steps
+
+
+def make_card(*, name: str, task: str, library: Path, lib, sampler, cfg: TrainConfig, aug, history: list,
+              frame_center: str, normalisation: str, outputs: dict, extra_training: dict | None = None) -> dict:
+    """The model card (DESIGN.md "Model artefact") of a network trained on ``library``."""
+    from ..models import canonical
+    from ..models.cards import sha256_of
+
+    training = {
+        "material": lib.attrs["material"], "zone": lib.attrs["zone"], "kv": lib.kv, "alpha_mrad": lib.alpha_mrad,
+        "thickness_nm": [float(lib.thickness_nm[0]), float(lib.thickness_nm[-1])],
+        "library": Path(library).name, "library_sha256": sha256_of(library),
+        "simulator": lib.attrs["simulator"], "simulator_version": lib.attrs["simulator_version"],
+        "samples_seen": cfg.steps * cfg.batch, "held_out_orbits": sampler.held_orbits,
+        "augmentation": asdict(aug), "config": asdict(cfg), "training_seconds": history[-1]["seconds"],
+        **(extra_training or {}),
+    }
+    return {
+        "id": f"{name}-{sha256_of(library)[:8]}-s{cfg.steps}",
+        "task": task,
+        "onnx_file": f"{name}.onnx",
+        "input": {"name": "x", "shape": [1, canonical.PIXELS, canonical.PIXELS],
+                  "frame": {"pixels": canonical.PIXELS, "alpha_px": canonical.ALPHA_PX,
+                            "half_range_alpha": canonical.HALF_RANGE_ALPHA, "center": frame_center},
+                  "normalisation": normalisation},
+        "outputs": outputs,
+        "training": training,
+        "validation": history[-1]["val"],
+    }
+
+
+def publish(model, card: dict, out_dir: Path, parity_x: torch.Tensor, history: list,
+            metrics: list[tuple[str, str]]) -> Path:
+    """Export ``<out_dir>/<name>.onnx`` with the parity check, write the card and the curves."""
+    from ..models.cards import sha256_of
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / card["onnx_file"]
+    card["parity"] = export(model, onnx_path, card, parity_x)
+    card["onnx_sha256"] = sha256_of(onnx_path)
+    card_path = onnx_path.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=2))
+    plot_curves(history, onnx_path.with_name(onnx_path.stem + "_training_curves.png"), metrics)
+    return card_path

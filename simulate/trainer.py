@@ -60,7 +60,9 @@ def plot_curves(history: list, png: Path, metrics: list[tuple[str, str]]) -> Non
     if not history:
         return
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 4), constrained_layout=True)
+    fig, ax = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 4), constrained_layout=True,
+                           squeeze=False)
+    ax = ax[0]
     ax[0].plot(steps, [h["loss"] for h in history])
     ax[0].set_yscale("symlog", linthresh=1e-2)  # a Gaussian NLL goes negative once σ is small
     ax[0].set(title="training loss", xlabel="step")

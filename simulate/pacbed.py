@@ -178,7 +178,7 @@ def simulate_tilt(plan: Plan, sim_index: int) -> dict:
     acc = np.zeros(shape, np.float64)
     passes = max(1, p.phonon_passes)
     seeds = np.random.SeedSequence(plan.phonon_seed(sim_index))
-    for pss in range(passes):
+    for _ in range(passes):
         for i in range(n0):
             rng = np.random.default_rng(seeds.spawn(1)[0]) if plan.sigmas else None
             pot = pool.potential(plan.num_slices, rng, plan.exit_every)

@@ -79,8 +79,7 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
             + ((r4 - target4) * 10).pow(2).mean()
 
     def sample(g):
-        x, lab = sampler.sample(cfg.batch, g, aug, subtract_background=False)
-        return x, lab
+        return sampler.sample(cfg.batch, g, aug, subtract_background=False)
 
     history, finished = fit(model, sample, loss_fn, lambda: evaluate(model, val), cfg, work_dir, name, METRICS,
                             progress, stop_after)

@@ -16,10 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo
     from ..simulate import cli as simulate_cli
     from ..simulate import train_cli
+    from ..models import cli as models_cli
 
     demo.add_parser(sub)
     simulate_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
+    models_cli.add_parsers(sub)
     return ap
 
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # incl. ModelMismatch
         print(f"stemlive {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -52,7 +52,8 @@ def normalise(canonical: np.ndarray, background: float | np.ndarray = 0.0) -> np
     mean), take sqrt(I / mean) (stabilises shot noise), standardise per pattern."""
     x = np.asarray(canonical, np.float32)
     mean = x.mean(axis=(-1, -2), keepdims=True)
-    x = x / np.maximum(mean, 1e-12) - np.asarray(background, np.float32).reshape(x.shape[:-2] + (1, 1))
+    b = np.asarray(background, np.float32)
+    x = x / np.maximum(mean, 1e-12) - (b.reshape(x.shape[:-2] + (1, 1)) if b.ndim else b)
     x = np.sqrt(np.clip(x, 0, None))
     x = x - x.mean(axis=(-1, -2), keepdims=True)
     return x / np.maximum(x.std(axis=(-1, -2), keepdims=True), 1e-6)

@@ -19,33 +19,45 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class PacbedThicknessTiltNet(nn.Module):
-    """Thickness and signed tilt, each with an uncertainty, plus the uniform background.
+    """Thickness and signed tilt as classifiers over fixed bins, plus the uniform background.
 
-    Outputs (per pattern): ``thickness_nm``, ``thickness_sigma_nm``, ``tilt_mrad`` (2),
-    ``tilt_sigma_mrad`` (2), ``background`` (in units of the pattern's mean intensity).
-    σ comes from a Gaussian negative log-likelihood head (softplus, floor 1e-3).
+    A classifier (the seed's choice) gives class confidences the user can read (seed Table 3)
+    and an honest spread when two thicknesses look alike; the estimate and σ are taken from the
+    probabilities by :mod:`stemlive.models.pacbed_estimate`.  Outputs (training): logits over
+    ``n_thickness`` thickness bins, over ``n_tilt`` bins per tilt axis, and the residual uniform
+    background (units of the pattern's mean intensity).  Export wraps it in
+    :class:`PacbedThicknessTiltProbabilities`.
     """
 
-    output_names = ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_sigma_mrad", "background")
+    output_names = ("thickness_logits", "tilt0_logits", "tilt1_logits", "background")
 
-    def __init__(self, width: int = 16, thickness_scale: float = 100.0, tilt_scale: float = 4.0):
+    def __init__(self, width: int = 8, n_thickness: int = 123, n_tilt: int = 33):
         super().__init__()
         w = width
+        self.n_thickness, self.n_tilt = n_thickness, n_tilt
         self.stem = nn.Sequential(nn.Conv2d(1, w, 5, stride=2, padding=2), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
         self.features = nn.Sequential(_block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 8 * w))  # 32->4
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * w * 16, 256), nn.ReLU(inplace=True),
-                                  nn.Linear(256, 7))
-        self.thickness_scale = thickness_scale
-        self.tilt_scale = tilt_scale
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * w * 16, 384), nn.ReLU(inplace=True),
+                                  nn.Linear(384, n_thickness + 2 * n_tilt + 1))
 
     def forward(self, x: torch.Tensor):
         z = self.head(self.features(self.stem(x)))
-        t = z[:, 0:1] * self.thickness_scale
-        t_sig = (nn.functional.softplus(z[:, 1:2]) + 1e-3) * self.thickness_scale * 0.05
-        tilt = z[:, 2:4] * self.tilt_scale
-        tilt_sig = (nn.functional.softplus(z[:, 4:6]) + 1e-3) * self.tilt_scale * 0.05
-        bg = z[:, 6:7]
-        return t, t_sig, tilt, tilt_sig, bg
+        nt, nb = self.n_thickness, self.n_tilt
+        return z[:, :nt], z[:, nt:nt + nb], z[:, nt + nb:nt + 2 * nb], z[:, -1:]
+
+
+class PacbedThicknessTiltProbabilities(nn.Module):
+    """The exported form: class probabilities (softmax) instead of logits."""
+
+    output_names = ("thickness_prob", "tilt0_prob", "tilt1_prob", "background")
+
+    def __init__(self, net: PacbedThicknessTiltNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        t, a, b, bg = self.net(x)
+        return t.softmax(dim=1), a.softmax(dim=1), b.softmax(dim=1), bg
 
 
 class PacbedAlignNet(nn.Module):

@@ -1,9 +1,12 @@
 """`stemlive train pacbed`: reproduce the shipped PACBED models from the libraries."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .params import PacbedParams
+
+ALIGN_STEPS = 4000  # the alignment network learns faster than thickness/tilt
 
 # The shipped models and the libraries they come from (`make libraries` builds these).
 SHIPPED = [
@@ -26,6 +29,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="where the .onnx and .json go (default: models/shipped)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints and curves (default: user cache)")
     p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--align-steps", type=int, default=ALIGN_STEPS, help="steps for the alignment network")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--holdout", type=float, default=d.holdout_fraction, help="fraction of simulations held out")
@@ -58,6 +62,7 @@ def run_pacbed(args) -> int:
             if args.task not in ("all", task):
                 continue
             model = name + suffix
-            work = (args.work or default_cache_dir() / "training") / f"{model}-s{cfg.steps}-b{cfg.batch}-w{cfg.width}"
-            print(train(lib, args.out or SHIPPED_DIR, model, work, cfg))
+            c = replace(cfg, steps=args.align_steps) if task == "align" else cfg
+            work = (args.work or default_cache_dir() / "training") / f"{model}-s{c.steps}-b{c.batch}-w{c.width}"
+            print(train(lib, args.out or SHIPPED_DIR, model, work, c))
     return 0

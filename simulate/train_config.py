@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass
 class TrainConfig:
-    steps: int = 12000
+    steps: int = 8000
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -42,3 +42,19 @@ def quadrant_library(tmp_path_factory):
     build_library(tiny_params(tilt_values_mrad=(0.0, 1.0, 2.0), max_angle_mrad=3 * 13.6, pixels=33,
                               sampling_A=0.07), out, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(quadrant_library, tmp_path_factory):
+    """A directory with tiny (untrained-quality) alignment and thickness/tilt models + cards,
+    for testing everything around the networks without the shipped ones."""
+    from stemlive.simulate.train_align import train_align
+    from stemlive.simulate.train_config import TrainConfig
+    from stemlive.simulate.train_pacbed import train_pacbed
+
+    out = tmp_path_factory.mktemp("models")
+    work = tmp_path_factory.mktemp("work")
+    cfg = TrainConfig(steps=10, batch=16, val_every=10, val_samples=16, holdout_fraction=0.17, seed=3, width=4)
+    train_align(quadrant_library, out, "tiny_align", work / "a", cfg, progress=False)
+    train_pacbed(quadrant_library, out, "tiny", work / "t", cfg, progress=False)
+    return out

@@ -1,29 +1,18 @@
 """Coarse disk finding on raw recordings of every kind the issue names."""
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from stemlive.models.coarse_align import coarse_disk
 from stemlive.simulate.library import PacbedLibrary
 from stemlive.simulate.scan_cli import SHIPPED_LIBRARY
+
+from .helpers import place
 
 
 @pytest.fixture(scope="module")
 def pacbed():
     lib = PacbedLibrary.load(SHIPPED_LIBRARY)
     return lib.pattern(30, (1.5, 0.0)), lib.alpha_mrad / lib.mrad_per_px  # 41 px, α ≈ 4.4 px
-
-
-def place(p, alpha_px, frame, radius_px, center, rotation=0.0):
-    """The library pattern scaled so α = radius_px, rotated, centred at ``center`` in a frame."""
-    zoom = radius_px / alpha_px
-    c = (p.shape[0] - 1) / 2
-    yy, xx = np.indices(frame, dtype=float)
-    t = np.deg2rad(rotation)
-    dy, dx = (yy - center[0]) / zoom, (xx - center[1]) / zoom
-    sy = c + np.cos(t) * dy - np.sin(t) * dx
-    sx = c + np.sin(t) * dy + np.cos(t) * dx
-    return ndimage.map_coordinates(p, [sy, sx], order=1, mode="constant")
 
 
 CASES = [

@@ -55,9 +55,12 @@ def test_training_resumes_exports_and_writes_card(quadrant_library, tmp_path):
     card = cards.load_card(card_path)
     be = OnnxRuntimeBackend.load(cards.verify(card))
     cards.verify(card, be.metadata())
-    out = be(np.zeros((3, 1, 64, 64), np.float32))
-    assert set(out) == {"thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_sigma_mrad", "background"}
-    assert out["tilt_mrad"].shape == (3, 2) and np.all(out["thickness_sigma_nm"] > 0)
+    out = be(np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32))
+    assert set(out) == {"thickness_prob", "tilt0_prob", "tilt1_prob", "background"}
+    bins = card.data["training"]["thickness_bins_nm"]
+    assert out["thickness_prob"].shape == (3, len(bins)) and np.allclose(out["thickness_prob"].sum(1), 1, atol=1e-5)
+    assert out["tilt0_prob"].shape == (3, len(card.data["training"]["tilt_bins_mrad"]))
+    assert card.data["training"]["tilt_bins_mrad"][0] == -card.data["training"]["tilt_bins_mrad"][-1] == -2.0
     assert set(card.data["validation"]) == {"2.3e+07", "4.7e+07", "2.3e+08"}
     assert card.data["parity"]["max_relative_difference"] < 1e-3
     assert card.kv == 200 and card.alpha_mrad == 13.6

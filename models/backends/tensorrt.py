@@ -161,6 +161,21 @@ def build_engine(onnx_path: Path, settings: EngineSettings, out: Path, trt=None)
     return out
 
 
+def ensure_engine(onnx_path: Path, settings: EngineSettings, cache_dir: Path | None = None,
+                  device: int = 0) -> tuple[Path, bool]:
+    """The cached engine for this model, settings, TensorRT and GPU, built if missing.
+
+    Returns (path, built_now).  Raises BackendUnavailable, without importing TensorRT, when no
+    CUDA device is present (`stemlive export engines` and the backend both come through here)."""
+    gpu = _require_device(device)  # before anything imports TensorRT
+    trt = _import_tensorrt()
+    eng = engine_path(Path(onnx_path), settings, trt.__version__, gpu, cache_dir)
+    if eng.exists():
+        return eng, False
+    log.info("building TensorRT engine for %s on %s (once per GPU)", Path(onnx_path).name, gpu.name)
+    return build_engine(Path(onnx_path), settings, eng, trt), True
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
@@ -170,15 +185,9 @@ class TensorRTBackend(Backend):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model file {path} does not exist")
-        gpu = _require_device(device)  # before anything imports TensorRT
-        trt = _import_tensorrt()
-        cudart = _cudart()
         settings = settings or EngineSettings()
-        eng = engine_path(path, settings, trt.__version__, gpu, cache_dir)
-        if not eng.exists():
-            log.info("building TensorRT engine for %s on %s (once per GPU)", path.name, gpu.name)
-            build_engine(path, settings, eng, trt)
-        return cls(path, eng, settings, trt, cudart)
+        eng, _ = ensure_engine(path, settings, cache_dir, device)
+        return cls(path, eng, settings, _import_tensorrt(), _cudart())
 
     def __init__(self, onnx_path: Path, engine_file: Path, settings: EngineSettings, trt, cudart):
         self.trt, self.cudart, self.settings, self.engine_file = trt, cudart, settings, engine_file

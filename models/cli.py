@@ -1,0 +1,97 @@
+"""`stemlive pacbed analyze` and `stemlive export engines`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+METHODS = ("network", "lsf", "hybrid")
+EXIT_ALL, EXIT_NONE, EXIT_USAGE, EXIT_SOME = 0, 1, 2, 3
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("pacbed", help="analyse PACBED patterns (centre, size, rotation, thickness, tilt)")
+    psub = p.add_subparsers(dest="what", required=True)
+    a = psub.add_parser("analyze", help="analyse the patterns of a file and write OUT.json",
+                        description="INPUT: .npy (H×W or N×H×W, any dtype), TIFF (single or stack), .dm3/.dm4. "
+                                    "Exit status: 0 all analysed, 3 some failed, 1 none, 2 usage error.")
+    a.add_argument("input", type=Path, metavar="INPUT")
+    a.add_argument("--alpha-mrad", type=float, required=True, help="probe convergence semi-angle [mrad]")
+    a.add_argument("--kv", type=float, required=True, help="acceleration voltage [kV]")
+    a.add_argument("--out", type=Path, required=True, help="result JSON")
+    a.add_argument("--method", choices=METHODS, default="network",
+                   help="network (default); lsf: least-squares library search; hybrid: network, then LSF "
+                        "within ±3 nm and ±1 mrad (lsf and hybrid need --library)")
+    a.add_argument("--library", type=Path, default=None, help="PACBED library (HDF5) for lsf and hybrid")
+    a.add_argument("--models", type=Path, default=None, help="directory of model cards (default: the shipped models)")
+    a.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    a.set_defaults(func=run_analyze)
+
+    e = sub.add_parser("export", help="build GPU engines for the shipped models")
+    esub = e.add_subparsers(dest="what", required=True)
+    en = esub.add_parser("engines", help="build (once, on the target GPU) the TensorRT engine of every model",
+                         description="Needs a CUDA GPU and the tensorrt extra. Engines are cached by ONNX sha256, "
+                                     "build settings, TensorRT version and GPU; a rebuilt model gets a new engine.")
+    en.add_argument("--models", type=Path, default=None, help="directory of model cards (default: shipped)")
+    en.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    en.add_argument("--max-batch", type=int, default=256)
+    en.set_defaults(func=run_export_engines)
+
+
+def run_analyze(args) -> int:
+    from .cards import SHIPPED_DIR
+    from .pacbed_analysis import PacbedAnalyzer
+    from .readers import read_patterns
+
+    if args.method in ("lsf", "hybrid") and args.library is None:
+        print(f"stemlive pacbed analyze: error: --method {args.method} needs --library PATH", file=sys.stderr)
+        return EXIT_USAGE
+    patterns = read_patterns(args.input)
+    models_dir = args.models or SHIPPED_DIR
+    models: list[dict] = []
+    if args.method == "lsf":
+        from .lsf import LsfAnalyzer
+
+        results = LsfAnalyzer.from_file(args.library, args.kv, args.alpha_mrad).analyze(patterns)
+    else:
+        analyzer = PacbedAnalyzer.for_acquisition(args.kv, args.alpha_mrad, models_dir, backend=args.backend)
+        models = [{k: c.data[k] for k in ("id", "task", "onnx_file", "onnx_sha256")} for c in analyzer.cards]
+        results = analyzer.analyze(patterns)
+        if args.method == "hybrid":
+            from .lsf import LsfAnalyzer
+
+            results = LsfAnalyzer.from_file(args.library, args.kv, args.alpha_mrad).refine(patterns, results)
+    doc = {"schema": 1, "method": args.method, "input": str(args.input), "models": models,
+           "patterns": [r.to_json() for r in results]}
+    if args.method != "network":
+        doc["library"] = str(args.library)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(args.out)
+    failed = [i for i, r in enumerate(results) if r.error]
+    for i in failed[:10]:
+        print(f"pattern {i}: {results[i].error}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} of {len(results)} patterns analysed -> {args.out}")
+    if not failed:
+        return EXIT_ALL
+    return EXIT_NONE if len(failed) == len(results) else EXIT_SOME
+
+
+def run_export_engines(args) -> int:
+    from .backends.base import BackendUnavailable
+    from .backends.tensorrt import EngineSettings, ensure_engine
+    from .cards import SHIPPED_DIR, find_cards, verify
+
+    settings = EngineSettings(fp16=args.fp16, max_batch=args.max_batch)
+    cards = find_cards(args.models or SHIPPED_DIR)
+    if not cards:
+        print(f"stemlive export engines: no model cards in {args.models or SHIPPED_DIR}", file=sys.stderr)
+        return EXIT_NONE
+    for card in cards:
+        try:
+            path, built = ensure_engine(verify(card), settings)
+        except BackendUnavailable as exc:
+            print(f"stemlive export engines: {exc}; engines are built on the GPU that runs them", file=sys.stderr)
+            return EXIT_NONE
+        print(f"{card.id}: {'built' if built else 'cached'} {path}")
+    return EXIT_ALL

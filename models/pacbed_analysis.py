@@ -1,0 +1,223 @@
+"""Raw PACBED pattern → zero-disk centre, size, rotation, thickness, tilt (the seed's Figs. 1-2).
+
+    coarse disk (projections, edge circle)  →  alignment network, iterated: re-crop the raw
+    pattern into the canonical frame with each improved (centre, radius, rotation) until it
+    stops moving  →  thickness/tilt network, iterated on the uniform background it reports
+    (the seed's converged background subtraction)  →  estimates with σ from the class
+    probabilities, flags, and the tilt in both the detector and the crystal frame.
+
+Everything runs batched through one inference backend per network (ONNX Runtime on the CPU,
+TensorRT on a GPU).  A pattern that cannot be analysed keeps its place with an ``error``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import canonical
+from .backends import load_backend
+from .cards import SHIPPED_DIR, ModelCard, find_cards, select, verify
+from .coarse_align import coarse_disk, validate_pattern
+from .pacbed_estimate import estimate, top_classes
+
+ALIGN_TASK, THICKNESS_TILT_TASK = "pacbed-align", "pacbed-thickness-tilt"
+
+
+@dataclass
+class PacbedEstimate:
+    """One pattern's result; field names and units are OUT.json's (DESIGN.md conventions)."""
+
+    center_px: tuple[float, float] | None = None
+    radius_px: float | None = None
+    rotation_deg: float | None = None
+    thickness_nm: float | None = None
+    thickness_sigma_nm: float | None = None
+    tilt_mrad: tuple[float, float] | None = None
+    tilt_sigma_mrad: tuple[float, float] | None = None
+    tilt_crystal_mrad: tuple[float, float] | None = None
+    background: float | None = None
+    in_range: bool | None = None
+    flags: list[str] = field(default_factory=list)
+    thickness_classes: list[tuple[float, float]] | None = None  # (nm, probability), most probable first
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        if self.error is None:
+            d.pop("error")
+        return d
+
+
+def crop_window(pattern: np.ndarray, center: tuple[float, float], radius: float) -> tuple[np.ndarray, tuple[float, float], float]:
+    """The part of a raw frame the canonical frame can see, binned when the disk is large.
+
+    Returns (window, centre in the window, radius in window pixels).  Binning by the whole
+    number of raw pixels per canonical pixel keeps large frames cheap and avoids aliasing.
+    """
+    reach = int(math.ceil(canonical.HALF_RANGE_ALPHA * math.sqrt(2) * radius * 1.3)) + 2
+    r0, c0 = int(round(center[0])), int(round(center[1]))
+    top, left = max(r0 - reach, 0), max(c0 - reach, 0)
+    win = pattern[top:r0 + reach + 1, left:c0 + reach + 1]
+    cen = (center[0] - top, center[1] - left)
+    b = int(radius / canonical.ALPHA_PX)
+    if b >= 2:
+        h, w = (win.shape[0] // b) * b, (win.shape[1] // b) * b
+        win = win[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3)) * b * b
+        off = (b - 1) / 2
+        cen = ((cen[0] - off) / b, (cen[1] - off) / b)
+        radius = radius / b
+    return win, cen, radius
+
+
+def canonical_crop(pattern: np.ndarray, center, radius: float, rotation: float) -> np.ndarray:
+    win, cen, rad = crop_window(pattern, center, radius)
+    return canonical.to_canonical(win, cen, rad, rotation)
+
+
+def wrap45(deg: float) -> float:
+    """Into (−45°, 45°]: the [001] pattern repeats every 90°."""
+    return -((-deg + 45) % 90 - 45)
+
+
+def _rotate(v: np.ndarray, theta_deg: float) -> np.ndarray:
+    return canonical.rotation_matrix(theta_deg) @ v
+
+
+class PacbedAnalyzer:
+    """The two networks of one acquisition setting (kV, α) behind one backend."""
+
+    def __init__(self, align_card: ModelCard, thickness_tilt_card: ModelCard, backend: str = "auto",
+                 align_iterations: int = 6, threads: int | None = None):
+        self.cards = [align_card, thickness_tilt_card]
+        for c in self.cards:
+            verify(c)
+        self.align = load_backend(align_card.onnx_path, backend, threads=threads)
+        self.thickness_tilt = load_backend(thickness_tilt_card.onnx_path, backend, threads=threads)
+        for c, b in zip(self.cards, (self.align, self.thickness_tilt)):
+            if hasattr(b, "metadata"):
+                verify(c, b.metadata())
+        t = thickness_tilt_card.data["training"]
+        self.thickness_bins = np.asarray(t["thickness_bins_nm"])
+        self.tilt_bins = np.asarray(t["tilt_bins_mrad"])
+        self.tilt_max = float(t["tilt_mrad"][1])
+        self.background_iterations = int(t.get("background_iterations", 3))
+        self.align_iterations = align_iterations
+
+    @classmethod
+    def for_acquisition(cls, kv: float, alpha_mrad: float, models_dir: str | Path = SHIPPED_DIR,
+                        backend: str = "auto", **kw) -> "PacbedAnalyzer":
+        """The shipped (or ``models_dir``'s) networks for this kV and convergence angle, or a
+        ValueError listing the models available."""
+        cards = find_cards(models_dir)
+        return cls(select(cards, ALIGN_TASK, kv, alpha_mrad), select(cards, THICKNESS_TILT_TASK, kv, alpha_mrad),
+                   backend, **kw)
+
+    # -- stages ------------------------------------------------------------------------------
+    def _align(self, patterns: list[np.ndarray], states: list[list[float]]) -> None:
+        """Iterate the alignment network on every pattern's (row, col, radius, rotation)."""
+        active = list(range(len(patterns)))
+        for _ in range(self.align_iterations):
+            if not active:
+                break
+            crops = np.stack([canonical_crop(patterns[i], states[i][:2], states[i][2], states[i][3]) for i in active])
+            out = self.align(canonical.normalise(crops)[:, None])
+            still = []
+            for k, i in enumerate(active):
+                r, c, rad, rot = states[i]
+                u = out["center_offset_px"][k].astype(float)
+                d_raw = _rotate(u, -rot) * (rad / canonical.ALPHA_PX)
+                ratio = float(np.exp(out["log_radius_ratio"][k, 0]))
+                d_rot = math.degrees(math.atan2(out["rotation_4"][k, 1], out["rotation_4"][k, 0])) / 4
+                states[i] = [r + d_raw[0], c + d_raw[1], rad * ratio, wrap45(rot + d_rot)]
+                if np.hypot(*d_raw) > 0.02 * rad or abs(ratio - 1) > 0.002 or abs(d_rot) > 0.1:
+                    still.append(i)
+            active = still
+
+    def _thickness_tilt(self, crops: np.ndarray, means: np.ndarray) -> dict[str, np.ndarray]:
+        b = np.zeros(len(crops), np.float32)
+        for _ in range(self.background_iterations):
+            out = self.thickness_tilt(canonical.normalise(crops, b)[:, None])
+            b = np.clip(b + out["background"][:, 0], 0, None)
+        out = self.thickness_tilt(canonical.normalise(crops, b)[:, None])
+        out["background_units_of_mean"] = b
+        return out
+
+    # -- the whole analysis ------------------------------------------------------------------
+    def analyze(self, patterns) -> list[PacbedEstimate]:
+        """Analyse raw patterns (an (N, H, W) array or a list of 2D arrays of any size)."""
+        results: list[PacbedEstimate] = []
+        good, arrays, states = [], [], []
+        for p in patterns:
+            try:
+                arr = validate_pattern(p)
+                d = coarse_disk(arr)
+                if d.radius_px < 2:
+                    raise ValueError(f"zero disk too small to analyse (radius {d.radius_px:.1f} px)")
+                good.append(len(results))
+                arrays.append(arr.astype(np.float32))
+                states.append([d.center_px[0], d.center_px[1], d.radius_px, 0.0])
+                results.append(PacbedEstimate())
+            except ValueError as exc:
+                results.append(PacbedEstimate(error=str(exc)))
+        if not good:
+            return results
+        self._align(arrays, states)
+        crops = np.stack([canonical_crop(a, s[:2], s[2], s[3]) for a, s in zip(arrays, states)])
+        means = crops.mean(axis=(1, 2))
+        out = self._thickness_tilt(crops, means)
+        th, th_sig = estimate(out["thickness_prob"], self.thickness_bins)
+        t0, s0 = estimate(out["tilt0_prob"], self.tilt_bins)
+        t1, s1 = estimate(out["tilt1_prob"], self.tilt_bins)
+        classes = top_classes(out["thickness_prob"], self.thickness_bins, k=2)
+        for k, i in enumerate(good):
+            r, c, rad, rot = states[k]
+            tilt_c = np.array([t0[k], t1[k]])
+            tilt_d = _rotate(tilt_c, -rot)
+            rm = canonical.rotation_matrix(-rot)
+            cov = rm @ np.diag([s0[k] ** 2, s1[k] ** 2]) @ rm.T
+            scale = (rad / canonical.ALPHA_PX) ** 2  # raw pixels per canonical pixel
+            flags = self._flags(arrays[k], (r, c), rad, out, k)
+            in_range = (self.thickness_bins[0] - 0.5 <= th[k] <= self.thickness_bins[-1] + 0.5
+                        and np.all(np.abs(tilt_c) <= self.tilt_max) and not
+                        ({"vacuum", "not-on-zone", "thickness-at-range-edge"} & set(flags)))
+            results[i] = PacbedEstimate(
+                center_px=(float(r), float(c)), radius_px=float(rad), rotation_deg=float(rot),
+                thickness_nm=float(th[k]), thickness_sigma_nm=float(th_sig[k]),
+                tilt_mrad=(float(tilt_d[0]), float(tilt_d[1])),
+                tilt_sigma_mrad=(float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))),
+                tilt_crystal_mrad=(float(tilt_c[0]), float(tilt_c[1])),
+                background=float(out["background_units_of_mean"][k] * means[k] / scale),
+                in_range=bool(in_range), flags=flags, thickness_classes=classes[k])
+        return results
+
+    def _flags(self, arr: np.ndarray, center, radius: float, out: dict, k: int) -> list[str]:
+        flags = []
+        yy, xx = np.ogrid[:arr.shape[0], :arr.shape[1]]
+        rr = np.hypot(yy - center[0], xx - center[1])
+        total = float(arr.sum() - np.median(arr) * arr.size)
+        outside = float((arr[rr > 1.15 * radius] - np.median(arr)).sum())
+        if total > 0 and outside / total < VACUUM_OUTSIDE_FRACTION:
+            flags.append("vacuum")
+        tp = out["thickness_prob"][k]
+        if tp.argmax() in (0, len(tp) - 1):
+            flags.append("thickness-at-range-edge")
+        for ax in ("tilt0_prob", "tilt1_prob"):
+            if out[ax][k].argmax() in (0, len(self.tilt_bins) - 1):
+                flags.append("not-on-zone")
+                break
+        if tp.max() < LOW_CONFIDENCE:
+            flags.append("low-confidence")
+        peak = arr.max()
+        if (arr >= peak).sum() > max(4, 0.2 * math.pi * radius**2):
+            flags.append("saturated")
+        return flags
+
+
+VACUUM_OUTSIDE_FRACTION = 0.005  # share of the scattered intensity outside 1.15 α: a specimen scatters more
+LOW_CONFIDENCE = 0.15  # most probable thickness bin below this: no bin stands out

@@ -1,0 +1,18 @@
+"""Test helpers shared by several test files."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def place(p, alpha_px, frame, radius_px, center, rotation=0.0):
+    """A library pattern scaled so α = radius_px, rotated by ``rotation`` (DESIGN.md convention:
+    the raw pixel at offset d shows the aligned pattern at R(θ)·d), centred at ``center``."""
+    zoom = radius_px / alpha_px
+    c = (p.shape[0] - 1) / 2
+    yy, xx = np.indices(frame, dtype=float)
+    t = np.deg2rad(rotation)
+    dy, dx = (yy - center[0]) / zoom, (xx - center[1]) / zoom
+    sy = c + np.cos(t) * dy - np.sin(t) * dx
+    sx = c + np.sin(t) * dy + np.cos(t) * dx
+    return ndimage.map_coordinates(p, [sy, sx], order=1, mode="constant")

@@ -1,0 +1,121 @@
+"""`stemlive pacbed analyze` around the networks: order, errors, exit codes, JSON, model checks."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from stemlive.live.cli import main
+from stemlive.models.pacbed_analysis import PacbedAnalyzer, crop_window, wrap45
+from stemlive.simulate.library import PacbedLibrary
+
+from .helpers import place
+
+
+@pytest.fixture(scope="module")
+def raw_patterns(quadrant_library):
+    lib = PacbedLibrary.load(quadrant_library)
+    a = lib.alpha_mrad / lib.mrad_per_px
+    rng = np.random.default_rng(0)
+    pats = [place(lib.pattern(3.0, (1.0, 0.0)), a, (96, 128), 14.0, (50.0, 60.0), rotation=10.0),
+            place(lib.pattern(2.0, (0.0, 1.0)), a, (96, 128), 12.0, (40.0, 70.0), rotation=-20.0)]
+    return np.stack([rng.poisson(p / p.max() * 3000) for p in pats]).astype(np.uint16)
+
+
+def analyze_cli(tmp_path, arr, *extra, models=None):
+    src = tmp_path / "in.npy"
+    np.save(src, arr)
+    out = tmp_path / "out.json"
+    args = ["pacbed", "analyze", str(src), "--alpha-mrad", "13.6", "--kv", "200", "--out", str(out), *extra]
+    if models is not None:
+        args += ["--models", str(models)]
+    rc = main(args)
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_every_pattern_in_order_with_the_contract_fields(tiny_models, raw_patterns, tmp_path):
+    rc, doc = analyze_cli(tmp_path, raw_patterns, models=tiny_models)
+    assert rc == 0 and doc["schema"] == 1 and len(doc["patterns"]) == 2
+    assert {m["task"] for m in doc["models"]} == {"pacbed-align", "pacbed-thickness-tilt"}
+    for p, centre in zip(doc["patterns"], [(50, 60), (40, 70)]):
+        for key in ("center_px", "radius_px", "rotation_deg", "thickness_nm", "thickness_sigma_nm", "tilt_mrad",
+                    "tilt_sigma_mrad", "tilt_crystal_mrad", "background", "in_range", "flags"):
+            assert key in p and p[key] is not None, key
+        assert "error" not in p
+        assert -45 < p["rotation_deg"] <= 45 and p["thickness_sigma_nm"] > 0
+        # a tiny model cannot align well, but the coarse finder puts it in the right place
+        assert np.hypot(*np.subtract(p["center_px"], centre)) < 6
+
+
+def test_bad_patterns_keep_their_place_and_set_the_exit_status(tiny_models, raw_patterns, tmp_path):
+    bad = raw_patterns.astype(float)
+    bad[0, 3, 3] = np.nan
+    rc, doc = analyze_cli(tmp_path, bad, models=tiny_models)
+    assert rc == 3
+    assert "NaN" in doc["patterns"][0]["error"] and doc["patterns"][0]["thickness_nm"] is None
+    assert doc["patterns"][1].get("error") is None and doc["patterns"][1]["thickness_nm"] is not None
+    rc, doc = analyze_cli(tmp_path, np.zeros((2, 64, 64)), models=tiny_models)
+    assert rc == 1 and all("constant" in p["error"] for p in doc["patterns"])
+
+
+@pytest.mark.parametrize("arr,msg", [(np.zeros((2, 3, 64, 64)), "4 dimensions"), (np.zeros((0, 64, 64)), "no data"),
+                                     (np.array(["a", "b"]), "not numeric")])
+def test_wrong_input_is_a_usage_error(tiny_models, tmp_path, arr, msg, capsys):
+    rc, _ = analyze_cli(tmp_path, arr, models=tiny_models)
+    assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_unknown_setting_lists_the_models(tiny_models, raw_patterns, tmp_path, capsys):
+    src = tmp_path / "in.npy"
+    np.save(src, raw_patterns)
+    rc = main(["pacbed", "analyze", str(src), "--alpha-mrad", "25", "--kv", "300", "--out", str(tmp_path / "o.json"),
+               "--models", str(tiny_models)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no pacbed-align model for 300 kV and 25 mrad" in err and "13.6 mrad" in err
+
+
+def test_a_modified_model_file_is_refused_by_name(tiny_models, raw_patterns, tmp_path, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    onnx = models / "tiny.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    rc, _ = analyze_cli(tmp_path, raw_patterns, models=models)
+    err = capsys.readouterr().err
+    assert rc == 2 and "tiny.onnx does not match its card tiny.json" in err
+
+
+def test_lsf_needs_a_library(tiny_models, raw_patterns, tmp_path, capsys):
+    rc, _ = analyze_cli(tmp_path, raw_patterns, "--method", "lsf", models=tiny_models)
+    assert rc == 2 and "--library" in capsys.readouterr().err
+
+
+def test_tiff_stack_reads_like_npy(raw_patterns, tmp_path):
+    import tifffile
+
+    from stemlive.models.readers import read_patterns
+
+    tifffile.imwrite(tmp_path / "s.tif", raw_patterns)
+    np.save(tmp_path / "s.npy", raw_patterns)
+    got = read_patterns(tmp_path / "s.tif")
+    assert got.dtype == np.uint16 and np.array_equal(got, read_patterns(tmp_path / "s.npy"))
+    assert read_patterns(tmp_path / "s.npy")[:1].shape == (1, 96, 128)
+
+
+def test_crop_window_keeps_the_centre_and_bins_large_disks():
+    frame = np.zeros((2048, 2048), np.float32)
+    frame[1500:1504, 700:704] = 1.0  # a 4×4 spot centred on (1501.5, 701.5)
+    win, cen, rad = crop_window(frame, (1501.5, 701.5), 400.0)
+    b = int(400 / 12.115)
+    assert rad == pytest.approx(400 / b) and win.shape[0] < 2048 // b + 2
+    assert win.sum() == pytest.approx(16.0)  # binning keeps the counts
+    spot = np.array(np.unravel_index(np.argmax(win), win.shape), float)
+    assert np.abs(spot - np.asarray(cen)).max() <= 0.5 + 2 / b
+
+
+def test_wrap45():
+    assert [wrap45(x) for x in (0, 44, 46, -46, 90, 135)] == [0, 44, -44, 44, 0, 45]
+
+
+def test_analyzer_for_acquisition_checks_cards(tiny_models):
+    a = PacbedAnalyzer.for_acquisition(200, 13.6, tiny_models)
+    assert len(a.thickness_bins) == 4 and a.tilt_max == 2.0

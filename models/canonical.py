@@ -47,13 +47,32 @@ def to_canonical(pattern: np.ndarray, center: tuple[float, float], radius_px: fl
     return out.astype(np.float32) * np.float32(scale**2)
 
 
-def normalise(canonical: np.ndarray, background: float | np.ndarray = 0.0) -> np.ndarray:
+def window_mask(radius_alpha: float) -> np.ndarray:
+    """The disk of canonical pixels within ``radius_alpha`` α of the centre.
+
+    Networks see only this disk: outside it a training crop could show the edge of the simulated
+    library, whose position gives away the true centre and size (a cue real patterns lack)."""
+    c = (PIXELS - 1) / 2
+    yy, xx = np.indices((PIXELS, PIXELS))
+    return np.hypot(yy - c, xx - c) <= radius_alpha * ALPHA_PX
+
+
+ALIGN_WINDOW_ALPHA = 2.0  # alignment crops may be 20 % too large and 5 px off: stays inside ±3 α libraries
+ANALYSIS_WINDOW_ALPHA = 2.6  # aligned crops: the whole inscribed disk
+
+
+def normalise(canonical: np.ndarray, background: float | np.ndarray = 0.0,
+              window_alpha: float = ANALYSIS_WINDOW_ALPHA) -> np.ndarray:
     """Network input from canonical intensities: subtract a uniform background (in units of the
-    mean), take sqrt(I / mean) (stabilises shot noise), standardise per pattern."""
+    mean inside the window), take sqrt(I / mean) (stabilises shot noise), standardise inside the
+    window, zero outside it."""
     x = np.asarray(canonical, np.float32)
-    mean = x.mean(axis=(-1, -2), keepdims=True)
+    m = window_mask(window_alpha)
+    mean = x[..., m].mean(axis=-1)[..., None, None]
     b = np.asarray(background, np.float32)
     x = x / np.maximum(mean, 1e-12) - (b.reshape(x.shape[:-2] + (1, 1)) if b.ndim else b)
     x = np.sqrt(np.clip(x, 0, None))
-    x = x - x.mean(axis=(-1, -2), keepdims=True)
-    return x / np.maximum(x.std(axis=(-1, -2), keepdims=True), 1e-6)
+    inside = x[..., m]
+    mu = inside.mean(axis=-1)[..., None, None]
+    sd = np.maximum(inside.std(axis=-1), 1e-6)[..., None, None]
+    return np.where(m, (x - mu) / sd, 0).astype(np.float32)

@@ -125,18 +125,28 @@ class LsfAnalyzer:
         return ok_tilt[:, None] & ok_t[None, :]
 
     def _refine_geometry(self, arr, geom, flip, mask) -> tuple:
-        """Coordinate-wise refinement of shift, size and rotation against the masked library."""
+        """Coordinate-wise refinement of shift, size and rotation against the masked library,
+        halving the steps (0.5 → 0.125 canonical px, 1 → 0.25 %, 1 → 0.25°).  A small shift
+        looks like a small tilt, so the steps must get finer than the tilt signal."""
         lib = self.fine
         r, c, rad, rot = geom
-        step = rad / canonical.ALPHA_PX  # raw px per canonical px
-        for _ in range(2):
-            shifts = [(r + dr * step, c + dc * step, rad, rot) for dr in (-0.5, 0, 0.5) for dc in (-0.5, 0, 0.5)]
+        for k in (1.0, 0.5, 0.25):
+            step = 0.5 * k * rad / canonical.ALPHA_PX  # raw px
+            shifts = [(r + dr * step, c + dc * step, rad, rot) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
             (r, c, rad, rot), _, _, _ = self._best(arr, shifts, [flip], lib, mask[None])
-            sizes = [(r, c, rad * f, rot) for f in (0.98, 0.99, 1.0, 1.01, 1.02)]
+            sizes = [(r, c, rad * (1 + f * 0.01 * k), rot) for f in (-2, -1, 0, 1, 2)]
             (r, c, rad, rot), _, _, _ = self._best(arr, sizes, [flip], lib, mask[None])
-            rots = [(r, c, rad, wrap45(rot + d)) for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+            rots = [(r, c, rad, wrap45(rot + d * k)) for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
             (r, c, rad, rot), _, _, _ = self._best(arr, rots, [flip], lib, mask[None])
         return (r, c, rad, rot)
+
+    def _search(self, arr, geom, flips, mask=None):
+        """Best (flip, tilt index, thickness index) for one geometry over the fine library."""
+        s = self._score(self._crops(arr, [geom], flips), self.fine)
+        if mask is not None:
+            s = np.where(mask[None], s, -np.inf)
+        f, ti, ki = np.unravel_index(int(np.argmax(s)), s.shape)
+        return flips[f], ti, ki
 
     def _finish(self, arr, geom, flip, mask) -> PacbedEstimate:
         r, c, rad, rot = geom
@@ -163,7 +173,7 @@ class LsfAnalyzer:
         tilt_sig = np.empty(2)
         for ax in (0, 1):  # neighbours along each tilt axis on the grid
             other = 1 - ax
-            line = np.flatnonzero(np.isclose(self.tilts[:, other], tilt[other]))
+            line = np.flatnonzero(np.isclose(self.tilts[:, other], self.tilts[ti, other]))
             vals = self.tilts[line, ax]
             order = np.argsort(vals)
             line, vals = line[order], vals[order]
@@ -199,11 +209,12 @@ class LsfAnalyzer:
         idx = np.unravel_index(int(np.argmax(s)), s.shape)
         g, f = divmod(idx[0], len(FLIPS))
         geom, flip = geoms[g], FLIPS[f]
-        mask = self._near_mask(self.tilts[idx[1]], self.thickness[::2][idx[2]], 5.0, 1.0)
-        geom = self._refine_geometry(arr, geom, flip, mask)
-        # the full library at the refined geometry, all four flips
-        best = max(FLIPS, key=lambda fl: self._score(self._crops(arr, [geom], [fl]), self.fine).max())
-        return self._finish(arr, geom, best, np.ones(self.fine.shape[:2], bool))
+        ti, t = self.tilts[idx[1]], self.thickness[::2][idx[2]]
+        for _ in range(2):  # geometry near the current match, then the whole library again
+            geom = self._refine_geometry(arr, geom, flip, self._near_mask(ti, t, 5.0, 1.0))
+            flip, i, k = self._search(arr, geom, FLIPS)
+            ti, t = self.tilts[i], self.thickness[k]
+        return self._finish(arr, geom, flip, np.ones(self.fine.shape[:2], bool))
 
     def analyze(self, patterns) -> list[PacbedEstimate]:
         out = []

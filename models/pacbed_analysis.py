@@ -92,22 +92,30 @@ def _rotate(v: np.ndarray, theta_deg: float) -> np.ndarray:
 class PacbedAnalyzer:
     """The two networks of one acquisition setting (kV, α) behind one backend."""
 
-    def __init__(self, align_card: ModelCard, thickness_tilt_card: ModelCard, backend: str = "auto",
+    def __init__(self, align_card: ModelCard, thickness_tilt_card: ModelCard | None, backend: str = "auto",
                  align_iterations: int = 6, threads: int | None = None):
-        self.cards = [align_card, thickness_tilt_card]
-        for c in self.cards:
-            verify(c)
-        self.align = load_backend(align_card.onnx_path, backend, threads=threads)
-        self.thickness_tilt = load_backend(thickness_tilt_card.onnx_path, backend, threads=threads)
-        for c, b in zip(self.cards, (self.align, self.thickness_tilt)):
-            if hasattr(b, "metadata"):
-                verify(c, b.metadata())
+        """``thickness_tilt_card`` None gives an alignment-only analyser (:meth:`align_patterns`)."""
+        self.cards = [c for c in (align_card, thickness_tilt_card) if c is not None]
+        self.align_iterations = align_iterations
+        self.align = self._load(align_card, backend, threads)
+        self.align_window = float(align_card.data["input"]["window_alpha"])
+        if thickness_tilt_card is None:
+            return
+        self.thickness_tilt = self._load(thickness_tilt_card, backend, threads)
+        self.analysis_window = float(thickness_tilt_card.data["input"]["window_alpha"])
         t = thickness_tilt_card.data["training"]
         self.thickness_bins = np.asarray(t["thickness_bins_nm"])
         self.tilt_bins = np.asarray(t["tilt_bins_mrad"])
         self.tilt_max = float(t["tilt_mrad"][1])
         self.background_iterations = int(t.get("background_iterations", 3))
-        self.align_iterations = align_iterations
+
+    @staticmethod
+    def _load(card: ModelCard, backend: str, threads: int | None):
+        verify(card)
+        b = load_backend(card.onnx_path, backend, threads=threads)
+        if hasattr(b, "metadata"):
+            verify(card, b.metadata())
+        return b
 
     @classmethod
     def for_acquisition(cls, kv: float, alpha_mrad: float, models_dir: str | Path = SHIPPED_DIR,
@@ -126,7 +134,7 @@ class PacbedAnalyzer:
             if not active:
                 break
             crops = np.stack([canonical_crop(patterns[i], states[i][:2], states[i][2], states[i][3]) for i in active])
-            out = self.align(canonical.normalise(crops)[:, None])
+            out = self.align(canonical.normalise(crops, 0.0, self.align_window)[:, None])
             still = []
             for k, i in enumerate(active):
                 r, c, rad, rot = states[i]
@@ -142,16 +150,22 @@ class PacbedAnalyzer:
     def _thickness_tilt(self, crops: np.ndarray, means: np.ndarray) -> dict[str, np.ndarray]:
         b = np.zeros(len(crops), np.float32)
         for _ in range(self.background_iterations):
-            out = self.thickness_tilt(canonical.normalise(crops, b)[:, None])
+            out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window)[:, None])
             b = np.clip(b + out["background"][:, 0], 0, None)
-        out = self.thickness_tilt(canonical.normalise(crops, b)[:, None])
+        out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window)[:, None])
         out["background_units_of_mean"] = b
         return out
 
-    # -- the whole analysis ------------------------------------------------------------------
-    def analyze(self, patterns) -> list[PacbedEstimate]:
-        """Analyse raw patterns (an (N, H, W) array or a list of 2D arrays of any size)."""
-        results: list[PacbedEstimate] = []
+    def align_patterns(self, patterns) -> list[tuple[float, float, float, float] | str]:
+        """(row, col, radius, rotation) per pattern, or the reason it cannot be aligned."""
+        results: list = []
+        good, arrays, states = self._coarse(patterns, results)
+        self._align(arrays, states)
+        for i, s in zip(good, states):
+            results[i] = tuple(s)
+        return [r.error if isinstance(r, PacbedEstimate) else r for r in results]
+
+    def _coarse(self, patterns, results: list):
         good, arrays, states = [], [], []
         for p in patterns:
             try:
@@ -165,11 +179,18 @@ class PacbedAnalyzer:
                 results.append(PacbedEstimate())
             except ValueError as exc:
                 results.append(PacbedEstimate(error=str(exc)))
+        return good, arrays, states
+
+    # -- the whole analysis ------------------------------------------------------------------
+    def analyze(self, patterns) -> list[PacbedEstimate]:
+        """Analyse raw patterns (an (N, H, W) array or a list of 2D arrays of any size)."""
+        results: list[PacbedEstimate] = []
+        good, arrays, states = self._coarse(patterns, results)
         if not good:
             return results
         self._align(arrays, states)
         crops = np.stack([canonical_crop(a, s[:2], s[2], s[3]) for a, s in zip(arrays, states)])
-        means = crops.mean(axis=(1, 2))
+        means = crops[:, canonical.window_mask(self.analysis_window)].mean(axis=1)  # the networks' unit
         out = self._thickness_tilt(crops, means)
         th, th_sig = estimate(out["thickness_prob"], self.thickness_bins)
         t0, s0 = estimate(out["tilt0_prob"], self.tilt_bins)

@@ -50,7 +50,7 @@ class Augment:
     hot_pixels: int = 0
 
 
-ALIGN_AUGMENT = Augment(shift_px=5.0, scale=0.25, rotation_deg=45.0, shear=0.02, saturate_prob=0.2,
+ALIGN_AUGMENT = Augment(shift_px=5.0, scale=0.2, rotation_deg=45.0, shear=0.02, saturate_prob=0.2,
                         display_prob=0.3, hot_pixels=4)
 
 
@@ -74,12 +74,16 @@ def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(img, k.view(1, 1, 1, n), padding=(0, n // 2))
 
 
-def normalise_torch(counts: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+def normalise_torch(counts: torch.Tensor, background: torch.Tensor,
+                    window_alpha: float = canonical.ANALYSIS_WINDOW_ALPHA) -> torch.Tensor:
     """Torch twin of :func:`stemlive.models.canonical.normalise`."""
-    mean = counts.mean(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
+    m = torch.from_numpy(canonical.window_mask(window_alpha))
+    mean = counts[..., m].mean(dim=-1)[..., None, None].clamp_min(1e-12)
     x = (counts / mean - background.view(-1, 1, 1, 1)).clamp_min(0).sqrt()
-    x = x - x.mean(dim=(-1, -2), keepdim=True)
-    return x / x.std(dim=(-1, -2), keepdim=True).clamp_min(1e-6)
+    inside = x[..., m]
+    mu = inside.mean(dim=-1)[..., None, None]
+    sd = inside.std(dim=-1)[..., None, None].clamp_min(1e-6)
+    return torch.where(m, (x - mu) / sd, torch.zeros(()))
 
 
 class PacbedSampler:
@@ -193,8 +197,10 @@ class PacbedSampler:
 
     # -- the experiment -------------------------------------------------------------------
     def sample(self, n: int, g: torch.Generator, aug: Augment, split: str = "train",
-               dose: float | None = None, subtract_background: bool = True):
-        """(x (n, 1, 64, 64), labels dict) for ``split`` in {'train', 'heldout'}."""
+               dose: float | None = None, subtract_background: bool = True,
+               window_alpha: float = canonical.ANALYSIS_WINDOW_ALPHA):
+        """(x (n, 1, 64, 64), labels dict) for ``split`` in {'train', 'heldout'}; x is seen
+        through the network's window (:func:`stemlive.models.canonical.window_mask`)."""
         th, t0, t1 = self._train_labels(n, g) if split == "train" else self._heldout_labels(n, g)
         p = self.clean_patterns(th, t0, t1)
         # mirrors: random signs
@@ -256,11 +262,12 @@ class PacbedSampler:
         if size != canonical.PIXELS:
             counts = F.interpolate(counts, size=(canonical.PIXELS, canonical.PIXELS), mode="bilinear",
                                    align_corners=False)
-        # the uniform part in units of the final mean: what the analysis must subtract
+        # the uniform part in units of the final mean inside the window: what the analysis subtracts
         cm = counts.mean(dim=(-1, -2))[:, 0]
-        b_total = (b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) / cm + dark / cm
+        cw = counts[..., torch.from_numpy(canonical.window_mask(window_alpha))].mean(dim=-1)[:, 0]
+        b_total = ((b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) + dark) / cw
         sub = b_total * torch.rand(n, generator=g) if subtract_background else torch.zeros(n)
-        x = normalise_torch(counts, sub)
+        x = normalise_torch(counts, sub, window_alpha)
         # where the true disk is, as seen in this crop: centre u* = -M^-1 shift [canonical px],
         # radius ALPHA_PX / scale, rotation θ = -φ (DESIGN.md: crop offset d shows R(θ)·d)
         centre = -(torch.linalg.inv(m) @ shift[:, :, None])[:, :, 0]

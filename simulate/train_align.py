@@ -1,7 +1,7 @@
 """The alignment network: zero-disk centre, size and rotation from a crop (`stemlive train pacbed`).
 
 Trained on crops made from a deliberately wrong estimate (centre off by up to 5 canonical px,
-size by ±25 %, rotation anywhere in ±45°), with raw-recording effects (saturation, hot pixels,
+size by ±20 %, rotation anywhere in ±45°), with raw-recording effects (saturation, hot pixels,
 gamma-scaled 8-bit exports) on top of the thickness/tilt augmentations.  At analysis time it is
 applied iteratively, re-cropping the raw pattern with each improved estimate (seed Fig. 2).
 Validation: held-out simulations, large misalignment ("first step") and small ("converging").
@@ -66,7 +66,8 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
     gval = torch.Generator().manual_seed(20_000 + cfg.seed)
     val = []
     for label, a in (("first step", aug), ("converging", replace(aug, shift_px=0.5, scale=0.02, rotation_deg=2.0))):
-        x, lab = sampler.sample(cfg.val_samples, gval, a, split="heldout", dose=VAL_DOSE, subtract_background=False)
+        x, lab = sampler.sample(cfg.val_samples, gval, a, split="heldout", dose=VAL_DOSE, subtract_background=False,
+                                window_alpha=canonical.ALIGN_WINDOW_ALPHA)
         lab.pop("counts")
         val.append((label, (x, lab)))
 
@@ -79,7 +80,7 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
             + ((r4 - target4) * 10).pow(2).mean()
 
     def sample(g):
-        return sampler.sample(cfg.batch, g, aug, subtract_background=False)
+        return sampler.sample(cfg.batch, g, aug, subtract_background=False, window_alpha=canonical.ALIGN_WINDOW_ALPHA)
 
     history, finished = fit(model, sample, loss_fn, lambda: evaluate(model, val), cfg, work_dir, name, METRICS,
                             progress, stop_after)
@@ -88,7 +89,8 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
     card = make_card(
         name=name, task=TASK, library=library, lib=lib, sampler=sampler, cfg=cfg, aug=aug, history=history,
         frame_center="crop centred on the current centre estimate, scaled by the current radius",
-        normalisation="sqrt(I/mean(I)), then zero mean and unit std per pattern",
+        normalisation="sqrt(I/mean(I)), then zero mean and unit std per pattern, inside the window",
+        window_alpha=canonical.ALIGN_WINDOW_ALPHA,
         outputs={"center_offset_px": "true centre in the crop, canonical px from its centre pixel (row, col)",
                  "log_radius_ratio": "ln(true radius / ALPHA_PX)",
                  "rotation_4": "(cos 4θ, sin 4θ), θ per DESIGN.md modulo 90°"})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .params import PacbedParams
 
-ALIGN_STEPS = 4000  # the alignment network learns faster than thickness/tilt
+ALIGN_STEPS = 6000  # the alignment network learns faster than thickness/tilt
 
 # The shipped models and the libraries they come from (`make libraries` builds these).
 SHIPPED = [

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import canonical
 from ..models.pacbed_estimate import estimate
 from .library import PacbedLibrary
 from .pacbed_data import Augment, PacbedSampler, normalise_torch
@@ -118,7 +119,8 @@ def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: T
     card = make_card(
         name=name, task=TASK, library=library, lib=lib, sampler=sampler, cfg=cfg, aug=aug, history=history,
         frame_center="zero-disk centre on the centre pixel; crystal axes along array axes",
-        normalisation="sqrt(I/mean(I) - background), then zero mean and unit std per pattern",
+        normalisation="sqrt(I/mean(I) - background), then zero mean and unit std per pattern, inside the window",
+        window_alpha=canonical.ANALYSIS_WINDOW_ALPHA,
         outputs={"thickness_prob": "probability per thickness bin (bins: training.thickness_bins_nm)",
                  "tilt0_prob": "probability per t0 bin (bins: training.tilt_bins_mrad), DESIGN.md axes",
                  "tilt1_prob": "probability per t1 bin (bins: training.tilt_bins_mrad)",

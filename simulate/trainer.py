@@ -144,7 +144,8 @@ def fit(model, sample: Callable[[torch.Generator], tuple], loss_fn: Callable, ev
 
 
 def make_card(*, name: str, task: str, library: Path, lib, sampler, cfg: TrainConfig, aug, history: list,
-              frame_center: str, normalisation: str, outputs: dict, extra_training: dict | None = None) -> dict:
+              frame_center: str, normalisation: str, outputs: dict, window_alpha: float,
+              extra_training: dict | None = None) -> dict:
     """The model card (DESIGN.md "Model artefact") of a network trained on ``library``."""
     from ..models import canonical
     from ..models.cards import sha256_of
@@ -165,7 +166,7 @@ def make_card(*, name: str, task: str, library: Path, lib, sampler, cfg: TrainCo
         "input": {"name": "x", "shape": [1, canonical.PIXELS, canonical.PIXELS],
                   "frame": {"pixels": canonical.PIXELS, "alpha_px": canonical.ALPHA_PX,
                             "half_range_alpha": canonical.HALF_RANGE_ALPHA, "center": frame_center},
-                  "normalisation": normalisation},
+                  "normalisation": normalisation, "window_alpha": window_alpha},
         "outputs": outputs,
         "training": training,
         "validation": history[-1]["val"],

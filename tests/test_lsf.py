@@ -1,0 +1,50 @@
+"""The least-squares baseline finds library patterns back through geometry and mirrors."""
+import numpy as np
+import pytest
+
+from stemlive.models.lsf import LsfAnalyzer
+from stemlive.models.pacbed_analysis import PacbedEstimate
+from stemlive.simulate.library import PacbedLibrary
+
+from .helpers import place
+
+
+@pytest.fixture(scope="module")
+def lsf(quadrant_library):
+    return LsfAnalyzer(quadrant_library, 200, 13.6)
+
+
+@pytest.fixture(scope="module")
+def lib(quadrant_library):
+    return PacbedLibrary.load(quadrant_library)
+
+
+@pytest.mark.parametrize("thickness,tilt,rotation", [(3.0, (1.0, 0.0), 12.0), (2.0, (-1.0, 2.0), -30.0),
+                                                     (4.0, (0.0, -1.0), 0.0)])
+def test_recovers_thickness_tilt_and_geometry(lsf, lib, thickness, tilt, rotation):
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(thickness, tilt), a, (100, 120), 15.0, (48.3, 61.7), rotation)
+    raw = raw + 0.05 * raw.mean()  # a uniform background the fit must absorb
+    r = lsf.analyze_one(raw)
+    assert r.thickness_nm == pytest.approx(thickness, abs=0.5)
+    # crystal frame = the library's frame (4-fold: the rotation is found modulo 90°)
+    assert np.allclose(r.tilt_crystal_mrad, tilt, atol=0.3), r
+    assert abs(((r.rotation_deg - rotation) + 45) % 90 - 45) < 1.5
+    assert np.hypot(r.center_px[0] - 48.3, r.center_px[1] - 61.7) < 0.8 and r.radius_px == pytest.approx(15, rel=0.03)
+    assert r.background == pytest.approx(0.05 * raw.mean() / 1.05, rel=0.3)
+
+
+def test_hybrid_stays_within_the_window(lsf, lib):
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(4.0, (1.0, 1.0)), a, (100, 100), 15.0, (50.0, 50.0), 5.0)
+    start = PacbedEstimate(center_px=(50.4, 49.8), radius_px=15.2, rotation_deg=4.0, thickness_nm=1.0,
+                           tilt_crystal_mrad=(1.2, 0.9), flags=[], in_range=True)
+    (r,) = lsf.refine([raw], [start], dt_nm=1.5, dtilt_mrad=1.0)
+    assert r.thickness_nm <= 2.6  # the truth (4 nm) lies outside ±1.5 nm of the network's 1 nm
+    (r,) = lsf.refine([raw], [start], dt_nm=3.0, dtilt_mrad=1.0)
+    assert r.thickness_nm == pytest.approx(4.0, abs=0.5) and np.allclose(r.tilt_crystal_mrad, (1, 1), atol=0.3)
+
+
+def test_refuses_a_library_for_another_setting(quadrant_library):
+    with pytest.raises(ValueError, match="library is for 200 kV, 13.6 mrad"):
+        LsfAnalyzer(quadrant_library, 300, 13.6)

@@ -47,6 +47,17 @@ def to_canonical(pattern: np.ndarray, center: tuple[float, float], radius_px: fl
     return out.astype(np.float32) * np.float32(scale**2)
 
 
+def to_canonical_stack(stack: np.ndarray, centers: np.ndarray, radii: np.ndarray,
+                       rotations: np.ndarray) -> np.ndarray:
+    """:func:`to_canonical` for a stack of equal-sized frames in one interpolation call
+    (only for disks small enough that no smoothing is needed: radius < 1.5 ALPHA_PX)."""
+    n = len(stack)
+    grids = np.stack([sample_grid(c, r, t) for c, r, t in zip(centers, radii, rotations)], axis=1)  # (2,N,P,P)
+    idx = np.broadcast_to(np.arange(n, dtype=float)[:, None, None], grids.shape[1:])
+    out = ndimage.map_coordinates(np.asarray(stack, np.float32), [idx, grids[0], grids[1]], order=1, mode="constant")
+    return out * (np.asarray(radii, np.float32) / np.float32(ALPHA_PX))[:, None, None] ** 2
+
+
 def window_mask(radius_alpha: float) -> np.ndarray:
     """The disk of canonical pixels within ``radius_alpha`` α of the centre.
 

@@ -136,3 +136,31 @@ def coarse_disk(pattern: np.ndarray) -> CoarseDisk:
     # binned pixel (i) covers raw pixels [i*b, (i+1)*b): its centre is at i*b + (b-1)/2
     off = (binning - 1) / 2
     return CoarseDisk((r * binning + off, c * binning + off), radius * binning)
+
+
+def coarse_disks_fast(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised coarse centre and radius for a stack of equal-sized frames (N, H, W).
+
+    Threshold halfway between the 5th and 99.5th percentile of each frame, then the centroid
+    and sqrt(area/π) of the bright pixels: ~50 µs per 64² frame, precise to a few pixels and
+    ~20 %, which is inside the alignment network's range.  Returns (centres (N, 2), radii (N,),
+    plausible (N,) bool); implausible frames go to :func:`coarse_disk`.
+    """
+    arr = np.asarray(stack, np.float32)
+    n, h, w = arr.shape
+    b = int(np.ceil(max(h, w) / 128))
+    if b > 1:
+        arr = arr[:, :h // b * b, :w // b * b].reshape(n, h // b, b, w // b, b).mean(axis=(2, 4))
+    flat = arr.reshape(n, -1)
+    lo, hi = np.percentile(flat, [5, 99.5], axis=1)
+    mask = (flat > (lo + 0.5 * (hi - lo))[:, None]).reshape(arr.shape)
+    area = mask.sum(axis=(1, 2)).astype(float)
+    yy, xx = np.arange(arr.shape[1], dtype=float), np.arange(arr.shape[2], dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = (mask.sum(axis=2) * yy).sum(axis=1) / area
+        cx = (mask.sum(axis=1) * xx).sum(axis=1) / area
+    off = (b - 1) / 2
+    centres = np.stack([cy * b + off, cx * b + off], axis=1)
+    radii = np.sqrt(area / np.pi) * b
+    plausible = (hi > lo) & (radii >= 2) & (area < 0.5 * mask[0].size) & np.isfinite(centres).all(axis=1)
+    return centres, radii, plausible

@@ -20,7 +20,7 @@ import numpy as np
 from . import canonical
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, find_cards, select, verify
-from .coarse_align import coarse_disk, validate_pattern
+from .coarse_align import coarse_disk, coarse_disks_fast, validate_pattern
 from .pacbed_estimate import estimate, top_classes
 
 ALIGN_TASK, THICKNESS_TILT_TASK = "pacbed-align", "pacbed-thickness-tilt"
@@ -127,13 +127,22 @@ class PacbedAnalyzer:
                    backend, **kw)
 
     # -- stages ------------------------------------------------------------------------------
-    def _align(self, patterns: list[np.ndarray], states: list[list[float]]) -> None:
+    @staticmethod
+    def _crops(patterns, states, which) -> np.ndarray:
+        """Canonical crops of ``patterns[i]`` at ``states[i]`` for i in ``which``: one
+        interpolation call for a stack of equal frames with small disks, else one per pattern."""
+        st = np.array([states[i] for i in which], float).reshape(-1, 4)
+        if isinstance(patterns, np.ndarray) and np.all(st[:, 2] < 1.5 * canonical.ALPHA_PX):
+            return canonical.to_canonical_stack(patterns[which], st[:, :2], st[:, 2], st[:, 3])
+        return np.stack([canonical_crop(patterns[i], s[:2], s[2], s[3]) for i, s in zip(which, st)])
+
+    def _align(self, patterns, states: list[list[float]]) -> None:
         """Iterate the alignment network on every pattern's (row, col, radius, rotation)."""
         active = list(range(len(patterns)))
         for _ in range(self.align_iterations):
             if not active:
                 break
-            crops = np.stack([canonical_crop(patterns[i], states[i][:2], states[i][2], states[i][3]) for i in active])
+            crops = self._crops(patterns, states, active)
             out = self.align(canonical.normalise(crops, 0.0, self.align_window)[:, None])
             still = []
             for k, i in enumerate(active):
@@ -147,7 +156,8 @@ class PacbedAnalyzer:
                     still.append(i)
             active = still
 
-    def _thickness_tilt(self, crops: np.ndarray, means: np.ndarray) -> dict[str, np.ndarray]:
+    def read_crops(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """Thickness/tilt network outputs for aligned canonical crops, background converged."""
         b = np.zeros(len(crops), np.float32)
         for _ in range(self.background_iterations):
             out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window)[:, None])
@@ -166,6 +176,16 @@ class PacbedAnalyzer:
         return [r.error if isinstance(r, PacbedEstimate) else r for r in results]
 
     def _coarse(self, patterns, results: list):
+        """Validate and coarsely locate every pattern.  Returns (indices of the good ones, their
+        arrays (a stack when the input is one), their (row, col, radius, rotation) states)."""
+        if isinstance(patterns, np.ndarray) and patterns.ndim == 3 and len(patterns):
+            stack = patterns.astype(np.float32, copy=False)
+            finite = np.isfinite(stack).all(axis=(1, 2))
+            if finite.all() and min(stack.shape[1:]) >= 16:
+                centres, radii, ok = coarse_disks_fast(stack)
+                if ok.all():
+                    results.extend(PacbedEstimate() for _ in range(len(stack)))
+                    return list(range(len(stack))), stack, [[*c, r, 0.0] for c, r in zip(centres, radii)]
         good, arrays, states = [], [], []
         for p in patterns:
             try:
@@ -189,9 +209,9 @@ class PacbedAnalyzer:
         if not good:
             return results
         self._align(arrays, states)
-        crops = np.stack([canonical_crop(a, s[:2], s[2], s[3]) for a, s in zip(arrays, states)])
+        crops = self._crops(arrays, states, list(range(len(states))))
         means = crops[:, canonical.window_mask(self.analysis_window)].mean(axis=1)  # the networks' unit
-        out = self._thickness_tilt(crops, means)
+        out = self.read_crops(crops)
         th, th_sig = estimate(out["thickness_prob"], self.thickness_bins)
         t0, s0 = estimate(out["tilt0_prob"], self.tilt_bins)
         t1, s1 = estimate(out["tilt1_prob"], self.tilt_bins)

@@ -119,3 +119,32 @@ def test_wrap45():
 def test_analyzer_for_acquisition_checks_cards(tiny_models):
     a = PacbedAnalyzer.for_acquisition(200, 13.6, tiny_models)
     assert len(a.thickness_bins) == 4 and a.tilt_max == 2.0
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_digitalmicrograph_files_read_and_analyse(tiny_models, raw_patterns, tmp_path, version):
+    from stemlive.models.readers import read_patterns
+
+    from .dm_writer import write_dm
+
+    path = tmp_path / f"p.dm{version}"
+    write_dm(path, raw_patterns[1], version=version)
+    got = read_patterns(path)
+    assert got.shape == (1, 96, 128) and np.array_equal(got[0], raw_patterns[1])
+    out = tmp_path / "o.json"
+    rc = main(["pacbed", "analyze", str(path), "--alpha-mrad", "13.6", "--kv", "200", "--out", str(out),
+               "--models", str(tiny_models)])
+    assert rc == 0 and len(json.loads(out.read_text())["patterns"]) == 1
+
+
+def test_damaged_files_get_a_named_error(tmp_path):
+    from stemlive.models.readers import read_patterns
+
+    for name, blob in (("bad.dm3", b"\x00\x00\x00\x03garbage"), ("bad.tif", b"II*\x00nonsense"),
+                       ("bad.npy", b"not numpy")):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=name):
+            read_patterns(tmp_path / name)
+    with pytest.raises(ValueError, match="unknown file type '.png'"):
+        (tmp_path / "x.png").write_bytes(b"")
+        read_patterns(tmp_path / "x.png")

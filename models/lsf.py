@@ -80,8 +80,9 @@ class LsfAnalyzer:
         T, K, P = len(quad), len(self.thickness), canonical.PIXELS
         fine = np.empty((T, K, P, P), np.float32)
         for i, q in enumerate(quad):
-            for j in range(K):
-                fine[i, j] = canonical.to_canonical(lib.patterns[q, j], c, alpha_px)
+            fine[i] = canonical.to_canonical_stack(lib.patterns[q], np.tile(c, (K, 1)), np.full(K, alpha_px),
+                                                   np.zeros(K)) if alpha_px < 1.5 * canonical.ALPHA_PX else \
+                np.stack([canonical.to_canonical(p, c, alpha_px) for p in lib.patterns[q]])
         flat = fine.reshape(T, K, P * P)
         self.lib_mean = flat.mean(axis=-1)  # to turn the fitted scale back into a background level
         self.lib_norm = np.linalg.norm(flat - self.lib_mean[..., None], axis=-1)
@@ -110,14 +111,10 @@ class LsfAnalyzer:
             out.extend(_flip(x, *f) for f in flips)
         return np.stack(out)
 
-    def _best(self, arr, geoms, flips, lib, mask=None):
-        s = self._score(self._crops(arr, geoms, flips), lib)
-        if mask is not None:
-            s = np.where(mask, s, -np.inf)
-        flat = int(np.argmax(s))
-        idx = np.unravel_index(flat, s.shape)
-        g, f = divmod(idx[0], len(flips))
-        return geoms[g], flips[f], idx[1:], float(s[idx])
+    def _best_geometry(self, arr, geoms, flip, mask) -> tuple:
+        """The geometry whose crop best matches any library entry inside ``mask``."""
+        s = self._score(self._crops(arr, geoms, [flip]), self.fine[mask])  # only the masked entries
+        return geoms[int(np.argmax(s.max(axis=1)))]
 
     def _near_mask(self, tilt_c: np.ndarray, thickness: float, dt: float, dtilt: float) -> np.ndarray:
         ok_tilt = (np.abs(self.tilts - np.abs(tilt_c)[None]) <= dtilt + 1e-9).all(axis=1)
@@ -128,16 +125,15 @@ class LsfAnalyzer:
         """Coordinate-wise refinement of shift, size and rotation against the masked library,
         halving the steps (0.5 → 0.125 canonical px, 1 → 0.25 %, 1 → 0.25°).  A small shift
         looks like a small tilt, so the steps must get finer than the tilt signal."""
-        lib = self.fine
         r, c, rad, rot = geom
         for k in (1.0, 0.5, 0.25):
             step = 0.5 * k * rad / canonical.ALPHA_PX  # raw px
             shifts = [(r + dr * step, c + dc * step, rad, rot) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
-            (r, c, rad, rot), _, _, _ = self._best(arr, shifts, [flip], lib, mask[None])
+            r, c, rad, rot = self._best_geometry(arr, shifts, flip, mask)
             sizes = [(r, c, rad * (1 + f * 0.01 * k), rot) for f in (-2, -1, 0, 1, 2)]
-            (r, c, rad, rot), _, _, _ = self._best(arr, sizes, [flip], lib, mask[None])
+            r, c, rad, rot = self._best_geometry(arr, sizes, flip, mask)
             rots = [(r, c, rad, wrap45(rot + d * k)) for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
-            (r, c, rad, rot), _, _, _ = self._best(arr, rots, [flip], lib, mask[None])
+            r, c, rad, rot = self._best_geometry(arr, rots, flip, mask)
         return (r, c, rad, rot)
 
     def _search(self, arr, geom, flips, mask=None):

@@ -12,7 +12,7 @@ def stemlive(*args, timeout=300):
 def test_help_lists_subcommands():
     res = stemlive("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "simulate"):
+    for cmd in ("demo", "simulate", "train", "pacbed", "export"):
         assert cmd in res.stdout
     res = stemlive("simulate", "--help")
     assert "pacbed" in res.stdout and "scan" in res.stdout
@@ -32,6 +32,7 @@ def test_demo_builds_scan_from_shipped_library(tmp_path):
     res = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
     assert res.returncode == 0, res.stderr
     assert "scan ready" in res.stdout
+    assert "blocks of 32×32 frames analysed" in res.stdout and "thickness error median" in res.stdout
     again = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
     assert again.returncode == 0 and len(list(tmp_path.iterdir())) == 1  # cached, not rebuilt
 
@@ -40,3 +41,12 @@ def test_help_builds_without_torch():
     code = ("import sys; from stemlive.live.cli import build_parser; build_parser(); "
             "bad = [m for m in ('torch', 'abtem') if m in sys.modules]; assert not bad, bad")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_export_engines_refuses_without_a_gpu():
+    from stemlive.models.backends import tensorrt as trt_backend
+
+    if trt_backend.cuda_device() is not None:
+        pytest.skip("a CUDA device is present")
+    res = stemlive("export", "engines")
+    assert res.returncode == 1 and "no CUDA device" in res.stderr and "tensorrt" not in res.stdout

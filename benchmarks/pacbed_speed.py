@@ -55,13 +55,14 @@ def main(argv=None) -> None:
     analyzer.analyze(x[:64])  # warm-up
     rows = [(f"network, batch {b}", per_pattern_ms(analyzer.analyze, x[: (64 if b == 1 else len(x))], b))
             for b in (1, 64)]
-    lsf = LsfAnalyzer(lib, 200, args.alpha)
     m = args.lsf_n
-    rows.append(("LSF", per_pattern_ms(lambda p: [lsf.analyze_one(q) for q in p], x[:m], 1, repeats=1)))
-    rows.append(("hybrid", per_pattern_ms(lambda p: lsf.refine(p, analyzer.analyze(p)), x[:m], 1, repeats=1)))
+    if m > 0:
+        lsf = LsfAnalyzer(lib, 200, args.alpha)
+        rows.append(("LSF", per_pattern_ms(lambda p: [lsf.analyze_one(q) for q in p], x[:m], 1, repeats=1)))
+        rows.append(("hybrid", per_pattern_ms(lambda p: lsf.refine(p, analyzer.analyze(p)), x[:m], 1, repeats=1)))
     print(f"\nSpeed, {args.alpha} mrad, {args.frame}×{args.frame} frames, ONNX Runtime CPU, {args.threads} threads")
     print(f"{'method':22s} {'ms/pattern':>12s} {'LSF / this':>12s}")
-    lsf_ms = rows[2][1]
+    lsf_ms = rows[2][1] if m > 0 else np.nan
     for name, ms in rows:
         print(f"{name:22s} {ms:12.2f} {lsf_ms / ms:12.0f}")
 

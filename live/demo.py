@@ -87,7 +87,7 @@ def analyse_blocks(frames: np.ndarray, thick: np.ndarray, tilt: np.ndarray, meta
     print(f"    thickness error median {np.median(np.abs(dt)):.1f} nm, within ±2 nm {np.mean(np.abs(dt) <= 2):.0%}; "
           f"tilt error median {np.median(np.abs(dtilt)):.2f} mrad")
     print("    block   true t [nm]  est t ± σ [nm]    true tilt [mrad]   est tilt [mrad]")
-    for i in ok[:: max(1, len(ok) // 8)]:
+    for i in [i for i in ok if i // nx == (i % nx) * ny // nx][:8]:  # down the diagonal: across the wedge
         r = res[i]
         print(f"    {i // nx:2d},{i % nx:2d}   {t_true[i]:9.1f}   {r.thickness_nm:6.1f} ± {r.thickness_sigma_nm:4.1f}"
               f"    ({tilt_true[i][0]:+.2f}, {tilt_true[i][1]:+.2f})    ({r.tilt_mrad[0]:+.2f}, {r.tilt_mrad[1]:+.2f})")

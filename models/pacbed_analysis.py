@@ -93,7 +93,7 @@ class PacbedAnalyzer:
     """The two networks of one acquisition setting (kV, α) behind one backend."""
 
     def __init__(self, align_card: ModelCard, thickness_tilt_card: ModelCard | None, backend: str = "auto",
-                 align_iterations: int = 6, threads: int | None = None, background_iterations: int = 1):
+                 align_iterations: int = 3, threads: int | None = None, background_iterations: int = 1):
         """``thickness_tilt_card`` None gives an alignment-only analyser (:meth:`align_patterns`)."""
         self.cards = [c for c in (align_card, thickness_tilt_card) if c is not None]
         self.align_iterations = align_iterations
@@ -210,6 +210,7 @@ class PacbedAnalyzer:
         good, arrays, states = self._coarse(patterns, results)
         if not good:
             return results
+        coarse = [list(st) for st in states]  # a plain disk (vacuum) is better located by these
         self._align(arrays, states)
         crops = self._crops(arrays, states, list(range(len(states))))
         means = crops[:, canonical.window_mask(self.analysis_window)].mean(axis=1)  # the networks' unit
@@ -225,7 +226,9 @@ class PacbedAnalyzer:
             rm = canonical.rotation_matrix(-rot)
             cov = rm @ np.diag([s0[k] ** 2, s1[k] ** 2]) @ rm.T
             scale = (rad / canonical.ALPHA_PX) ** 2  # raw pixels per canonical pixel
-            flags = self._flags(arrays[k], (r, c), rad, out, k)
+            flags = self._flags(arrays[k], coarse[k][:2], coarse[k][2], out, k)
+            if "vacuum" in flags:  # nothing for the alignment network to lock on to
+                r, c, rad = coarse[k][:3]
             in_range = (self.thickness_bins[0] - 0.5 <= th[k] <= self.thickness_bins[-1] + 0.5
                         and np.all(np.abs(tilt_c) <= self.tilt_max) and not
                         ({"vacuum", "not-on-zone", "thickness-at-range-edge"} & set(flags)))

@@ -18,6 +18,7 @@ from ..models import canonical
 from .library import PacbedLibrary
 from .pacbed_data import Augment, PacbedSampler
 
+CHUNK = 64
 RAW_MISALIGNMENT = dict(shift_px=5.0, scale=0.2, rotation_deg=45.0)
 
 
@@ -25,12 +26,18 @@ def heldout_raw_patterns(library: str | Path | PacbedLibrary, n: int, dose: floa
                          holdout_fraction: float = 0.1, sampler_seed: int = 0,
                          aug: Augment | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(patterns (n, 64, 64) float32 counts, truth).  The held-out split is the one training used
-    with the same ``holdout_fraction`` and ``sampler_seed`` (TrainConfig.holdout_fraction, .seed)."""
+    with the same ``holdout_fraction`` and ``sampler_seed`` (TrainConfig.holdout_fraction, .seed).
+    The same ``seed`` at another dose gives the same patterns and misalignments, other noise."""
     lib = library if isinstance(library, PacbedLibrary) else PacbedLibrary.load(library)
     sampler = PacbedSampler(lib, holdout_fraction, seed=sampler_seed)
     aug = replace(aug or Augment(), **RAW_MISALIGNMENT)
-    g = torch.Generator().manual_seed(seed)
-    _, lab = sampler.sample(n, g, aug, split="heldout", dose=dose, subtract_background=False)
+    # chunks of 64: the sampler draws detector binning, PSF and inelastic blur once per batch
+    labs = []
+    for i in range(0, n, CHUNK):
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        labs.append(sampler.sample(min(CHUNK, n - i), g, aug, split="heldout", dose=dose,
+                                   subtract_background=False)[1])
+    lab = {k: torch.cat([b[k] for b in labs]) for k in labs[0]}
     c = (canonical.PIXELS - 1) / 2
     rot = lab["rotation_deg"].numpy().astype(float)
     tilt = lab["tilt_mrad"].numpy().astype(float)

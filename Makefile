@@ -42,6 +42,9 @@ demo-library: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/library_speed.py
 	$(BIN)/python benchmarks/phonon_convergence.py
+	$(BIN)/python benchmarks/pacbed_accuracy.py
+	$(BIN)/python benchmarks/pacbed_speed.py
+	$(BIN)/python benchmarks/pacbed_bandpass.py
 
 clean-venv:
 	rm -rf $(VENV)

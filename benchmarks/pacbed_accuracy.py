@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lsf-n", type=int, default=40, help="patterns per dose for LSF and hybrid (slow)")
     ap.add_argument("--alpha", type=float, nargs="+", default=[13.6, 19.1])
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
-    ap.add_argument("--png", type=Path, default=Path("docs/pacbed_accuracy_vs_thickness.png"))
+    ap.add_argument("--png", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "pacbed_accuracy_vs_thickness.png")
     args = ap.parse_args(argv)
     per_alpha: dict = {}
     for alpha in args.alpha:

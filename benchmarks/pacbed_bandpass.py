@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, nargs="+", default=[13.6, 19.1])
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
-    ap.add_argument("--png", type=Path, default=Path("docs/pacbed_bandpass.png"))
+    ap.add_argument("--png", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "pacbed_bandpass.png")
     args = ap.parse_args(argv)
     import matplotlib
 

@@ -12,7 +12,7 @@ from stemlive.simulate.cli import default_library_path
 from stemlive.simulate.train_cli import SHIPPED
 
 DOSES = (2.3e7, 4.7e7, 2.3e8)
-CACHE = Path(".bench-cache") / "pacbed"
+CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "pacbed"
 ALPHAS = {p.alpha_mrad: (name, p) for name, p in SHIPPED}
 
 

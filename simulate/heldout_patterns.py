@@ -12,13 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..models import canonical
 from .library import PacbedLibrary
-from .pacbed_data import Augment, PacbedSampler
+from .pacbed_data import Augment, PacbedSampler, sample_heldout
 
-CHUNK = 64
 RAW_MISALIGNMENT = dict(shift_px=5.0, scale=0.2, rotation_deg=45.0)
 
 
@@ -31,13 +29,7 @@ def heldout_raw_patterns(library: str | Path | PacbedLibrary, n: int, dose: floa
     lib = library if isinstance(library, PacbedLibrary) else PacbedLibrary.load(library)
     sampler = PacbedSampler(lib, holdout_fraction, seed=sampler_seed)
     aug = replace(aug or Augment(), **RAW_MISALIGNMENT)
-    # chunks of 64: the sampler draws detector binning, PSF and inelastic blur once per batch
-    labs = []
-    for i in range(0, n, CHUNK):
-        g = torch.Generator().manual_seed(seed * 100_003 + i)
-        labs.append(sampler.sample(min(CHUNK, n - i), g, aug, split="heldout", dose=dose,
-                                   subtract_background=False)[1])
-    lab = {k: torch.cat([b[k] for b in labs]) for k in labs[0]}
+    _, lab = sample_heldout(sampler, n, seed, aug, dose=dose, subtract_background=False)
     c = (canonical.PIXELS - 1) / 2
     rot = lab["rotation_deg"].numpy().astype(float)
     tilt = lab["tilt_mrad"].numpy().astype(float)

@@ -276,3 +276,19 @@ class PacbedSampler:
                   "background_total": b_total, "counts": counts, "center_offset_px": centre,
                   "radius_ratio": 1 / scale, "rotation_deg": theta}
         return x, labels
+
+
+VALIDATION_CHUNK = 64
+
+
+def sample_heldout(sampler: PacbedSampler, n: int, seed: int, aug: Augment, **kw) -> tuple[torch.Tensor, dict]:
+    """``n`` held-out samples drawn in chunks of 64 (the sampler draws detector binning, PSF and
+    inelastic blur once per call, so one big call would give a whole set one value of each).
+    The same ``seed`` gives the same patterns at another dose, with other noise."""
+    xs, labs = [], []
+    for i in range(0, n, VALIDATION_CHUNK):
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        x, lab = sampler.sample(min(VALIDATION_CHUNK, n - i), g, aug, split="heldout", **kw)
+        xs.append(x)
+        labs.append(lab)
+    return torch.cat(xs), {k: torch.cat([b[k] for b in labs]) for k in labs[0]}

@@ -15,7 +15,7 @@ import torch
 
 from ..models import canonical
 from .library import PacbedLibrary
-from .pacbed_data import ALIGN_AUGMENT, PacbedSampler
+from .pacbed_data import ALIGN_AUGMENT, PacbedSampler, sample_heldout
 from .train_config import TrainConfig
 from .trainer import fit, make_card, publish
 
@@ -63,10 +63,11 @@ def train_align(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: Tr
     aug = ALIGN_AUGMENT
     torch.manual_seed(cfg.seed)
     model = PacbedAlignNet(width=cfg.width)
-    gval = torch.Generator().manual_seed(20_000 + cfg.seed)
     val = []
-    for label, a in (("first step", aug), ("converging", replace(aug, shift_px=0.5, scale=0.02, rotation_deg=2.0))):
-        x, lab = sampler.sample(cfg.val_samples, gval, a, split="heldout", dose=VAL_DOSE, subtract_background=False,
+    for k, (label, a) in enumerate((("first step", aug),
+                                    ("converging", replace(aug, shift_px=0.5, scale=0.02, rotation_deg=2.0)))):
+        seed = 20_000 + 10 * cfg.seed + k
+        x, lab = sample_heldout(sampler, cfg.val_samples, seed, a, dose=VAL_DOSE, subtract_background=False,
                                 window_alpha=canonical.ALIGN_WINDOW_ALPHA)
         lab.pop("counts")
         val.append((label, (x, lab)))

@@ -13,7 +13,7 @@ import torch
 from ..models import canonical
 from ..models.pacbed_estimate import estimate
 from .library import PacbedLibrary
-from .pacbed_data import Augment, PacbedSampler, normalise_torch
+from .pacbed_data import Augment, PacbedSampler, normalise_torch, sample_heldout
 from .train_config import TrainConfig
 from .trainer import fit, make_card, publish
 
@@ -100,8 +100,8 @@ def train_pacbed(library: Path, out_dir: Path, name: str, work_dir: Path, cfg: T
     model = PacbedThicknessTiltNet(width=cfg.width, n_thickness=len(thickness_bins), n_tilt=len(tilt_bins))
     val = []
     for dose in VAL_DOSES:  # the same patterns and misalignments at each dose, only the noise differs
-        gval = torch.Generator().manual_seed(10_000 + cfg.seed)
-        _, lab = sampler.sample(cfg.val_samples, gval, aug, split="heldout", dose=dose, subtract_background=False)
+        _, lab = sample_heldout(sampler, cfg.val_samples, 10_000 + cfg.seed, aug, dose=dose,
+                                subtract_background=False)
         val.append((dose, (lab.pop("counts"), lab)))
 
     def loss_fn(out, lab):

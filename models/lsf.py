@@ -136,11 +136,9 @@ class LsfAnalyzer:
             r, c, rad, rot = self._best_geometry(arr, rots, flip, mask)
         return (r, c, rad, rot)
 
-    def _search(self, arr, geom, flips, mask=None):
+    def _search(self, arr, geom, flips):
         """Best (flip, tilt index, thickness index) for one geometry over the fine library."""
         s = self._score(self._crops(arr, [geom], flips), self.fine)
-        if mask is not None:
-            s = np.where(mask[None], s, -np.inf)
         f, ti, ki = np.unravel_index(int(np.argmax(s)), s.shape)
         return flips[f], ti, ki
 

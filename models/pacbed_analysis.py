@@ -222,10 +222,10 @@ class PacbedAnalyzer:
         for k, i in enumerate(good):
             r, c, rad, rot = states[k]
             tilt_c = np.array([t0[k], t1[k]])
-            tilt_d = _rotate(tilt_c, -rot)
-            rm = canonical.rotation_matrix(-rot)
+            rm = canonical.rotation_matrix(-rot)  # crystal frame -> detector frame
+            tilt_d = rm @ tilt_c
             cov = rm @ np.diag([s0[k] ** 2, s1[k] ** 2]) @ rm.T
-            scale = (rad / canonical.ALPHA_PX) ** 2  # raw pixels per canonical pixel
+            scale = (rad / canonical.ALPHA_PX) ** 2  # raw pixels per canonical pixel of the crops
             flags = self._flags(arrays[k], coarse[k][:2], coarse[k][2], out, k)
             if "vacuum" in flags:  # nothing for the alignment network to lock on to
                 r, c, rad = coarse[k][:3]

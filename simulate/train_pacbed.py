@@ -57,8 +57,9 @@ def evaluate(model, val: list, iterations: int, thickness_bins: np.ndarray, tilt
         for dose, (counts, lab) in val:
             p = predict(model, counts, iterations)
             th, th_sig = estimate(p["thickness_prob"], thickness_bins)
-            tilt = np.stack([estimate(p[f"tilt{i}_prob"], tilt_bins)[0] for i in (0, 1)], axis=1)
-            tilt_sig = np.stack([estimate(p[f"tilt{i}_prob"], tilt_bins)[1] for i in (0, 1)], axis=1)
+            per_axis = [estimate(p[f"tilt{i}_prob"], tilt_bins) for i in (0, 1)]
+            tilt = np.stack([e for e, _ in per_axis], axis=1)
+            tilt_sig = np.stack([sg for _, sg in per_axis], axis=1)
             dt = np.abs(th - lab["thickness_nm"].numpy())
             dtilt = np.abs(tilt - lab["tilt_mrad"].numpy())
             thick10 = lab["thickness_nm"].numpy() >= 10

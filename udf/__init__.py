@@ -1,1 +1,6 @@
 """LiberTEM UDFs of stemlive (reductions only: per-block PACBED sums, virtual detectors)."""
+from .block_grid import BlockGrid
+from .block_pacbed import BlockPacbedUDF
+from .virtual_detector import VirtualDetectorUDF
+
+__all__ = ["BlockGrid", "BlockPacbedUDF", "VirtualDetectorUDF"]

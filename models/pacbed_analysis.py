@@ -24,6 +24,8 @@ from .coarse_align import coarse_disk, coarse_disks_fast, validate_pattern
 from .pacbed_estimate import estimate, top_classes
 
 ALIGN_TASK, THICKNESS_TILT_TASK = "pacbed-align", "pacbed-thickness-tilt"
+# every flag an estimate can carry (stores keep them as bits in this order)
+FLAGS = ("vacuum", "not-on-zone", "thickness-at-range-edge", "low-confidence", "saturated")
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 A PACBED is the probe-position average over whole unit cells; summing the frames of a scan
 block gives one per block, which the networks then read.  The sums are order-independent, so
-partitions may finish in any order; integer frames arrive as float32 (LiberTEM's default input
-dtype) and each tile is summed in float64 before it is added, so nothing overflows.
+partitions may finish in any order; frames arrive in their native type (e.g. uint16) and each
+tile is cast to float64, summed, then added to the float32 sums, so nothing overflows.
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ class BlockPacbedUDF(UDF):
         if len(nav) != 2:
             raise ValueError(f"BlockPacbedUDF needs a 2D scan, the dataset's navigation shape is {nav}")
         return BlockGrid(nav, self.params.block)
+
+    def get_preferred_input_dtype(self):
+        """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
+        return self.USE_NATIVE_DTYPE
 
     def get_result_buffers(self):
         grid = self._grid()

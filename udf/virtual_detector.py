@@ -83,6 +83,10 @@ class VirtualDetectorUDF(UDF):
             mpp = p.alpha_mrad / radius
         return RingScale(radius_px=radius, mrad_per_px=mpp)
 
+    def get_preferred_input_dtype(self):
+        """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
+        return self.USE_NATIVE_DTYPE
+
     def get_result_buffers(self):
         nb = n_bins_for(self._sig(), self.params.bin_px)
         bufs = {

@@ -1,0 +1,243 @@
+"""`BlockEngine`: from UDF partial results to analysed, stored and published blocks.
+
+The acquisition loop hands every `run_udf_iter` result to :meth:`BlockEngine.on_result`, which
+only compares frame counts with what each block expects, copies the sums of newly completed
+blocks and the radial bins of newly arrived frames, and queues them -- a few milliseconds, so
+frame ingest never waits for a network.  One worker thread analyses the queued blocks in
+batches (each exactly once), evaluates the virtual rings, writes the store and publishes.
+The first analysed block calibrates the disk centre (and size, unless ``mrad_per_px`` was
+given); the loop passes the centre to the VirtualDetectorUDF (`take_calibration`).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..udf.block_grid import BlockGrid
+from ..udf.radial_bins import DEFAULT_RINGS, RingScale, ring_signal
+from .publisher import Publisher
+from .state import LiveState
+from .store import MAP_FIELDS, ResultStore, estimate_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """Disk centre and radius on the detector, from the first analysed block (or given)."""
+
+    center_px: tuple[float, float]
+    radius_px: float
+    source: str
+
+
+@dataclass
+class EngineStats:
+    ingest_s: list = field(default_factory=list)  # time on_result took, per result
+    block_delay_s: list = field(default_factory=list)  # block complete -> stored and published
+    batches: int = 0
+
+
+class BlockEngine:
+    def __init__(self, grid: BlockGrid, analyzer, state: LiveState, store: ResultStore | None = None,
+                 publisher: Publisher | None = None, *, roi: np.ndarray | None = None,
+                 alpha_mrad: float, mrad_per_px: float | None = None, center_px: tuple[float, float] | None = None,
+                 rings: dict | None = None, bin_px: float = 0.5, batch: int = 64):
+        self.grid = grid
+        self.analyzer = analyzer
+        self.state = state
+        self.store = store
+        self.publisher = publisher
+        self.expected = grid.expected_counts(roi)
+        self.partial = grid.partial()
+        self.alpha_mrad = alpha_mrad
+        self.mrad_per_px = mrad_per_px
+        self.rings = dict(rings or DEFAULT_RINGS)
+        self.bin_px = bin_px
+        self.batch = batch
+        self.stats = EngineStats()
+        self.calibration: Calibration | None = None
+        self.given_center = center_px
+        self._calibration_pending: Calibration | None = None
+        self._queued = np.zeros(grid.shape, bool)
+        self._frames_seen = np.zeros(grid.scan_shape, bool)
+        self._radial = self._dipole = self._center_used = None
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._t0 = time.perf_counter()
+        self._worker = threading.Thread(target=self._work, name="stemlive-engine", daemon=True)
+        self._worker.start()
+
+    # -- ingest side (the acquisition loop) ------------------------------------------------
+    def on_result(self, blocks: dict, virtual: dict | None, damage: np.ndarray) -> None:
+        """Queue newly completed blocks and newly arrived frames; cheap, never waits."""
+        t = time.perf_counter()
+        if self._error is not None:
+            raise RuntimeError(f"analysis failed: {self._error}") from self._error
+        counts = np.asarray(blocks["counts"])
+        new = (counts >= self.expected) & (self.expected > 0) & ~self._queued
+        if new.any():
+            idx = np.argwhere(new)
+            self._queued[new] = True
+            pac = np.asarray(blocks["pacbed"])
+            self._queue.put(("blocks", idx, pac[new].copy(), counts[new].copy(), time.perf_counter()))
+        if virtual is not None:
+            damage = np.asarray(damage, bool).reshape(self.grid.scan_shape)
+            fresh = damage & ~self._frames_seen
+            if fresh.any():
+                self._frames_seen |= fresh
+                self._queue.put(("frames", fresh, np.asarray(virtual["radial"])[fresh].copy(),
+                                 np.asarray(virtual["dipole"])[fresh].copy(),
+                                 np.asarray(virtual["center_used"])[fresh].copy()))
+        seen = int(self._frames_seen.sum()) if virtual is not None else int(counts.sum())
+        elapsed = time.perf_counter() - self._t0
+        self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
+        self.stats.ingest_s.append(time.perf_counter() - t)
+
+    def take_calibration(self) -> Calibration | None:
+        """The calibration found since the last call (once), for update_parameters_experimental."""
+        cal, self._calibration_pending = self._calibration_pending, None
+        return cal
+
+    # -- worker side -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if item[0] == "blocks":
+                    items = [item]
+                    while len(items) < 4:  # coalesce what is waiting into one batch
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is None or nxt[0] != "blocks":
+                            self._dispatch_rest(nxt)
+                            break
+                        items.append(nxt)
+                    self._analyse(items)
+                else:
+                    self._frames(*item[1:])
+            except BaseException as exc:  # surfaced to the acquisition loop by on_result/close
+                log.exception("engine worker failed")
+                self._error = exc
+                return
+
+    def _dispatch_rest(self, item) -> None:
+        if item is None:
+            self._queue.put(None)
+        else:
+            self._frames(*item[1:])
+
+    def _analyse(self, items) -> None:
+        idx = np.concatenate([it[1] for it in items])
+        sums = np.concatenate([it[2] for it in items])
+        counts = np.concatenate([it[3] for it in items])
+        t_complete = [t for it in items for t in [it[4]] * len(it[1])]
+        for lo in range(0, len(idx), self.batch):
+            sl = slice(lo, lo + self.batch)
+            means = sums[sl] / counts[sl, None, None]
+            estimates = self.analyzer.analyze(means) if self.analyzer is not None else [None] * len(means)
+            part = self.partial[idx[sl, 0], idx[sl, 1]]
+            rows = [estimate_row(e, p) for e, p in zip(estimates, part)]
+            arrays = {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS}
+            if self.store is not None:
+                self.store.write_blocks(idx[sl], sums[sl], counts[sl], estimates, part, int(self._frames_seen.sum()))
+            seq = self.state.apply_blocks(idx[sl], arrays, sums[sl], counts[sl], part)
+            if self.publisher is not None:
+                self.publisher.blocks(seq, idx[sl], arrays)
+            now = time.perf_counter()
+            self.stats.block_delay_s.extend(now - t for t in t_complete[sl])
+            self.stats.batches += 1
+            if self.calibration is None:
+                self._calibrate(estimates)
+
+    def _calibrate(self, estimates) -> None:
+        good = [e for e in estimates if e is not None and e.error is None and e.center_px is not None]
+        if not good:
+            return
+        center = tuple(float(v) for v in np.median([e.center_px for e in good], axis=0))
+        if self.given_center is not None:
+            center = tuple(self.given_center)
+        radius = (self.alpha_mrad / self.mrad_per_px if self.mrad_per_px
+                  else float(np.median([e.radius_px for e in good])))
+        self.calibration = Calibration(center, radius, "given" if self.given_center else "first analysed block")
+        self._calibration_pending = self.calibration
+        self.state.meta["calibration"] = {"center_px": list(center), "radius_px": radius,
+                                          "source": self.calibration.source}
+        self._recompute_virtual()
+
+    def _ring_scale(self) -> RingScale | None:
+        if self.calibration is not None:
+            return RingScale(radius_px=self.calibration.radius_px, mrad_per_px=self.mrad_per_px
+                             or self.alpha_mrad / self.calibration.radius_px)
+        if self.mrad_per_px:
+            return RingScale(radius_px=self.alpha_mrad / self.mrad_per_px, mrad_per_px=self.mrad_per_px)
+        return None
+
+    def _ensure_frame_arrays(self, nb: int) -> None:
+        if self._radial is None:
+            n = int(np.prod(self.grid.scan_shape))
+            self._radial = np.zeros((n, nb), np.float32)
+            self._dipole = np.zeros((n, nb, 2), np.float32)
+            self._center_used = np.full((n, 2), np.nan, np.float32)
+            self._have = np.zeros(n, bool)
+
+    def _frames(self, mask, radial, dipole, center_used) -> None:
+        self._ensure_frame_arrays(radial.shape[-1])
+        flat = np.flatnonzero(mask.ravel())
+        self._radial[flat], self._dipole[flat], self._center_used[flat] = radial, dipole, center_used
+        self._have[flat] = True
+        self._publish_virtual(flat)
+
+    def _recompute_virtual(self) -> None:
+        if self._radial is not None:
+            self._publish_virtual(np.flatnonzero(self._have))
+
+    def _publish_virtual(self, flat: np.ndarray) -> None:
+        scale = self._ring_scale()
+        if scale is None or flat.size == 0:
+            return
+        shift = None
+        if self.calibration is not None:
+            shift = np.asarray(self.calibration.center_px) - self._center_used[flat].astype(np.float64)
+        images = {}
+        for name, (inner, outer, unit) in self.rings.items():
+            vals = ring_signal(self._radial[flat], self._dipole[flat], scale.to_px(inner, unit),
+                               scale.to_px(outer, unit), self.bin_px, shift).astype(np.float32)
+            img = self.state.virtual[name].copy()
+            img.ravel()[flat] = vals
+            images[name] = img
+        r0, r1 = flat.min() // self.grid.scan_shape[1], flat.max() // self.grid.scan_shape[1] + 1
+        rows = slice(int(r0), int(r1))
+        seq = self.state.apply_virtual(rows, {k: v[rows] for k, v in images.items()})
+        if self.publisher is not None:
+            self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
+        if self.store is not None:
+            self.store.write_virtual(images, int(self._frames_seen.sum()))
+
+    # -- end -------------------------------------------------------------------------------
+    def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0) -> None:
+        """Analyse what is queued, then close the store with ``state`` and the reason."""
+        self._queue.put(None)
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            reason = (reason + "; " if reason else "") + f"analysis did not finish within {timeout:.0f} s"
+            state = "aborted"
+        if self._error is not None and state == "complete":
+            state, reason = "aborted", f"analysis failed: {self._error}"
+        missing = int((~self.state.done & (self.expected > 0)).sum())
+        if state == "complete" and missing:
+            state, reason = "aborted", f"{missing} blocks never completed"
+        status = self.state.update_status(state=state, reason=reason)
+        if self.publisher is not None:
+            self.publisher.status(status)
+        if self.store is not None:
+            self.store.finish(state, reason)

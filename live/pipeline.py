@@ -1,0 +1,198 @@
+"""One acquisition through the UDFs, the engine, the store and the publisher -- live or replayed.
+
+`run_pipeline` is the single code path behind `stemlive live`, `stemlive replay` and
+`stemlive demo`: a LiberTEM(-live) Context runs `BlockPacbedUDF` and `VirtualDetectorUDF` with
+`run_udf_iter`, every partial result goes to the `BlockEngine`, and the disk centre found on the
+first analysed block reaches the VirtualDetectorUDF through `update_parameters_experimental`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..udf import BlockGrid, BlockPacbedUDF, VirtualDetectorUDF
+from ..udf.radial_bins import DEFAULT_RINGS
+from .engine import BlockEngine
+from .publisher import Publisher
+from .state import LiveState
+from .store import ResultStore, StoreLayout
+
+log = logging.getLogger(__name__)
+
+# in-plane unit cell of the zone axes the shipped models cover [nm]: a block must span one
+UNIT_CELL_NM = {("SrTiO3", "[001]"): 0.3905}
+
+
+class AcquisitionError(RuntimeError):
+    """The acquisition could not be completed; the store says so (state aborted, reason)."""
+
+
+@dataclass
+class Settings:
+    """Everything about one run that does not come from the data."""
+
+    block: tuple[int, int]
+    alpha_mrad: float
+    kv: float
+    out: Path
+    mrad_per_px: float | None = None
+    scan_step_nm: float | None = None
+    scan_rotation_deg: float = 0.0
+    center_px: tuple[float, float] | None = None
+    models_dir: Path | None = None
+    backend: str = "auto"
+    rings: dict = field(default_factory=lambda: dict(DEFAULT_RINGS))
+    pub: str | None = "tcp://127.0.0.1:5557"
+    rep: str | None = "tcp://127.0.0.1:5558"
+    overwrite: bool = False
+    stall_timeout_s: float = 30.0  # no new frames for this long: the detector has stopped
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    state: str
+    reason: str
+    frames: int
+    blocks_done: int
+    blocks_total: int
+    wall_s: float
+    ingest_ms_median: float
+    ingest_ms_max: float
+    block_delay_ms_median: float
+
+
+def load_analyzer(settings: Settings):
+    from ..models.pacbed_analysis import PacbedAnalyzer
+    from ..models.cards import SHIPPED_DIR
+
+    return PacbedAnalyzer.for_acquisition(settings.kv, settings.alpha_mrad, settings.models_dir or SHIPPED_DIR,
+                                          backend=settings.backend)
+
+
+def check_block_size(settings: Settings, analyzer) -> str | None:
+    """A warning when a block cannot span one unit cell at this scan step (its PACBED is then biased)."""
+    if settings.scan_step_nm is None:
+        return None
+    tr = analyzer.cards[-1].data.get("training", {})
+    cell = UNIT_CELL_NM.get((tr.get("material"), tr.get("zone")))
+    if cell is None:
+        return None
+    span = [b * settings.scan_step_nm for b in settings.block]
+    if min(span) < cell:
+        return (f"block {settings.block[0]}×{settings.block[1]} at {settings.scan_step_nm:g} nm per step spans "
+                f"{span[0]:.3f}×{span[1]:.3f} nm, less than one {tr.get('material')} {tr.get('zone')} unit cell "
+                f"({cell} nm): its PACBED does not average the probe over the cell")
+    return None
+
+
+def make_udfs(settings: Settings) -> list:
+    # rings={} : the engine evaluates the rings incrementally; the UDF only records radial bins
+    return [BlockPacbedUDF(block=settings.block), VirtualDetectorUDF(center=settings.center_px, rings={})]
+
+
+def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = None, source: str = "",
+                 analyzer=None) -> RunSummary:
+    """Run one acquisition (or recorded dataset) to the end; the store is closed honestly either way."""
+    t0 = time.perf_counter()
+    scan_shape = tuple(int(v) for v in dataset.shape.nav)
+    sig_shape = tuple(int(v) for v in dataset.shape.sig)
+    if len(scan_shape) != 2:
+        raise ValueError(f"a 2D scan is needed, the dataset's scan shape is {scan_shape} (give --scan-shape)")
+    grid = BlockGrid(scan_shape, settings.block)
+    analyzer = analyzer if analyzer is not None else load_analyzer(settings)
+    warning = check_block_size(settings, analyzer)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings))
+    cards = [c.data for c in analyzer.cards]
+    store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
+                               mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
+                               scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
+                               source=source, overwrite=settings.overwrite)
+    meta = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
+            "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
+            "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings}
+    state = LiveState(layout, meta)
+    publisher = None
+    if settings.pub and settings.rep:
+        publisher = Publisher(state, settings.pub, settings.rep)
+        state.meta["pub"], state.meta["rep"] = publisher.pub_address, publisher.rep_address
+    engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
+                         mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings)
+    final, reason = "aborted", "not started"
+    try:
+        _iterate(ctx, dataset, settings, engine, roi, grid)
+        final, reason = "complete", ""
+    except KeyboardInterrupt:
+        final, reason = "aborted", "interrupted (Ctrl-C)"
+        raise
+    except Exception as exc:
+        final, reason = "aborted", f"{type(exc).__name__}: {exc}"
+        raise AcquisitionError(reason) from exc
+    finally:
+        engine.close(final, reason)
+        if publisher is not None:
+            time.sleep(0.05)  # let the last status message leave
+            publisher.close()
+    st = state.status
+    ing = np.asarray(engine.stats.ingest_s) * 1e3
+    dly = np.asarray(engine.stats.block_delay_s) * 1e3
+    summary = RunSummary(Path(settings.out), st["state"], st["reason"], int(st["frames_seen"]), int(st["blocks_done"]),
+                         int(st["blocks_total"]), time.perf_counter() - t0,
+                         float(np.median(ing)) if ing.size else 0.0, float(ing.max()) if ing.size else 0.0,
+                         float(np.median(dly)) if dly.size else 0.0)
+    if summary.state != "complete":
+        raise AcquisitionError(summary.reason)
+    return summary
+
+
+def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid) -> None:
+    """The acquisition loop, watched: no new result for ``stall_timeout_s`` is a stopped detector."""
+    from tqdm import tqdm
+
+    total = int(np.prod(grid.scan_shape)) if roi is None else int(np.count_nonzero(roi))
+    bar = tqdm(total=total, unit="frame", disable=not settings.progress, desc="frames", smoothing=0.1)
+    results: list = []
+    box: dict = {}
+    last = [time.monotonic()]
+    done = threading.Event()
+
+    def consume():
+        try:
+            it = ctx.run_udf_iter(dataset=dataset, udf=make_udfs(settings), roi=roi)
+            for res in it:
+                blocks, virtual = res.buffers[0], res.buffers[1]
+                engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},
+                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used")},
+                                 res.damage.data)
+                last[0] = time.monotonic()
+                n = int(np.count_nonzero(res.damage.data))
+                bar.update(n - bar.n)
+                cal = engine.take_calibration()
+                if cal is not None and settings.center_px is None:
+                    it.update_parameters_experimental([{}, {"center": cal.center_px}])
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=consume, name="stemlive-acquisition", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(0.2):
+            if time.monotonic() - last[0] > settings.stall_timeout_s:
+                raise AcquisitionError(
+                    f"no frames for {settings.stall_timeout_s:.0f} s after {bar.n} of {total}: "
+                    "the detector stopped or the stream broke")
+    finally:
+        bar.close()
+    if "error" in box:
+        raise box["error"]

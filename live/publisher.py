@@ -1,0 +1,93 @@
+"""`Publisher`: ZMQ PUB of each analysed block batch, and a REP socket for late joiners.
+
+PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values), ``virtual``
+(rows of the virtual images), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
+full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
+Both sockets bind 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+import zmq
+
+from .state import LiveState
+from .wire import encode
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, state: LiveState, pub: str = "tcp://127.0.0.1:5557", rep: str = "tcp://127.0.0.1:5558",
+                 context: zmq.Context | None = None):
+        self.state = state
+        self.ctx = context or zmq.Context.instance()
+        self._pub = self.ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 1000)  # a slow subscriber loses messages, never stalls us
+        self.pub_address = self._bind(self._pub, pub)
+        self._rep = self.ctx.socket(zmq.REP)
+        self._rep.setsockopt(zmq.LINGER, 0)
+        self.rep_address = self._bind(self._rep, rep)
+        self._pub_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="stemlive-rep", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _bind(sock, address: str) -> str:
+        """Bind; port 0 means any free port. Returns the address actually bound."""
+        if address.endswith(":0"):
+            port = sock.bind_to_random_port(address[: address.rindex(":")])
+            return f"{address[: address.rindex(':')]}:{port}"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            raise OSError(f"cannot bind {address}: {exc} (is another stemlive running? choose another port)") from None
+        return address
+
+    def send(self, header: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        with self._pub_lock:
+            self._pub.send_multipart(encode(header, arrays), copy=False)
+
+    def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        self.send({"type": "blocks", "seq": seq}, {"indices": np.asarray(indices, np.int32),
+                                                   **{f"maps/{k}": v for k, v in rows.items()}})
+
+    def virtual(self, seq: int, rows: slice, images: dict[str, np.ndarray]) -> None:
+        self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop]},
+                  {f"virtual/{k}": v for k, v in images.items()})
+
+    def status(self, status: dict) -> None:
+        self.send({"type": "status", "status": status})
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._rep, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not dict(poller.poll(100)):
+                continue
+            raw = self._rep.recv_multipart()
+            try:
+                req = json.loads(raw[0])
+                kind = req.get("type")
+                if kind == "state":
+                    header, arrays = self.state.full_state()
+                elif kind == "pacbed":
+                    i, j = (int(v) for v in req["block"])
+                    header, arrays = self.state.block_pacbed(i, j)
+                else:
+                    raise ValueError(f"unknown request type {kind!r}; use 'state' or 'pacbed'")
+                reply = encode(header, arrays)
+            except Exception as exc:  # a bad request gets an error reply, never kills the server
+                reply = encode({"type": "error", "error": f"{type(exc).__name__}: {exc}"})
+            self._rep.send_multipart(reply, copy=False)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._pub.close()
+        self._rep.close()

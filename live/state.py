@@ -1,0 +1,83 @@
+"""`LiveState`: the acquisition's current results in memory, shared by engine and publisher.
+
+The engine writes analysed blocks and virtual images into it; the publisher's REP thread reads
+it to answer "full state" and "PACBED of block (i, j)" for a dashboard that connects late.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from .store import MAP_FIELDS, STORE_FLAGS, StoreLayout
+
+
+class LiveState:
+    def __init__(self, layout: StoreLayout, meta: dict):
+        ny, nx = layout.grid_shape
+        self.layout = layout
+        self.meta = dict(meta)  # alpha, kv, calibration, models: sent with every full state
+        self.lock = threading.Lock()
+        self.maps = {k: np.full((ny, nx, *trail), fill, dtype) for k, (trail, dtype, fill) in MAP_FIELDS.items()}
+        self.done = np.zeros((ny, nx), bool)
+        self.partial = np.zeros((ny, nx), bool)
+        self.counts = np.zeros((ny, nx), np.int64)
+        self.pacbed = np.zeros((ny, nx, *layout.sig_shape), np.float32)
+        self.virtual = {n: np.full(layout.scan_shape, np.nan, np.float32) for n in layout.virtual}
+        self.status = {"state": "running", "frames_seen": 0, "frames_total": int(np.prod(layout.scan_shape)),
+                       "blocks_done": 0, "blocks_total": ny * nx, "frames_per_s": 0.0,
+                       "blocks_dropped": 0, "frames_dropped": 0, "started": time.time(), "reason": ""}
+        self.seq = 0  # increases with every change; lets a subscriber see what it missed
+
+    def apply_blocks(self, indices: np.ndarray, rows: dict[str, np.ndarray], pacbed: np.ndarray,
+                     counts: np.ndarray, partial: np.ndarray) -> int:
+        with self.lock:
+            ii, jj = np.asarray(indices).T
+            for k, v in rows.items():
+                self.maps[k][ii, jj] = v
+            self.pacbed[ii, jj] = pacbed
+            self.counts[ii, jj] = counts
+            self.partial[ii, jj] = partial
+            self.done[ii, jj] = True
+            self.status["blocks_done"] = int(self.done.sum())
+            self.seq += 1
+            return self.seq
+
+    def apply_virtual(self, rows: slice, images: dict[str, np.ndarray]) -> int:
+        with self.lock:
+            for n, img in images.items():
+                self.virtual[n][rows] = img
+            self.seq += 1
+            return self.seq
+
+    def update_status(self, **kw) -> dict:
+        with self.lock:
+            self.status.update(kw)
+            return dict(self.status)
+
+    def full_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Header + arrays of everything a dashboard shows (not the PACBEDs: those on request)."""
+        with self.lock:
+            arrays = {f"maps/{k}": v.copy() for k, v in self.maps.items()}
+            arrays.update({f"virtual/{k}": v.copy() for k, v in self.virtual.items()})
+            arrays["blocks/done"] = self.done.copy()
+            arrays["blocks/partial"] = self.partial.copy()
+            arrays["blocks/counts"] = self.counts.copy()
+            header = {"type": "state", "seq": self.seq, "status": dict(self.status), "meta": self.meta,
+                      "scan_shape": list(self.layout.scan_shape), "block_shape": list(self.layout.block_shape),
+                      "flag_names": list(STORE_FLAGS)}
+        return header, arrays
+
+    def block_pacbed(self, i: int, j: int) -> tuple[dict, dict[str, np.ndarray]]:
+        """The mean PACBED of block (i, j) and its estimates; a ValueError if out of the grid."""
+        ny, nx = self.layout.grid_shape
+        if not (0 <= i < ny and 0 <= j < nx):
+            raise ValueError(f"block ({i}, {j}) is outside the {ny}×{nx} block grid")
+        with self.lock:
+            n = int(self.counts[i, j])
+            mean = self.pacbed[i, j] / max(n, 1)
+            est = {k: np.asarray(v[i, j]).tolist() for k, v in self.maps.items()}
+            header = {"type": "pacbed", "block": [i, j], "done": bool(self.done[i, j]), "frames": n,
+                      "estimate": est, "meta": self.meta}
+        return header, {"pacbed": mean.astype(np.float32)}

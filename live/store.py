@@ -1,0 +1,210 @@
+"""`ResultStore`: one HDF5 file per acquisition, pre-allocated and written block by block.
+
+Layout and attributes are DESIGN.md's ("Contracts").  Crash behaviour comes from how it is
+written: every dataset is contiguous and filled (NaN / zeros) when the file is created, so a
+block's write touches raw data only, never HDF5 metadata; the file is opened for each batch of
+blocks and closed again, without file locking, so plain ``h5py.File(path, "r")`` reads it at any
+time during the run and after.  A fault or Ctrl-C closes it with ``state`` = "aborted" and the
+reason; a killed process leaves ``state`` = "running" with ``/progress`` showing when it last
+wrote -- every completed block is in the file either way.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from ..models.pacbed_analysis import FLAGS, PacbedEstimate
+
+STORE_SCHEMA = 1
+STORE_FLAGS = FLAGS + ("error", "partial")  # bit i of /maps/flags = STORE_FLAGS[i]
+STATES = ("running", "complete", "aborted")
+
+# name -> (trailing shape, dtype, fill) of the per-block maps
+MAP_FIELDS = {
+    "thickness_nm": ((), np.float32, np.nan),
+    "thickness_sigma_nm": ((), np.float32, np.nan),
+    "tilt_mrad": ((2,), np.float32, np.nan),
+    "tilt_sigma_mrad": ((2,), np.float32, np.nan),
+    "tilt_crystal_mrad": ((2,), np.float32, np.nan),
+    "center_px": ((2,), np.float32, np.nan),
+    "radius_px": ((), np.float32, np.nan),
+    "rotation_deg": ((), np.float32, np.nan),
+    "background": ((), np.float32, np.nan),
+    "in_range": ((), np.int8, -1),  # -1 not analysed, 0 no, 1 yes
+    "flags": ((), np.uint32, 0),
+}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What a store is pre-allocated for."""
+
+    scan_shape: tuple[int, int]
+    block_shape: tuple[int, int]
+    sig_shape: tuple[int, int]
+    virtual: tuple[str, ...] = ("bf", "abf", "adf", "haadf")
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(-(-s // b) for s, b in zip(self.scan_shape, self.block_shape))
+
+
+def flag_bits(flags: Sequence[str]) -> int:
+    """Bitmask of flag names (unknown names are an error: the store could not say them back)."""
+    bits = 0
+    for name in flags:
+        if name not in STORE_FLAGS:
+            raise ValueError(f"unknown flag {name!r}; the store knows {list(STORE_FLAGS)}")
+        bits |= 1 << STORE_FLAGS.index(name)
+    return bits
+
+
+def flag_names(bits: int) -> list[str]:
+    return [n for i, n in enumerate(STORE_FLAGS) if int(bits) >> i & 1]
+
+
+class ResultStore:
+    """Writer of one acquisition's results.  Use :meth:`create`, then write, then :meth:`finish`."""
+
+    def __init__(self, path: Path, layout: StoreLayout):
+        self.path = Path(path)
+        self.layout = layout
+        self.state = "running"
+
+    @classmethod
+    def create(cls, path: str | Path, layout: StoreLayout, *, alpha_mrad: float, kv: float,
+               mrad_per_px: float | None = None, scan_step_nm: float | None = None,
+               scan_rotation_deg: float = 0.0, models: Sequence[dict] = (), rings: dict | None = None,
+               source: str = "", overwrite: bool = False) -> "ResultStore":
+        """Create and pre-allocate the file (refuses to replace an existing one unless ``overwrite``)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; choose another --out or remove it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ny, nx = layout.grid_shape
+        sy, sx = layout.scan_shape
+        tmp = path.with_name(path.name + ".creating")
+        with h5py.File(tmp, "w", locking=False) as f:
+            a = f.attrs
+            a["schema"] = STORE_SCHEMA
+            a["scan_shape"] = np.asarray(layout.scan_shape, np.int64)
+            a["block_shape"] = np.asarray(layout.block_shape, np.int64)
+            a["alpha_mrad"] = float(alpha_mrad)
+            a["kv"] = float(kv)
+            a["mrad_per_px"] = np.nan if mrad_per_px is None else float(mrad_per_px)
+            a["scan_step_nm"] = np.nan if scan_step_nm is None else float(scan_step_nm)
+            a["scan_rotation_deg"] = float(scan_rotation_deg)
+            a["models"] = json.dumps(list(models))
+            a["rings"] = json.dumps(rings or {})
+            a["flag_names"] = json.dumps(list(STORE_FLAGS))
+            a["source"] = source
+            a["stemlive_version"] = version("stemlive")
+            a["started"] = _now()
+            a["finished"] = ""
+            a["state"] = "running"
+            a["reason"] = ""
+            for name, (trail, dtype, fill) in MAP_FIELDS.items():
+                f.create_dataset(f"maps/{name}", data=np.full((ny, nx, *trail), fill, dtype))
+            for name in layout.virtual:
+                f.create_dataset(f"virtual/{name}", data=np.full((sy, sx), np.nan, np.float32))
+            f.create_dataset("blocks/pacbed", data=np.zeros((ny, nx, *layout.sig_shape), np.float32))
+            f.create_dataset("blocks/counts", data=np.zeros((ny, nx), np.int64))
+            f.create_dataset("blocks/done", data=np.zeros((ny, nx), bool))
+            f.create_dataset("blocks/partial", data=np.zeros((ny, nx), bool))
+            # frames seen, blocks done, unix time of the last write: a reader can tell a stalled run
+            f.create_dataset("progress", data=np.array([0.0, 0.0, time.time()]))
+        tmp.replace(path)
+        return cls(path, layout)
+
+    def _open(self):
+        return h5py.File(self.path, "r+", locking=False)
+
+    def write_blocks(self, indices: np.ndarray, pacbed: np.ndarray, counts: np.ndarray,
+                     estimates: Sequence[PacbedEstimate], partial: np.ndarray, frames_seen: int) -> None:
+        """Write analysed blocks (their sums, counts and estimates) and mark them done."""
+        if self.state != "running":
+            raise RuntimeError(f"store {self.path} is closed ({self.state})")
+        indices = np.asarray(indices, np.int64).reshape(-1, 2)
+        values = {k: [] for k in MAP_FIELDS}
+        for est, part in zip(estimates, partial):
+            row = estimate_row(est, bool(part))
+            for k in MAP_FIELDS:
+                values[k].append(row[k])
+        with self._open() as f:
+            for n, (i, j) in enumerate(indices):
+                f["blocks/pacbed"][i, j] = pacbed[n]
+                f["blocks/counts"][i, j] = counts[n]
+                f["blocks/partial"][i, j] = partial[n]
+                for k in MAP_FIELDS:
+                    f[f"maps/{k}"][i, j] = values[k][n]
+                f["blocks/done"][i, j] = True  # last: a block marked done is whole
+            f["progress"][...] = [frames_seen, float(f["blocks/done"][()].sum()), time.time()]
+            f.flush()
+
+    def write_virtual(self, images: dict[str, np.ndarray], frames_seen: int | None = None) -> None:
+        """Replace the virtual images (scan grid, NaN where not scanned yet)."""
+        with self._open() as f:
+            for name, img in images.items():
+                if f"virtual/{name}" in f:
+                    f[f"virtual/{name}"][...] = img
+            if frames_seen is not None:
+                f["progress"][0] = frames_seen
+                f["progress"][2] = time.time()
+            f.flush()
+
+    def finish(self, state: str = "complete", reason: str = "") -> None:
+        """Close the acquisition: ``state`` complete or aborted (with the reason)."""
+        if state not in STATES[1:]:
+            raise ValueError(f"final state must be 'complete' or 'aborted', not {state!r}")
+        if self.state != "running":
+            return
+        with self._open() as f:
+            f.attrs["state"] = state
+            f.attrs["reason"] = reason
+            f.attrs["finished"] = _now()
+            f.flush()
+        self.state = state
+
+
+def estimate_row(est: PacbedEstimate | None, partial: bool) -> dict:
+    """One block's map values from its estimate (NaN / -1 and the error bit when it failed)."""
+    row = {k: np.full(trail, fill, dtype) for k, (trail, dtype, fill) in MAP_FIELDS.items()}
+    flags = ["partial"] if partial else []
+    if est is None or est.error is not None:
+        row["flags"] = np.uint32(flag_bits(flags + ["error"]))
+        return row
+    for k in ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_sigma_mrad", "tilt_crystal_mrad",
+              "center_px", "radius_px", "rotation_deg", "background"):
+        v = getattr(est, k)
+        if v is not None:
+            row[k] = np.asarray(v, MAP_FIELDS[k][1])
+    row["in_range"] = np.int8(1 if est.in_range else 0)
+    row["flags"] = np.uint32(flag_bits(list(est.flags) + flags))
+    return row
+
+
+def read_store(path: str | Path) -> dict:
+    """Everything in a store as numpy arrays and attributes (for the dashboard, reanalyse, tests)."""
+    out: dict = {"maps": {}, "virtual": {}, "blocks": {}}
+    with h5py.File(path, "r", locking=False) as f:
+        attrs = dict(f.attrs)
+        for k in ("models", "rings", "flag_names"):
+            attrs[k] = json.loads(attrs[k])
+        for group in ("maps", "virtual", "blocks"):
+            for name, ds in f[group].items():
+                out[group][name] = ds[()]
+        out["progress"] = f["progress"][()]
+    out["attrs"] = attrs
+    return out

@@ -13,12 +13,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"stemlive {version('stemlive')}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import demo
+    from . import commands, demo, simulator
     from ..simulate import cli as simulate_cli
     from ..simulate import train_cli
     from ..models import cli as models_cli
 
     demo.add_parser(sub)
+    commands.add_parsers(sub)
+    simulator.add_parser(sub)
     simulate_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
     models_cli.add_parsers(sub)

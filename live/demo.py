@@ -1,13 +1,15 @@
 """`stemlive demo`: the default end-to-end run on a CPU-only laptop.
 
-Until the live path lands (issue 4) the demo prepares what it will stream -- the synthetic
-SrTiO3 [001] wedge scan with a bent region, composed from the shipped position-resolved
-library with numpy alone and cached -- reports its ground truth, analyses its scan blocks
-offline with the shipped PACBED networks against that truth, and says what comes next.
+It composes (or reuses from the cache) the synthetic SrTiO3 [001] wedge scan with a bent
+region, serves it through the DECTRIS detector simulator (REST + ZMQ, LiberTEM-live's
+DectrisSim), acquires it with LiberTEM-live's real `dectris` connection, analyses each
+completed scan block with the shipped networks, writes the result store, publishes the blocks
+on ZMQ, and compares the maps with the scan's ground truth.  The dashboard joins with issue 5.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,18 +17,26 @@ import numpy as np
 
 PLAN = """stemlive demo
   1. compose (or reuse) a synthetic 4D-STEM scan: SrTiO3 [001], 200 kV, 13.6 mrad, a thickness
-     wedge with a bowl-shaped bent region, Poisson noise           [available]
-  2. stream it through the DECTRIS SIMPLON simulator into LiberTEM-live   [issue 4]
-  3. analyse each scan block with the shipped PACBED networks  [offline now; live: issue 4]
-  4. serve the maps on http://127.0.0.1:5006                              [issue 5]
+     wedge with a bowl-shaped bent region, Poisson noise
+  2. serve it as a DECTRIS detector (SIMPLON REST API + ZMQ stream, bslz4)
+  3. acquire it live with LiberTEM-live; per scan block: PACBED networks, virtual BF/ABF/ADF/HAADF
+  4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}); dashboard: issue 5
 """
 
 
 def add_parser(sub) -> None:
-    ap = sub.add_parser("demo", help="run the default demo (synthetic wedge scan; live path as it lands)")
+    ap = sub.add_parser("demo", help="the synthetic wedge scan through the simulator and the live path")
+    ap.add_argument("--headless", action="store_true", help="no dashboard: run, print progress, exit 0 when done")
+    ap.add_argument("--out", type=Path, default=None, help="result store (default: in the user cache)")
     ap.add_argument("--cache", type=Path, default=None, help="where the demo scan is cached (default: user cache)")
     ap.add_argument("--scan-shape", type=int, nargs=2, default=None, metavar=("H", "W"))
-    ap.add_argument("--block", type=int, default=32, help="scan block edge for the PACBED analysis [frames]")
+    ap.add_argument("--block", type=int, default=16, help="scan block edge [frames] (default 16: 2×2 unit cells)")
+    ap.add_argument("--dwell-us", type=int, default=0, help="simulated frame time in µs (0: as fast as possible)")
+    ap.add_argument("--executor", choices=("inline", "pipelined"), default="inline")
+    ap.add_argument("--api-port", type=int, default=8910, help="simulator REST port (0: any free)")
+    ap.add_argument("--data-port", type=int, default=9999, help="simulator ZMQ port (0: any free)")
+    ap.add_argument("--pub", default="tcp://127.0.0.1:5557")
+    ap.add_argument("--rep", default="tcp://127.0.0.1:5558")
     ap.set_defaults(func=run)
 
 
@@ -45,49 +55,61 @@ def demo_scan(cache: Path | None = None, scan_shape: tuple[int, int] | None = No
 
 
 def run(args) -> int:
-    import h5py
+    from .acquire import live
+    from .pipeline import AcquisitionError, Settings
+    from .simulator import SimDetector, dump_for, input_array
 
-    print(PLAN)
+    print(PLAN.format(pub=args.pub, rep=args.rep))
     t = time.perf_counter()
-    out = demo_scan(args.cache, args.scan_shape)
-    meta = json.loads((out / "params.json").read_text())
-    with h5py.File(out / "truth.h5", "r") as f:
-        thick, tilt = f["thickness_nm"][()], f["tilt_mrad"][()]
-        ncol = len(f["columns/position_px"])
-    frames = np.load(out / "frames.npy", mmap_mode="r")
-    print(f"scan ready in {time.perf_counter() - t:.1f} s: {out}")
-    print(f"  frames {frames.shape} {frames.dtype}, {meta['mrad_per_px']:.2f} mrad/px, "
-          f"scan step {meta['scan_step_nm'] * 10:.3f} Å")
-    print(f"  thickness {thick.min():.1f}-{thick.max():.1f} nm, |tilt| ≤ {np.linalg.norm(tilt, axis=-1).max():.2f} mrad, "
-          f"{ncol} atomic columns in the field")
-    analyse_blocks(frames, thick, tilt, meta, block=args.block)
-    print("  the live path (issue 4) will stream these frames next.")
+    scan_dir = demo_scan(args.cache, args.scan_shape)
+    meta = json.loads((scan_dir / "params.json").read_text())
+    data = input_array(scan_dir)
+    print(f"scan ready in {time.perf_counter() - t:.1f} s: {scan_dir}")
+    print(f"  {data.shape[0]}×{data.shape[1]} frames of {data.shape[2]}×{data.shape[3]} {data.dtype}, "
+          f"{meta['mrad_per_px']:.2f} mrad/px, scan step {meta['scan_step_nm'] * 10:.3f} Å", flush=True)
+    dump = dump_for(data, scan_dir / "frames.npy", "bslz4", cache=scan_dir)
+    out = args.out or scan_dir / "demo-result.h5"
+    settings = Settings(block=(args.block, args.block), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
+                        mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], overwrite=True,
+                        pub=args.pub, rep=args.rep)
+    try:
+        with SimDetector(dump, args.api_port, args.data_port, args.dwell_us or None) as sim:
+            print(f"simulated detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",
+                  flush=True)
+            summary = live(settings, detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
+                           data_host="127.0.0.1", data_port=sim.data_port, scan_shape=data.shape[:2],
+                           executor=args.executor)
+    except AcquisitionError as exc:
+        print(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})", file=sys.stderr)
+        return 1
+    print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames in "
+          f"{summary.wall_s:.1f} s ({summary.frames / summary.wall_s:.0f} frames/s) -> {out}")
+    print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median per result; "
+          f"block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
+    compare_with_truth(out, scan_dir / "truth.h5")
     return 0
 
 
-def analyse_blocks(frames: np.ndarray, thick: np.ndarray, tilt: np.ndarray, meta: dict, block: int = 32) -> None:
-    """Sum the scan into block PACBEDs, analyse them, and compare with the ground truth."""
-    from ..models.pacbed_analysis import PacbedAnalyzer
+def compare_with_truth(store: Path, truth: Path) -> dict:
+    """Block means of the ground truth against the store's maps; prints and returns the summary."""
+    import h5py
 
-    sy, sx = frames.shape[:2]
-    ny, nx = sy // block, sx // block
-    f = np.asarray(frames[:ny * block, :nx * block], np.float32)
-    pacbed = f.reshape(ny, block, nx, block, *f.shape[2:]).sum(axis=(1, 3)).reshape(ny * nx, *f.shape[2:])
-    t_true = thick[:ny * block, :nx * block].reshape(ny, block, nx, block).mean(axis=(1, 3)).ravel()
-    tilt_true = tilt[:ny * block, :nx * block].reshape(ny, block, nx, block, 2).mean(axis=(1, 3)).reshape(-1, 2)
-    lp = meta["library_params"]
-    analyzer = PacbedAnalyzer.for_acquisition(lp["kv"], lp["alpha_mrad"], backend="auto")
-    t = time.perf_counter()
-    res = analyzer.analyze(pacbed)
-    ms = 1e3 * (time.perf_counter() - t) / len(res)
-    ok = [i for i, r in enumerate(res) if r.error is None]
-    dt = np.array([res[i].thickness_nm - t_true[i] for i in ok])
-    dtilt = np.array([np.subtract(res[i].tilt_mrad, tilt_true[i]) for i in ok])
-    print(f"  {len(res)} blocks of {block}×{block} frames analysed in {ms:.1f} ms each; vs ground truth (block means):")
-    print(f"    thickness error median {np.median(np.abs(dt)):.1f} nm, within ±2 nm {np.mean(np.abs(dt) <= 2):.0%}; "
-          f"tilt error median {np.median(np.abs(dtilt)):.2f} mrad")
-    print("    block   true t [nm]  est t ± σ [nm]    true tilt [mrad]   est tilt [mrad]")
-    for i in [i for i in ok if i // nx == (i % nx) * ny // nx][:8]:  # down the diagonal: across the wedge
-        r = res[i]
-        print(f"    {i // nx:2d},{i % nx:2d}   {t_true[i]:9.1f}   {r.thickness_nm:6.1f} ± {r.thickness_sigma_nm:4.1f}"
-              f"    ({tilt_true[i][0]:+.2f}, {tilt_true[i][1]:+.2f})    ({r.tilt_mrad[0]:+.2f}, {r.tilt_mrad[1]:+.2f})")
+    from .store import read_store
+
+    res = read_store(store)
+    by, bx = (int(v) for v in res["attrs"]["block_shape"])
+    with h5py.File(truth, "r") as f:
+        thick, tilt = f["thickness_nm"][()], f["tilt_mrad"][()]
+    ny, nx = res["maps"]["thickness_nm"].shape
+    full = res["blocks"]["done"] & ~res["blocks"]["partial"]
+    t_true = thick[:ny * by, :nx * bx].reshape(ny, by, nx, bx).mean(axis=(1, 3))
+    tilt_true = tilt[:ny * by, :nx * bx].reshape(ny, by, nx, bx, 2).mean(axis=(1, 3))
+    dt = np.abs(res["maps"]["thickness_nm"] - t_true)[full]
+    dtilt = np.abs(res["maps"]["tilt_mrad"] - tilt_true)[full]
+    out = {"blocks": int(full.sum()), "thickness_median_err_nm": float(np.nanmedian(dt)),
+           "thickness_within_2nm": float(np.nanmean(dt <= 2)), "tilt_median_err_mrad": float(np.nanmedian(dtilt)),
+           "tilt_within_0.5mrad": float(np.nanmean(dtilt <= 0.5))}
+    print(f"  vs ground truth ({out['blocks']} whole blocks): thickness error median "
+          f"{out['thickness_median_err_nm']:.1f} nm, within ±2 nm {out['thickness_within_2nm']:.0%}; tilt error "
+          f"median {out['tilt_median_err_mrad']:.2f} mrad, within ±0.5 mrad {out['tilt_within_0.5mrad']:.0%}")
+    return out

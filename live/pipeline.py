@@ -86,20 +86,25 @@ def check_block_size(settings: Settings, analyzer) -> str | None:
     if cell is None:
         return None
     span = [b * settings.scan_step_nm for b in settings.block]
-    if min(span) < cell:
+    if min(span) < cell * (1 - 1e-6):
         return (f"block {settings.block[0]}×{settings.block[1]} at {settings.scan_step_nm:g} nm per step spans "
                 f"{span[0]:.3f}×{span[1]:.3f} nm, less than one {tr.get('material')} {tr.get('zone')} unit cell "
                 f"({cell} nm): its PACBED does not average the probe over the cell")
     return None
 
 
-def make_udfs(settings: Settings) -> list:
+def make_udfs(settings: Settings, record: Path | None = None) -> list:
     # rings={} : the engine evaluates the rings incrementally; the UDF only records radial bins
-    return [BlockPacbedUDF(block=settings.block), VirtualDetectorUDF(center=settings.center_px, rings={})]
+    udfs = [BlockPacbedUDF(block=settings.block), VirtualDetectorUDF(center=settings.center_px, rings={})]
+    if record is not None:
+        from libertem_live.udf.record import RecordUDF  # raw frames (.npy) for a later replay
+
+        udfs.append(RecordUDF(str(record)))
+    return udfs
 
 
 def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = None, source: str = "",
-                 analyzer=None) -> RunSummary:
+                 analyzer=None, record: Path | None = None) -> RunSummary:
     """Run one acquisition (or recorded dataset) to the end; the store is closed honestly either way."""
     t0 = time.perf_counter()
     scan_shape = tuple(int(v) for v in dataset.shape.nav)
@@ -129,7 +134,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
                          mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings)
     final, reason = "aborted", "not started"
     try:
-        _iterate(ctx, dataset, settings, engine, roi, grid)
+        _iterate(ctx, dataset, settings, engine, roi, grid, record)
         final, reason = "complete", ""
     except KeyboardInterrupt:
         final, reason = "aborted", "interrupted (Ctrl-C)"
@@ -154,7 +159,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     return summary
 
 
-def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid) -> None:
+def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid, record=None) -> None:
     """The acquisition loop, watched: no new result for ``stall_timeout_s`` is a stopped detector."""
     from tqdm import tqdm
 
@@ -167,7 +172,7 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
 
     def consume():
         try:
-            it = ctx.run_udf_iter(dataset=dataset, udf=make_udfs(settings), roi=roi)
+            it = ctx.run_udf_iter(dataset=dataset, udf=make_udfs(settings, record), roi=roi)
             for res in it:
                 blocks, virtual = res.buffers[0], res.buffers[1]
                 engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},

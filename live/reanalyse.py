@@ -1,0 +1,50 @@
+"""`stemlive reanalyse`: the stored block PACBEDs through (other) models into a new store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .engine import BlockEngine
+from .pipeline import RunSummary, Settings, load_analyzer
+from .state import LiveState
+from .store import ResultStore, StoreLayout, read_store
+from ..udf.block_grid import BlockGrid
+
+
+def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: str = "auto",
+              overwrite: bool = False, batch: int = 64) -> RunSummary:
+    import time
+
+    t0 = time.perf_counter()
+    old = read_store(src)
+    a = old["attrs"]
+    scan, block = tuple(int(v) for v in a["scan_shape"]), tuple(int(v) for v in a["block_shape"])
+    pac = old["blocks"]["pacbed"]
+    mpp = None if np.isnan(a["mrad_per_px"]) else float(a["mrad_per_px"])
+    step = None if np.isnan(a["scan_step_nm"]) else float(a["scan_step_nm"])
+    settings = Settings(block=block, alpha_mrad=float(a["alpha_mrad"]), kv=float(a["kv"]), out=Path(out),
+                        mrad_per_px=mpp, scan_step_nm=step, scan_rotation_deg=float(a["scan_rotation_deg"]),
+                        models_dir=models_dir, backend=backend, rings=a["rings"] or None, overwrite=overwrite,
+                        pub=None, rep=None)
+    analyzer = load_analyzer(settings)
+    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]))
+    store = ResultStore.create(out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv, mrad_per_px=mpp,
+                               scan_step_nm=step, scan_rotation_deg=settings.scan_rotation_deg,
+                               models=[c.data for c in analyzer.cards], rings=a["rings"],
+                               source=f"reanalysis of {src} ({a['source']})", overwrite=overwrite)
+    state = LiveState(layout, {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv})
+    grid = BlockGrid(scan, block)
+    engine = BlockEngine(grid, analyzer, state, store, None, alpha_mrad=settings.alpha_mrad, mrad_per_px=mpp,
+                         batch=batch)
+    done = old["blocks"]["done"]
+    engine.expected = np.where(done, old["blocks"]["counts"], 0)  # only what the source analysed
+    engine.on_result({"counts": np.where(done, old["blocks"]["counts"], 0), "pacbed": pac}, None,
+                     np.zeros(scan, bool))
+    reason = "" if a["state"] == "complete" else f"source store was {a['state']}: {a['reason']}"
+    store.write_virtual(old["virtual"], int(old["progress"][0]))
+    engine.close("complete", reason)
+    st = state.status
+    return RunSummary(Path(out), store.state, reason, int(old["progress"][0]), int(st["blocks_done"]),
+                      int(st["blocks_total"]), time.perf_counter() - t0, 0.0, 0.0, 0.0)

@@ -5,8 +5,10 @@ only compares frame counts with what each block expects, copies the sums of newl
 blocks and the radial bins of newly arrived frames, and queues them -- a few milliseconds, so
 frame ingest never waits for a network.  One worker thread analyses the queued blocks in
 batches (each exactly once), evaluates the virtual rings, writes the store and publishes.
-The first analysed block calibrates the disk centre (and size, unless ``mrad_per_px`` was
-given); the loop passes the centre to the VirtualDetectorUDF (`take_calibration`).
+The first completed blocks calibrate the disk centre (and size, unless ``mrad_per_px`` was
+given): they alone are analysed at once, in the loop (one short wait, counted in the ingest
+statistics), so the centre reaches the VirtualDetectorUDF (`take_calibration`) at the same point
+of the scan in every run; their estimates are reused, not recomputed.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class BlockEngine:
         self.given_center = center_px
         self._calibration_pending: Calibration | None = None
         self._queued = np.zeros(grid.shape, bool)
+        self._precomputed: dict[tuple[int, int], object] = {}  # block -> estimate from the calibration
         self._frames_seen = np.zeros(grid.scan_shape, bool)
         self._radial = self._dipole = self._center_used = None
         self._queue: queue.Queue = queue.Queue()
@@ -85,6 +88,8 @@ class BlockEngine:
             idx = np.argwhere(new)
             self._queued[new] = True
             pac = np.asarray(blocks["pacbed"])
+            if self.calibration is None and self.analyzer is not None:
+                self._calibrate_now(idx[:4], pac[new][:4] / counts[new][:4, None, None])
             self._queue.put(("blocks", idx, pac[new].copy(), counts[new].copy(), time.perf_counter()))
         if virtual is not None:
             damage = np.asarray(damage, bool).reshape(self.grid.scan_shape)
@@ -98,6 +103,12 @@ class BlockEngine:
         elapsed = time.perf_counter() - self._t0
         self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
         self.stats.ingest_s.append(time.perf_counter() - t)
+
+    def _calibrate_now(self, idx: np.ndarray, means: np.ndarray) -> None:
+        estimates = self.analyzer.analyze(means)
+        for (i, j), e in zip(idx, estimates):
+            self._precomputed[(int(i), int(j))] = e
+        self._calibrate(estimates, recompute=False)
 
     def take_calibration(self) -> Calibration | None:
         """The calibration found since the last call (once), for update_parameters_experimental."""
@@ -123,6 +134,8 @@ class BlockEngine:
                             break
                         items.append(nxt)
                     self._analyse(items)
+                elif item[0] == "recompute":
+                    self._recompute_virtual()
                 else:
                     self._frames(*item[1:])
             except BaseException as exc:  # surfaced to the acquisition loop by on_result/close
@@ -133,6 +146,8 @@ class BlockEngine:
     def _dispatch_rest(self, item) -> None:
         if item is None:
             self._queue.put(None)
+        elif item[0] == "recompute":
+            self._recompute_virtual()
         else:
             self._frames(*item[1:])
 
@@ -143,8 +158,7 @@ class BlockEngine:
         t_complete = [t for it in items for t in [it[4]] * len(it[1])]
         for lo in range(0, len(idx), self.batch):
             sl = slice(lo, lo + self.batch)
-            means = sums[sl] / counts[sl, None, None]
-            estimates = self.analyzer.analyze(means) if self.analyzer is not None else [None] * len(means)
+            estimates = self._estimates(idx[sl], sums[sl] / counts[sl, None, None])
             part = self.partial[idx[sl, 0], idx[sl, 1]]
             rows = [estimate_row(e, p) for e, p in zip(estimates, part)]
             arrays = {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS}
@@ -159,7 +173,15 @@ class BlockEngine:
             if self.calibration is None:
                 self._calibrate(estimates)
 
-    def _calibrate(self, estimates) -> None:
+    def _estimates(self, idx: np.ndarray, means: np.ndarray) -> list:
+        if self.analyzer is None:
+            return [None] * len(means)
+        todo = [k for k, (i, j) in enumerate(idx) if (int(i), int(j)) not in self._precomputed]
+        fresh = iter(self.analyzer.analyze(means[todo]) if todo else [])
+        return [self._precomputed.pop((int(i), int(j))) if (int(i), int(j)) in self._precomputed else next(fresh)
+                for i, j in idx]
+
+    def _calibrate(self, estimates, recompute: bool = True) -> None:
         good = [e for e in estimates if e is not None and e.error is None and e.center_px is not None]
         if not good:
             return
@@ -172,7 +194,10 @@ class BlockEngine:
         self._calibration_pending = self.calibration
         self.state.meta["calibration"] = {"center_px": list(center), "radius_px": radius,
                                           "source": self.calibration.source}
-        self._recompute_virtual()
+        if recompute:
+            self._recompute_virtual()
+        else:  # called from the loop: let the worker re-evaluate the frames it already holds
+            self._queue.put(("recompute",))
 
     def _ring_scale(self) -> RingScale | None:
         if self.calibration is not None:

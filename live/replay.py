@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .pipeline import RunSummary, Settings, run_pipeline
 
 EXECUTORS = ("inline", "pipelined", "dask")
@@ -51,6 +53,14 @@ def replay(path: str | Path, settings: Settings, *, executor: str = "inline", sc
     ctx = ctx or make_context(executor, scheduler, workers)
     try:
         ds = open_dataset(ctx, path, scan_shape, fmt, **options)
+        nav = tuple(int(v) for v in ds.shape.nav)
+        if len(nav) == 2 and "num_partitions" not in options:
+            # partition as a live acquisition does, so the centre calibration lands on the same frames
+            from .acquire import frames_per_partition
+
+            n = int(np.prod(nav))
+            ds = open_dataset(ctx, path, scan_shape, fmt, num_partitions=-(-n // frames_per_partition(nav, settings.block)),
+                              **options)
         return run_pipeline(ctx, ds, settings, source=f"replay of {path}")
     finally:
         if own:

@@ -12,7 +12,7 @@ def stemlive(*args, timeout=300):
 def test_help_lists_subcommands():
     res = stemlive("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "simulate", "train", "pacbed", "export"):
+    for cmd in ("demo", "simulate", "train", "pacbed", "export", "live", "replay", "sim-detector", "reanalyse"):
         assert cmd in res.stdout
     res = stemlive("simulate", "--help")
     assert "pacbed" in res.stdout and "scan" in res.stdout
@@ -29,11 +29,13 @@ def test_demo_builds_scan_from_shipped_library(tmp_path):
 
     if not SHIPPED_LIBRARY.exists():
         pytest.fail(f"shipped demo library missing: {SHIPPED_LIBRARY}")
-    res = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
+    args = ("demo", "--headless", "--cache", str(tmp_path), "--scan-shape", "32", "48", "--api-port", "0",
+            "--data-port", "0", "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0")
+    res = stemlive(*args)
     assert res.returncode == 0, res.stderr
     assert "scan ready" in res.stdout
-    assert "blocks of 32×32 frames analysed" in res.stdout and "thickness error median" in res.stdout
-    again = stemlive("demo", "--cache", str(tmp_path), "--scan-shape", "32", "48")
+    assert "complete: 6/6 blocks" in res.stdout and "thickness error median" in res.stdout
+    again = stemlive(*args)
     assert again.returncode == 0 and len(list(tmp_path.iterdir())) == 1  # cached, not rebuilt
 
 

@@ -14,6 +14,9 @@ from libertem.udf.base import UDF
 from .radial_bins import DEFAULT_RINGS, RingScale, bin_frames, bin_matrix, bright_disk_center, n_bins_for, ring_signal
 
 
+PROVISIONAL_FRAMES = 8
+
+
 class VirtualDetectorUDF(UDF):
     """Virtual ring detectors (BF, ABF, ADF, HAADF by default) on the scan grid.
 
@@ -104,7 +107,9 @@ class VirtualDetectorUDF(UDF):
     def process_tile(self, tile):
         if self.params.center is None and "provisional" not in self.task_data.matrices:
             if tuple(tile.shape[1:]) == self._sig():  # full frames: locate the disk once per partition
-                self.task_data.matrices["provisional"] = bright_disk_center(np.asarray(tile).sum(axis=0))
+                # from the partition's first frames only, so any tiling gives the same centre
+                first = np.asarray(tile[:PROVISIONAL_FRAMES], np.float64).sum(axis=0)
+                self.task_data.matrices["provisional"] = bright_disk_center(first)
         center = self._center()
         sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
         key = (center, tuple((s.start, s.stop) for s in sig_part))

@@ -1,0 +1,143 @@
+"""The live path end to end: simulator -> LiberTEM-live -> UDFs -> engine -> store, against replay and truth."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from stemlive.live.acquire import live
+from stemlive.live.demo import compare_with_truth, demo_scan
+from stemlive.live.pipeline import Settings
+from stemlive.live.replay import replay
+from stemlive.live.simulator import SimDetector, dump_for, input_array
+from stemlive.live.store import read_store
+
+SCAN = (32, 48)
+BLOCK = (8, 8)
+EXACT_MAPS = ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_crystal_mrad", "center_px", "radius_px",
+              "rotation_deg", "background", "in_range", "flags")
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    d = demo_scan(tmp_path_factory.mktemp("scan"), SCAN, progress=False)
+    meta = json.loads((d / "params.json").read_text())
+    data = input_array(d)
+    dump = dump_for(data, d / "frames.npy", "bslz4", cache=d, progress=False)
+    return d, meta, data, dump
+
+
+def settings(out: Path, meta: dict, **kw) -> Settings:
+    return Settings(block=BLOCK, alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
+                    mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"],
+                    pub="tcp://127.0.0.1:0", rep="tcp://127.0.0.1:0", progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def replayed(scan, tmp_path_factory):
+    d, meta, _, _ = scan
+    out = tmp_path_factory.mktemp("replay") / "replay.h5"
+    replay(d / "frames.npy", settings(out, meta))
+    return read_store(out)
+
+
+def assert_same_maps(a: dict, b: dict, virtual_rtol: float = 0.05):
+    """Block maps and sums to float tolerance; virtual images to ``virtual_rtol``.
+
+    The inline executor calibrates the centre after the same partition live and in a replay,
+    so its virtual images agree to float tolerance too; pipelined and Dask runs have partitions
+    in flight when the centre arrives, recorded around the provisional centre and corrected to
+    first order -- at the demo's 4.7 px disk that leaves differences of ~2 %.
+    """
+    for k in EXACT_MAPS:
+        np.testing.assert_allclose(a["maps"][k], b["maps"][k], rtol=1e-5, atol=1e-6, err_msg=k, equal_nan=True)
+    np.testing.assert_allclose(a["blocks"]["pacbed"], b["blocks"]["pacbed"], rtol=1e-6)
+    np.testing.assert_array_equal(a["blocks"]["counts"], b["blocks"]["counts"])
+    for k in a["virtual"]:
+        # rings are evaluated from radial bins recorded around provisional centres until the first
+        # block calibrates the centre; live and replay calibrate at different frames
+        np.testing.assert_allclose(a["virtual"][k], b["virtual"][k], rtol=virtual_rtol, err_msg=k)
+
+
+def test_live_inline_active_equals_replay_and_matches_truth(scan, replayed, tmp_path):
+    d, meta, data, dump = scan
+    out = tmp_path / "live.h5"
+    with SimDetector(dump, 0, 0) as sim:
+        summary = live(settings(out, meta), detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
+                       data_host="127.0.0.1", data_port=sim.data_port, scan_shape=SCAN, executor="inline",
+                       record=tmp_path / "raw.npy")
+    assert summary.state == "complete" and summary.blocks_done == 24 and summary.frames == 32 * 48
+    with h5py.File(out, "r") as f:  # plain h5py
+        assert f.attrs["state"] == "complete" and f["blocks/done"][()].all()
+    got = read_store(out)
+    assert_same_maps(got, replayed, virtual_rtol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "raw.npy"), data)  # --record keeps the raw frames
+    truth = compare_with_truth(out, d / "truth.h5")
+    # the networks' accuracy on this scan (README "stemlive demo"): tilt is reliable, thickness
+    # is right for a fraction of blocks and confused with distant thicknesses for others
+    assert truth["tilt_within_0.5mrad"] >= 0.8
+    assert truth["thickness_within_2nm"] >= 0.25
+    bf, haadf = got["virtual"]["bf"], got["virtual"]["haadf"]
+    assert np.isfinite(bf).all() and np.isfinite(haadf).all()
+    # thicker specimen (wedge grows along axis 1): less in the bright field, more at high angles
+    assert bf[:, :8].mean() > bf[:, -8:].mean() and haadf[:, :8].mean() < haadf[:, -8:].mean()
+
+
+def test_live_pipelined_passive_mode(scan, replayed, tmp_path):
+    """Passive: the microscope software arms the detector; stemlive waits for it."""
+    from libertem_live.detectors.dectris.DEigerClient import DEigerClient
+
+    _, meta, _, dump = scan
+    out = tmp_path / "passive.h5"
+    with SimDetector(dump, 0, 0) as sim:
+        def arm_later():
+            time.sleep(2.0)
+            DEigerClient("127.0.0.1", port=sim.api_port).sendDetectorCommand("arm")
+
+        threading.Thread(target=arm_later, daemon=True).start()
+        summary = live(settings(out, meta), detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
+                       data_host="127.0.0.1", data_port=sim.data_port, scan_shape=SCAN, mode="passive",
+                       executor="pipelined", workers=2, arm_timeout_s=60)
+    assert summary.state == "complete"
+    assert_same_maps(read_store(out), replayed)
+
+
+def test_replay_on_a_dask_cluster_equals_inline(scan, replayed, tmp_path):
+    from distributed import LocalCluster
+
+    d, meta, _, _ = scan
+    out = tmp_path / "dask.h5"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = replay(d / "frames.npy", settings(out, meta), executor="dask", scheduler=cluster.scheduler_address)
+    assert summary.state == "complete"
+    assert_same_maps(read_store(out), replayed)
+
+
+def test_reanalyse_gives_the_same_maps(replayed, tmp_path, scan):
+    from stemlive.live.reanalyse import reanalyse
+
+    d, meta, _, _ = scan
+    src = tmp_path / "src.h5"
+    replay(d / "frames.npy", settings(src, meta))
+    summary = reanalyse(src, tmp_path / "again.h5")
+    again = read_store(tmp_path / "again.h5")
+    assert summary.blocks_done == 24 and again["attrs"]["state"] == "complete"
+    assert_same_maps(again, replayed, virtual_rtol=1e-6)
+
+
+def test_demo_headless_cli(tmp_path):
+    out = tmp_path / "demo.h5"
+    res = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "demo", "--headless", "--out", str(out),
+                          "--cache", str(tmp_path), "--scan-shape", "32", "48", "--block", "8",
+                          "--api-port", "0", "--data-port", "0", "--pub", "tcp://127.0.0.1:0",
+                          "--rep", "tcp://127.0.0.1:0"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "complete: 24/24 blocks" in res.stdout and "vs ground truth" in res.stdout
+    assert read_store(out)["attrs"]["state"] == "complete"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pipeline import AcquisitionError, RunSummary, Settings, run_pipeline
+from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled, run_pipeline
 
 DETECTORS = ("dectris", "merlin")
 
@@ -27,26 +27,33 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     if executor not in ("inline", "pipelined"):
         raise ValueError("live data runs on the inline or pipelined executor only")
+    if mode not in ("active", "passive"):
+        raise ValueError(f"mode must be 'active' or 'passive', got {mode!r}")
     own = ctx is None
     if own:
         ctx = LiveContext.make_with(executor, cpus=workers) if (workers and executor != "inline") \
             else LiveContext.make_with(executor)
+    stuck = False
+    conn = None
     try:
-        with _connect(ctx, detector, api_host, api_port, data_host, data_port) as conn:
-            pending = None
-            if mode == "passive":
-                pending = conn.wait_for_acquisition(timeout=arm_timeout_s)
-                if pending is None:
-                    raise AcquisitionError(f"no acquisition was armed within {arm_timeout_s:.0f} s (passive mode)")
-            elif mode != "active":
-                raise ValueError(f"mode must be 'active' or 'passive', got {mode!r}")
-            aq = ctx.make_acquisition(conn=conn, nav_shape=tuple(scan_shape), pending_aq=pending,
-                                      frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
-            return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})",
-                                record=record)
+        conn = _connect(ctx, detector, api_host, api_port, data_host, data_port)
+        pending = None
+        if mode == "passive":
+            pending = conn.wait_for_acquisition(timeout=arm_timeout_s)
+            if pending is None:
+                raise AcquisitionError(f"no acquisition was armed within {arm_timeout_s:.0f} s (passive mode)")
+        aq = ctx.make_acquisition(conn=conn, nav_shape=tuple(scan_shape), pending_aq=pending,
+                                  frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
+        return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record)
+    except StreamStalled:
+        stuck = True  # the receiver is blocked in the detector library: closing it would block or fail
+        raise
     finally:
-        if own:
-            ctx.close()
+        if not stuck:
+            if conn is not None:
+                conn.close()
+            if own:
+                ctx.close()
 
 
 def _connect(ctx, detector, api_host, api_port, data_host, data_port):

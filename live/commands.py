@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .pipeline import AcquisitionError, RunSummary, Settings
+from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled
 
 
 def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -52,6 +52,7 @@ def add_parsers(sub) -> None:
     ap.add_argument("--executor", choices=("inline", "pipelined"), default="pipelined")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--record", type=Path, default=None, help="also keep the raw frames (.npy) for a replay")
+    ap.add_argument("--arm-timeout", type=float, default=60.0, help="passive mode: seconds to wait for an arm")
     add_run_options(ap)
     ap.set_defaults(func=run_live)
 
@@ -88,9 +89,21 @@ def report(summary: RunSummary) -> int:
 def _guarded(fn) -> int:
     try:
         return report(fn())
+    except StreamStalled as exc:
+        exit_stuck(f"stemlive: acquisition aborted: {exc}")
     except AcquisitionError as exc:
         print(f"stemlive: acquisition aborted: {exc}", file=sys.stderr)
         return 1
+
+
+def exit_stuck(message: str) -> None:
+    """Report, then leave at once: a receiver thread blocked in the detector library would keep the
+    process alive (or crash it at interpreter shutdown).  The store is already closed (aborted)."""
+    import os
+
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def run_live(args) -> int:
@@ -99,7 +112,8 @@ def run_live(args) -> int:
     return _guarded(lambda: live(settings_from(args), detector=args.detector, api_host=args.api_host,
                                  api_port=args.api_port, data_host=args.data_host or args.api_host,
                                  data_port=args.data_port, scan_shape=tuple(args.scan_shape), mode=args.mode,
-                                 executor=args.executor, workers=args.workers, record=args.record))
+                                 executor=args.executor, workers=args.workers, record=args.record,
+                                 arm_timeout_s=args.arm_timeout))
 
 
 def run_replay(args) -> int:

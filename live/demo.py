@@ -56,7 +56,8 @@ def demo_scan(cache: Path | None = None, scan_shape: tuple[int, int] | None = No
 
 def run(args) -> int:
     from .acquire import live
-    from .pipeline import AcquisitionError, Settings
+    from .commands import exit_stuck
+    from .pipeline import AcquisitionError, Settings, StreamStalled
     from .simulator import SimDetector, dump_for, input_array
 
     print(PLAN.format(pub=args.pub, rep=args.rep))
@@ -79,6 +80,8 @@ def run(args) -> int:
             summary = live(settings, detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
                            data_host="127.0.0.1", data_port=sim.data_port, scan_shape=data.shape[:2],
                            executor=args.executor)
+    except StreamStalled as exc:
+        exit_stuck(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})")
     except AcquisitionError as exc:
         print(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})", file=sys.stderr)
         return 1

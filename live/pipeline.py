@@ -33,6 +33,12 @@ class AcquisitionError(RuntimeError):
     """The acquisition could not be completed; the store says so (state aborted, reason)."""
 
 
+class StreamStalled(AcquisitionError):
+    """No frames for too long.  The receiving thread may still be blocked inside the detector
+    library (libertem-dectris waits without a timeout), so its connection cannot be closed; a
+    command-line run exits the process after reporting."""
+
+
 @dataclass
 class Settings:
     """Everything about one run that does not come from the data."""
@@ -139,6 +145,9 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     except KeyboardInterrupt:
         final, reason = "aborted", "interrupted (Ctrl-C)"
         raise
+    except AcquisitionError as exc:
+        final, reason = "aborted", str(exc)
+        raise
     except Exception as exc:
         final, reason = "aborted", f"{type(exc).__name__}: {exc}"
         raise AcquisitionError(reason) from exc
@@ -165,9 +174,9 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
 
     total = int(np.prod(grid.scan_shape)) if roi is None else int(np.count_nonzero(roi))
     bar = tqdm(total=total, unit="frame", disable=not settings.progress, desc="frames", smoothing=0.1)
-    results: list = []
     box: dict = {}
     last = [time.monotonic()]
+    seen = [0]
     done = threading.Event()
 
     def consume():
@@ -178,9 +187,11 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
                 engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},
                                  {k: virtual[k].data for k in ("radial", "dipole", "center_used")},
                                  res.damage.data)
-                last[0] = time.monotonic()
                 n = int(np.count_nonzero(res.damage.data))
-                bar.update(n - bar.n)
+                if n > seen[0]:
+                    last[0] = time.monotonic()
+                bar.update(n - seen[0])
+                seen[0] = n
                 cal = engine.take_calibration()
                 if cal is not None and settings.center_px is None:
                     it.update_parameters_experimental([{}, {"center": cal.center_px}])
@@ -194,9 +205,9 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
     try:
         while not done.wait(0.2):
             if time.monotonic() - last[0] > settings.stall_timeout_s:
-                raise AcquisitionError(
-                    f"no frames for {settings.stall_timeout_s:.0f} s after {bar.n} of {total}: "
-                    "the detector stopped or the stream broke")
+                raise StreamStalled(
+                    f"no frames for {settings.stall_timeout_s:.0f} s after {seen[0]} of {total}: "
+                    "the detector stopped or the stream never started")
     finally:
         bar.close()
     if "error" in box:

@@ -172,13 +172,14 @@ def add_parser(sub) -> None:
     ap.add_argument("--data-port", type=int, default=9999)
     ap.add_argument("--encoding", choices=("bslz4", "lz4"), default="bslz4")
     ap.add_argument("--scan-shape", type=int, nargs=2, default=None, metavar=("H", "W"))
+    ap.add_argument("--cache", type=Path, default=None, help="where the stream dump is kept (default: user cache)")
     ap.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    data = input_array(args.input, args.scan_shape)
+    data = input_array(args.input, args.scan_shape, args.cache)
     dump = dump_for(data, args.input if not Path(args.input).is_dir() else Path(args.input) / "frames.npy",
-                    args.encoding)
+                    args.encoding, cache=args.cache)
     with SimDetector(dump, args.api_port, args.data_port, args.dwell_us) as sim:
         print(f"simulated DECTRIS detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",
               flush=True)

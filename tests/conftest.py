@@ -58,3 +58,21 @@ def tiny_models(quadrant_library, tmp_path_factory):
     train_align(quadrant_library, out, "tiny_align", work / "a", cfg, progress=False)
     train_pacbed(quadrant_library, out, "tiny", work / "t", cfg, progress=False)
     return out
+
+
+LIVE_SCAN = (32, 48)
+
+
+@pytest.fixture(scope="session")
+def live_scan(tmp_path_factory):
+    """A small synthetic wedge scan (demo library) and its DECTRIS stream dump: (dir, params, frames, dump)."""
+    import json
+
+    from stemlive.live.demo import demo_scan
+    from stemlive.live.simulator import dump_for, input_array
+
+    d = demo_scan(tmp_path_factory.mktemp("scan"), LIVE_SCAN, progress=False)
+    meta = json.loads((d / "params.json").read_text())
+    data = input_array(d)
+    dump = dump_for(data, d / "frames.npy", "bslz4", cache=d, progress=False)
+    return d, meta, data, dump

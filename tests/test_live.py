@@ -19,19 +19,15 @@ from stemlive.live.replay import replay
 from stemlive.live.simulator import SimDetector, dump_for, input_array
 from stemlive.live.store import read_store
 
-SCAN = (32, 48)
+from .conftest import LIVE_SCAN as SCAN
 BLOCK = (8, 8)
 EXACT_MAPS = ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_crystal_mrad", "center_px", "radius_px",
               "rotation_deg", "background", "in_range", "flags")
 
 
 @pytest.fixture(scope="module")
-def scan(tmp_path_factory):
-    d = demo_scan(tmp_path_factory.mktemp("scan"), SCAN, progress=False)
-    meta = json.loads((d / "params.json").read_text())
-    data = input_array(d)
-    dump = dump_for(data, d / "frames.npy", "bslz4", cache=d, progress=False)
-    return d, meta, data, dump
+def scan(live_scan):
+    return live_scan
 
 
 def settings(out: Path, meta: dict, **kw) -> Settings:

@@ -1,0 +1,127 @@
+"""Faults on the detector stream become clear errors in bounded time, and the store keeps every
+block analysed before the fault (state aborted, with the reason)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from stemlive.live.store import read_store
+
+from .faulty_dectris import FaultyDetector
+
+AT = 1000  # the fault strikes at this frame: two block rows (2 × 8 × 48 frames) are complete before it
+
+
+def run_live(tmp_path, api_port, data_port, *extra, timeout=120):
+    out = tmp_path / "r.h5"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris", "--api-port", str(api_port),
+           "--data-port", str(data_port), "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6",
+           "--kv", "200", "--mrad-per-px", "3.06", "--out", str(out), "--stall-timeout", "6",
+           "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet", "--executor", "inline", *extra]
+    t = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return res, time.monotonic() - t, out
+
+
+def assert_aborted_keeping_blocks(out, min_blocks: int, reason_part: str):
+    r = read_store(out)
+    assert r["attrs"]["state"] == "aborted", r["attrs"]["state"]
+    assert reason_part in r["attrs"]["reason"], r["attrs"]["reason"]
+    done = r["blocks"]["done"]
+    assert done.sum() >= min_blocks and done[:2].all()  # the block rows completed before the fault
+    assert np.isfinite(r["maps"]["thickness_nm"][:2]).all()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("malformed-json", "deserialization failed"),
+    ("wrong-shape", "decode failed"),
+    ("wrong-dtype", "decode failed"),
+    ("truncated", "decode failed"),
+    ("out-of-order", "frame id mismatch"),
+    ("missing-frame", "frame id mismatch"),
+])
+def test_protocol_faults_become_clear_errors(live_scan, tmp_path, fault, message):
+    _, _, data, _ = live_scan
+    with FaultyDetector(data, fault, at=AT) as det:
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "acquisition aborted" in res.stderr and message in res.stderr
+    assert took < 60
+    assert_aborted_keeping_blocks(out, 12, message)
+
+
+def test_detector_that_stops_mid_scan(live_scan, tmp_path):
+    _, _, data, _ = live_scan
+    with FaultyDetector(data, "stops", at=AT) as det:
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+    assert res.returncode == 1 and "no frames for 6 s after" in res.stderr, res.stderr[-2000:]
+    assert took < 60
+    assert_aborted_keeping_blocks(out, 12, "detector stopped")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_killed_simulator(live_scan, tmp_path):
+    """`stemlive sim-detector`, paced, killed (SIGKILL) part-way through the scan."""
+    d, _, _, _ = live_scan
+    api, data_port = free_port(), free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
+                            "--dwell-us", "5000", "--api-port", str(api), "--data-port", str(data_port),
+                            "--cache", str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "simulated DECTRIS detector" in sim.stdout.readline()
+        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
+                                 "--api-port", str(api), "--data-port", str(data_port),
+                                 "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
+                                 "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
+                                 "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
+                                 "--executor", "inline"], stderr=subprocess.PIPE, text=True)
+        t = time.monotonic()
+        while time.monotonic() - t < 60:  # the first block row is stored: now the detector dies
+            time.sleep(0.2)
+            try:
+                if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
+                    break
+            except (OSError, KeyError):
+                pass
+    finally:
+        os.killpg(sim.pid, signal.SIGKILL)  # the simulator and its REST process, without warning
+        sim.wait()
+    t = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-2000:]
+    assert "no frames for 6 s" in err and time.monotonic() - t < 30
+    r = read_store(tmp_path / "r.h5")
+    assert r["attrs"]["state"] == "aborted" and 0 < r["blocks"]["done"].sum() < 24
+
+
+def test_stream_that_never_starts_active(live_scan, tmp_path):
+    _, _, data, _ = live_scan
+    with FaultyDetector(data, "never-starts", at=0) as det:
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+    assert res.returncode == 1 and "no frames for 6 s after 0" in res.stderr, res.stderr[-2000:]
+    assert read_store(out)["attrs"]["state"] == "aborted"
+
+
+def test_stream_that_never_starts_passive(live_scan, tmp_path):
+    _, _, data, _ = live_scan
+    with FaultyDetector(data, "never-starts", at=0) as det:
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port, "--mode", "passive", "--arm-timeout", "3")
+    assert res.returncode == 1 and "no acquisition was armed within 3 s" in res.stderr, res.stderr[-2000:]
+
+
+def test_no_detector_there(tmp_path):
+    res, took, out = run_live(tmp_path, 1, 2, "--arm-timeout", "3")
+    assert res.returncode == 1 and "cannot connect" in res.stderr, res.stderr[-2000:]

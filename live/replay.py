@@ -40,10 +40,32 @@ def open_dataset(ctx, path: str | Path, scan_shape: tuple[int, int] | None = Non
         kw["nav_shape"] = tuple(scan_shape)
     if fmt is None:
         fmt = "npy" if path.suffix == ".npy" else "auto"
+        if path.suffix in (".h5", ".hdf5", ".nxs") and "ds_path" not in kw:
+            master = dectris_data_path(path)
+            if master is not None:
+                fmt, kw["ds_path"] = "hdf5", master
     try:
         return ctx.load(fmt, path=str(path), **kw)
     except Exception as exc:
         raise ValueError(f"LiberTEM cannot open {path} as {fmt}: {exc}") from exc
+
+
+def dectris_data_path(path: Path) -> str | None:
+    """The frames of a DECTRIS master file (``/entry/data/data_000001``, linked to its data file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get("entry/data")
+            names = sorted(k for k in group if k.startswith("data_")) if group is not None else []
+    except OSError:
+        return None
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ValueError(f"{path}: DECTRIS master file with {len(names)} data files; LiberTEM reads one dataset "
+                         f"at a time -- join them, or replay one with --format hdf5 (ds_path {names[0]})")
+    return f"/entry/data/{names[0]}"
 
 
 def replay(path: str | Path, settings: Settings, *, executor: str = "inline", scheduler: str | None = None,
@@ -59,8 +81,12 @@ def replay(path: str | Path, settings: Settings, *, executor: str = "inline", sc
             from .acquire import frames_per_partition
 
             n = int(np.prod(nav))
-            ds = open_dataset(ctx, path, scan_shape, fmt, num_partitions=-(-n // frames_per_partition(nav, settings.block)),
-                              **options)
+            try:
+                ds = open_dataset(ctx, path, scan_shape, fmt,
+                                  num_partitions=-(-n // frames_per_partition(nav, settings.block)), **options)
+            except ValueError as exc:
+                if "num_partitions" not in str(exc):  # e.g. LiberTEM's HDF5 reader partitions by itself
+                    raise
         return run_pipeline(ctx, ds, settings, source=f"replay of {path}")
     finally:
         if own:

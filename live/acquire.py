@@ -6,6 +6,7 @@ from pathlib import Path
 from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled, run_pipeline
 
 DETECTORS = ("dectris", "merlin")
+FRAME_STACK = 128
 
 
 def frames_per_partition(scan_shape: tuple[int, int], block: tuple[int, int], cap: int = 4096) -> int:
@@ -19,7 +20,7 @@ def frames_per_partition(scan_shape: tuple[int, int], block: tuple[int, int], ca
 
 def live(settings: Settings, *, detector: str, api_host: str, api_port: int, data_host: str, data_port: int,
          scan_shape: tuple[int, int], mode: str = "active", executor: str = "pipelined", workers: int | None = None,
-         record: Path | None = None, arm_timeout_s: float = 30.0, ctx=None) -> RunSummary:
+         record: Path | None = None, arm_timeout_s: float = 30.0, ctx=None, analyzer=None) -> RunSummary:
     """One acquisition.  Active: stemlive arms the detector; passive: waits for someone else to."""
     from libertem_live.api import LiveContext
 
@@ -44,7 +45,8 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
                 raise AcquisitionError(f"no acquisition was armed within {arm_timeout_s:.0f} s (passive mode)")
         aq = ctx.make_acquisition(conn=conn, nav_shape=tuple(scan_shape), pending_aq=pending,
                                   frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
-        return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record)
+        return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record,
+                            analyzer=analyzer)
     except StreamStalled:
         stuck = True  # the receiver is blocked in the detector library: closing it would block or fail
         raise
@@ -59,8 +61,10 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
 def _connect(ctx, detector, api_host, api_port, data_host, data_port):
     try:
         if detector == "dectris":
+            # frames reach the UDFs in stacks of this many: large stacks, few Python calls per frame
             return ctx.make_connection("dectris").open(api_host=api_host, api_port=api_port,
-                                                       data_host=data_host, data_port=data_port)
+                                                       data_host=data_host, data_port=data_port,
+                                                       frame_stack_size=FRAME_STACK)
         return ctx.make_connection("merlin").open(data_host=data_host, data_port=data_port,
                                                   api_host=api_host, api_port=api_port)
     except Exception as exc:

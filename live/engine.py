@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..udf.block_grid import BlockGrid
-from ..udf.radial_bins import DEFAULT_RINGS, RingScale, ring_signal
+from ..udf.radial_bins import DEFAULT_RINGS, RingScale
+from ..udf.virtual_detector import ring_images
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
@@ -69,7 +70,8 @@ class BlockEngine:
         self._queued = np.zeros(grid.shape, bool)
         self._precomputed: dict[tuple[int, int], object] = {}  # block -> estimate from the calibration
         self._frames_seen = np.zeros(grid.scan_shape, bool)
-        self._radial = self._dipole = self._center_used = None
+        self._bins = None  # (radial, dipole, center_used) per frame: LiberTEM's result buffers
+        self._have = np.zeros(int(np.prod(grid.scan_shape)), bool)
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._t0 = time.perf_counter()
@@ -96,9 +98,11 @@ class BlockEngine:
             fresh = damage & ~self._frames_seen
             if fresh.any():
                 self._frames_seen |= fresh
-                self._queue.put(("frames", fresh, np.asarray(virtual["radial"])[fresh].copy(),
-                                 np.asarray(virtual["dipole"])[fresh].copy(),
-                                 np.asarray(virtual["center_used"])[fresh].copy()))
+                # LiberTEM merges into these buffers in place; frames already merged are never
+                # touched again, so the worker may read them without a copy (no second per-frame store)
+                n = int(np.prod(self.grid.scan_shape))
+                self._bins = {k: np.asarray(v).reshape(n, *np.shape(v)[2:]) for k, v in virtual.items()}
+                self._queue.put(("frames", fresh))
         seen = int(self._frames_seen.sum()) if virtual is not None else int(counts.sum())
         elapsed = time.perf_counter() - self._t0
         self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
@@ -207,38 +211,26 @@ class BlockEngine:
             return RingScale(radius_px=self.alpha_mrad / self.mrad_per_px, mrad_per_px=self.mrad_per_px)
         return None
 
-    def _ensure_frame_arrays(self, nb: int) -> None:
-        if self._radial is None:
-            n = int(np.prod(self.grid.scan_shape))
-            self._radial = np.zeros((n, nb), np.float32)
-            self._dipole = np.zeros((n, nb, 2), np.float32)
-            self._center_used = np.full((n, 2), np.nan, np.float32)
-            self._have = np.zeros(n, bool)
-
-    def _frames(self, mask, radial, dipole, center_used) -> None:
-        self._ensure_frame_arrays(radial.shape[-1])
+    def _frames(self, mask) -> None:
         flat = np.flatnonzero(mask.ravel())
-        self._radial[flat], self._dipole[flat], self._center_used[flat] = radial, dipole, center_used
         self._have[flat] = True
         self._publish_virtual(flat)
 
     def _recompute_virtual(self) -> None:
-        if self._radial is not None:
+        if self._bins is not None:
             self._publish_virtual(np.flatnonzero(self._have))
 
     def _publish_virtual(self, flat: np.ndarray) -> None:
         scale = self._ring_scale()
         if scale is None or flat.size == 0:
             return
-        shift = None
-        if self.calibration is not None:
-            shift = np.asarray(self.calibration.center_px) - self._center_used[flat].astype(np.float64)
+        record = {k: v[flat] for k, v in self._bins.items()}
+        center = self.calibration.center_px if self.calibration is not None else None
+        values = ring_images(record, self.rings, scale, self.bin_px, center)
         images = {}
-        for name, (inner, outer, unit) in self.rings.items():
-            vals = ring_signal(self._radial[flat], self._dipole[flat], scale.to_px(inner, unit),
-                               scale.to_px(outer, unit), self.bin_px, shift).astype(np.float32)
+        for name in self.rings:
             img = self.state.virtual[name].copy()
-            img.ravel()[flat] = vals
+            img.ravel()[flat] = values[name]
             images[name] = img
         r0, r1 = flat.min() // self.grid.scan_shape[1], flat.max() // self.grid.scan_shape[1] + 1
         rows = slice(int(r0), int(r1))

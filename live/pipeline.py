@@ -73,6 +73,7 @@ class RunSummary:
     ingest_ms_median: float
     ingest_ms_max: float
     block_delay_ms_median: float
+    acquisition_s: float = 0.0  # first to last UDF result: the frame ingest itself
 
 
 def load_analyzer(settings: Settings):
@@ -100,8 +101,10 @@ def check_block_size(settings: Settings, analyzer) -> str | None:
 
 
 def make_udfs(settings: Settings, record: Path | None = None) -> list:
-    # rings={} : the engine evaluates the rings incrementally; the UDF only records radial bins
-    udfs = [BlockPacbedUDF(block=settings.block), VirtualDetectorUDF(center=settings.center_px, rings={})]
+    # images=False: the engine evaluates the rings of new frames itself, incrementally
+    udfs = [BlockPacbedUDF(block=settings.block),
+            VirtualDetectorUDF(center=settings.center_px, alpha_mrad=settings.alpha_mrad,
+                               mrad_per_px=settings.mrad_per_px, rings=settings.rings, images=False)]
     if record is not None:
         from libertem_live.udf.record import RecordUDF  # raw frames (.npy) for a later replay
 
@@ -139,8 +142,9 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
                          mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings)
     final, reason = "aborted", "not started"
+    timing: dict = {}
     try:
-        _iterate(ctx, dataset, settings, engine, roi, grid, record)
+        _iterate(ctx, dataset, settings, engine, roi, grid, record, timing)
         final, reason = "complete", ""
     except KeyboardInterrupt:
         final, reason = "aborted", "interrupted (Ctrl-C)"
@@ -162,13 +166,15 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     summary = RunSummary(Path(settings.out), st["state"], st["reason"], int(st["frames_seen"]), int(st["blocks_done"]),
                          int(st["blocks_total"]), time.perf_counter() - t0,
                          float(np.median(ing)) if ing.size else 0.0, float(ing.max()) if ing.size else 0.0,
-                         float(np.median(dly)) if dly.size else 0.0)
+                         float(np.median(dly)) if dly.size else 0.0,
+                         timing.get("last", 0.0) - timing.get("start", 0.0))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary
 
 
-def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid, record=None) -> None:
+def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid, record=None,
+             timing: dict | None = None) -> None:
     """The acquisition loop, watched: no new result for ``stall_timeout_s`` is a stopped detector."""
     from tqdm import tqdm
 
@@ -179,22 +185,27 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
     seen = [0]
     done = threading.Event()
 
+    timing = {} if timing is None else timing
+
     def consume():
         try:
+            timing["start"] = time.perf_counter()
             it = ctx.run_udf_iter(dataset=dataset, udf=make_udfs(settings, record), roi=roi)
             for res in it:
                 blocks, virtual = res.buffers[0], res.buffers[1]
                 engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},
-                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used")},
+                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used", "ring_values",
+                                                               "recorded")},
                                  res.damage.data)
                 n = int(np.count_nonzero(res.damage.data))
                 if n > seen[0]:
                     last[0] = time.monotonic()
+                    timing["last"] = time.perf_counter()
                 bar.update(n - seen[0])
                 seen[0] = n
                 cal = engine.take_calibration()
-                if cal is not None and settings.center_px is None:
-                    it.update_parameters_experimental([{}, {"center": cal.center_px}])
+                if cal is not None:  # from now on the UDF reads the rings directly
+                    it.update_parameters_experimental([{}, {"center": cal.center_px, "radius_px": cal.radius_px}])
         except BaseException as exc:
             box["error"] = exc
         finally:

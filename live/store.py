@@ -133,24 +133,32 @@ class ResultStore:
 
     def write_blocks(self, indices: np.ndarray, pacbed: np.ndarray, counts: np.ndarray,
                      estimates: Sequence[PacbedEstimate], partial: np.ndarray, frames_seen: int) -> None:
-        """Write analysed blocks (their sums, counts and estimates) and mark them done."""
+        """Write analysed blocks (their sums, counts and estimates) and mark them done.
+
+        The per-block maps are small: they are read, updated and written whole (a few h5py
+        calls instead of one per block and field); only the block PACBEDs go one by one.
+        """
         if self.state != "running":
             raise RuntimeError(f"store {self.path} is closed ({self.state})")
         indices = np.asarray(indices, np.int64).reshape(-1, 2)
-        values = {k: [] for k in MAP_FIELDS}
-        for est, part in zip(estimates, partial):
-            row = estimate_row(est, bool(part))
-            for k in MAP_FIELDS:
-                values[k].append(row[k])
+        ii, jj = indices.T
+        rows = [estimate_row(est, bool(part)) for est, part in zip(estimates, partial)]
         with self._open() as f:
             for n, (i, j) in enumerate(indices):
                 f["blocks/pacbed"][i, j] = pacbed[n]
-                f["blocks/counts"][i, j] = counts[n]
-                f["blocks/partial"][i, j] = partial[n]
-                for k in MAP_FIELDS:
-                    f[f"maps/{k}"][i, j] = values[k][n]
-                f["blocks/done"][i, j] = True  # last: a block marked done is whole
-            f["progress"][...] = [frames_seen, float(f["blocks/done"][()].sum()), time.time()]
+            for k in MAP_FIELDS:
+                ds = f[f"maps/{k}"]
+                full = ds[()]
+                full[ii, jj] = np.stack([r[k] for r in rows])
+                ds[...] = full
+            for name, values in (("blocks/counts", counts), ("blocks/partial", partial)):
+                full = f[name][()]
+                full[ii, jj] = values
+                f[name][...] = full
+            done = f["blocks/done"][()]
+            done[ii, jj] = True  # last: a block marked done is whole
+            f["blocks/done"][...] = done
+            f["progress"][...] = [frames_seen, float(done.sum()), time.time()]
             f.flush()
 
     def write_virtual(self, images: dict[str, np.ndarray], frames_seen: int | None = None) -> None:

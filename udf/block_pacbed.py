@@ -2,8 +2,8 @@
 
 A PACBED is the probe-position average over whole unit cells; summing the frames of a scan
 block gives one per block, which the networks then read.  The sums are order-independent, so
-partitions may finish in any order; frames arrive in their native type (e.g. uint16) and each
-tile is cast to float64, summed, then added to the float32 sums, so nothing overflows.
+partitions may finish in any order; frames arrive in their native type (e.g. uint16) and are
+summed in float32, which holds integer counts exactly up to 2**24 per pixel and cannot overflow.
 """
 from __future__ import annotations
 
@@ -11,6 +11,22 @@ import numpy as np
 from libertem.udf.base import UDF
 
 from .block_grid import BlockGrid
+
+
+def sum_runs(frames: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """float32 sums of consecutive runs of frames.
+
+    Runs of equal length (all of a tile, bar the scan's edges) are summed as one reshaped
+    array -- numpy's ``add.reduceat`` along the first axis is ~20× slower.
+    """
+    out = np.empty((len(starts), *frames.shape[1:]), np.float32)
+    change = np.flatnonzero(np.r_[True, lengths[1:] != lengths[:-1], True])
+    for a, b in zip(change[:-1], change[1:]):  # segments of runs [a, b) with equal length
+        length = int(lengths[a])
+        lo = int(starts[a])
+        chunk = frames[lo:lo + (b - a) * length]
+        out[a:b] = chunk.reshape(b - a, length, *frames.shape[1:]).sum(axis=1, dtype=np.float32)
+    return out
 
 
 class BlockPacbedUDF(UDF):
@@ -45,6 +61,10 @@ class BlockPacbedUDF(UDF):
             raise ValueError(f"BlockPacbedUDF needs a 2D scan, the dataset's navigation shape is {nav}")
         return BlockGrid(nav, self.params.block)
 
+    def get_tiling_preferences(self):
+        """Deep tiles: the per-tile bookkeeping is Python, so fewer, larger tiles are faster."""
+        return {"depth": 256, "total_size": self.TILE_SIZE_MAX}
+
     def get_preferred_input_dtype(self):
         """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
         return self.USE_NATIVE_DTYPE
@@ -63,14 +83,25 @@ class BlockPacbedUDF(UDF):
         grid = self._grid()
         ids = grid.flat_block_of(self.meta.coordinates)
         # frames of a tile come in raster order: sum each run of frames of the same block at once
+        # (float32 is exact for integer counts below 2**24 per pixel and run), then the runs of
+        # each block (a tile spanning several scan rows meets a block more than once)
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-        run_sums = np.add.reduceat(np.asarray(tile, np.float64), starts, axis=0)
         run_lengths = np.diff(np.r_[starts, len(ids)])
-        sig_part = self.meta.sig_slice.get(sig_only=True)
-        rows, cols = np.divmod(ids[starts], grid.shape[1])
-        np.add.at(self.results.pacbed, (rows, cols) + tuple(sig_part), run_sums.astype(np.float32))
+        run_sums = sum_runs(np.asarray(tile), starts, run_lengths)
+        run_ids = ids[starts]
+        order = np.argsort(run_ids, kind="stable")
+        sorted_ids = run_ids[order]
+        firsts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        if len(firsts) < len(order):
+            run_sums = np.add.reduceat(run_sums[order], firsts, axis=0)
+            run_lengths = np.add.reduceat(run_lengths[order], firsts)
+        else:
+            run_sums, run_lengths = run_sums[order], run_lengths[order]
+        rows, cols = np.divmod(sorted_ids[firsts], grid.shape[1])
+        sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
+        self.results.pacbed[(rows, cols) + sig_part] += run_sums  # unique blocks: no repeated index
         if self._first_sig_tile():
-            np.add.at(self.results.counts, (rows, cols), run_lengths)
+            self.results.counts[rows, cols] += run_lengths
 
     def _first_sig_tile(self) -> bool:
         """Count frames once even when LiberTEM splits frames into several signal tiles."""

@@ -78,8 +78,20 @@ def bin_matrix(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: 
     return m
 
 
+def ring_masks(sig_shape: tuple[int, int], center: tuple[float, float], radii: list[tuple[float, float]],
+               sig_slice: tuple[slice, slice] | None = None, subsample: int = 4) -> np.ndarray:
+    """Dense (pixels, n_rings) float32 masks: the share of each pixel's sub-pixels inside each ring."""
+    rr, cc = np.indices(sig_shape, dtype=np.float64)
+    if sig_slice is not None:
+        rr, cc = rr[sig_slice], cc[sig_slice]
+    offs = (np.arange(subsample) + 0.5) / subsample - 0.5
+    orow, ocol = (o.ravel() for o in np.meshgrid(offs, offs, indexing="ij"))
+    r = np.hypot(rr.ravel()[:, None] + orow[None, :] - center[0], cc.ravel()[:, None] + ocol[None, :] - center[1])
+    return np.stack([((r >= lo) & (r < hi)).mean(axis=1) for lo, hi in radii], axis=1).astype(np.float32)
+
+
 def bin_frames(frames: np.ndarray, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(n, h, w) frames -> radial sums (n, n_bins) and dipoles (n, n_bins, 2)."""
+    """(n, h, w) or (n, pixels) frames -> radial sums (n, n_bins) and dipoles (n, n_bins, 2)."""
     flat = np.asarray(frames, np.float32).reshape(len(frames), -1)
     out = np.asarray(matrix.T @ flat.T).T
     nb = out.shape[1] // 3

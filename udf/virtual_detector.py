@@ -1,20 +1,28 @@
-"""`VirtualDetectorUDF`: BF/ABF/ADF/HAADF images from per-frame radial bins.
+"""`VirtualDetectorUDF`: BF/ABF/ADF/HAADF images, with rings that may be chosen after calibration.
 
-Frames are reduced to radial bins (and their dipoles) around the current disk centre; the
-rings are applied afterwards, so they can be chosen -- or the disk size calibrated -- after the
-frames have gone.  When the centre is found during the run, the live engine passes it with
-LiberTEM's ``update_parameters_experimental``; frames binned around an earlier centre are
-corrected to first order from their dipoles (see `radial_bins`).
+Two ways of recording a frame:
+
+* *bins*: radial bins (and their dipoles) around the current centre -- any ring can be read
+  from them later, and frames binned around a provisional centre are corrected to the
+  calibrated one to first order (see `radial_bins`).  Used while the disk centre or size is
+  not known yet, or always with ``mode="bins"``.
+* *rings*: once centre and ring radii are known, each frame is multiplied with the ring masks
+  (sub-pixel weights, one dense matrix product) -- a single pass over the frame, so the live
+  path keeps up with the detector.
+
+The live engine passes the centre and disk radius found on the first analysed block with
+LiberTEM's ``update_parameters_experimental``; frames already recorded as bins are not lost.
 """
 from __future__ import annotations
 
 import numpy as np
 from libertem.udf.base import UDF
 
-from .radial_bins import DEFAULT_RINGS, RingScale, bin_frames, bin_matrix, bright_disk_center, n_bins_for, ring_signal
-
+from .radial_bins import (DEFAULT_RINGS, RingScale, bin_frames, bin_matrix, bright_disk_center, n_bins_for,
+                          ring_masks, ring_signal)
 
 PROVISIONAL_FRAMES = 8
+BINS, RINGS = 1, 2  # values of the per-frame ``recorded`` result
 
 
 class VirtualDetectorUDF(UDF):
@@ -33,16 +41,21 @@ class VirtualDetectorUDF(UDF):
         {name: (inner, outer, unit)} with unit 'alpha', 'mrad' or 'px'; default BF 0-0.5 α,
         ABF 0.5-1 α, ADF 1.5-3 α, HAADF 3-4.5 α.
     bin_px
-        Width of the recorded radial bins in pixels (0.5: ring edges and the recentering stay
-        accurate for small disks, e.g. 4-5 px radius).
+        Width of the radial bins in pixels (0.5: ring edges and the recentering stay accurate
+        for small disks, e.g. 4-5 px radius).
     true_center
-        Centre to evaluate the rings around, when it differs from the recording centre
-        (first-order dipole correction); default: the current ``center``.
+        Centre to evaluate binned frames around, when it differs from the recording centre
+        (first-order dipole correction); default: ``center``.
+    mode
+        "auto": rings directly once ``center`` and the ring radii are known, bins before;
+        "bins": always bins (rings can still be changed after the run).
+    images
+        Compute the ring images in ``get_results`` (off in the live engine, which does it itself).
 
     Results
     -------
-    One (scan) image per ring, plus ``radial`` (n_bins) and ``dipole`` (n_bins, 2) per frame and
-    ``center_used`` (2) per frame, from which any ring can be evaluated later.
+    One image per ring; per frame ``radial`` (n_bins), ``dipole`` (n_bins, 2), ``center_used``
+    (2), ``ring_values`` (n_rings) and ``recorded`` (1 bins, 2 rings, 0 not yet).
 
     Examples
     --------
@@ -53,12 +66,16 @@ class VirtualDetectorUDF(UDF):
 
     def __init__(self, center: tuple[float, float] | None = None, radius_px: float | None = None,
                  alpha_mrad: float | None = None, mrad_per_px: float | None = None,
-                 rings: dict | None = None, bin_px: float = 0.5, true_center: tuple[float, float] | None = None):
-        rings = {k: tuple(v) for k, v in (rings or DEFAULT_RINGS).items()}
+                 rings: dict | None = None, bin_px: float = 0.5, true_center: tuple[float, float] | None = None,
+                 mode: str = "auto", images: bool = True):
+        if mode not in ("auto", "bins"):
+            raise ValueError(f"mode must be 'auto' or 'bins', got {mode!r}")
+        rings = {k: tuple(v) for k, v in (DEFAULT_RINGS if rings is None else rings).items()}
         super().__init__(center=None if center is None else tuple(float(c) for c in center),
                          radius_px=radius_px, alpha_mrad=alpha_mrad, mrad_per_px=mrad_per_px,
                          rings=rings, bin_px=float(bin_px),
-                         true_center=None if true_center is None else tuple(float(c) for c in true_center))
+                         true_center=None if true_center is None else tuple(float(c) for c in true_center),
+                         mode=mode, images=images)
 
     def _sig(self) -> tuple[int, int]:
         sig = tuple(self.meta.dataset_shape.sig)
@@ -86,6 +103,18 @@ class VirtualDetectorUDF(UDF):
             mpp = p.alpha_mrad / radius
         return RingScale(radius_px=radius, mrad_per_px=mpp)
 
+    def rings_px(self) -> list[tuple[float, float]] | None:
+        """Inner/outer radius of each ring in pixels, or None while the scale is unknown."""
+        scale = self.scale()
+        try:
+            return [(scale.to_px(a, u), scale.to_px(b, u)) for a, b, u in self.params.rings.values()]
+        except ValueError:
+            return None
+
+    def get_tiling_preferences(self):
+        """Deep tiles: the per-tile bookkeeping is Python, so fewer, larger tiles are faster."""
+        return {"depth": 256, "total_size": self.TILE_SIZE_MAX}
+
     def get_preferred_input_dtype(self):
         """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
         return self.USE_NATIVE_DTYPE
@@ -96,57 +125,77 @@ class VirtualDetectorUDF(UDF):
             "radial": self.buffer(kind="nav", extra_shape=(nb,), dtype=np.float32),
             "dipole": self.buffer(kind="nav", extra_shape=(nb, 2), dtype=np.float32),
             "center_used": self.buffer(kind="nav", extra_shape=(2,), dtype=np.float32),
+            "ring_values": self.buffer(kind="nav", extra_shape=(max(1, len(self.params.rings)),), dtype=np.float32),
+            "recorded": self.buffer(kind="nav", dtype=np.uint8),
         }
-        for name in self.params.rings:
-            bufs[name] = self.buffer(kind="nav", dtype=np.float32, use="result_only")
+        if self.params.images:
+            for name in self.params.rings:
+                bufs[name] = self.buffer(kind="nav", dtype=np.float32, use="result_only")
         return bufs
 
     def get_task_data(self):
         return {"matrices": {}}
 
     def process_tile(self, tile):
-        if self.params.center is None and "provisional" not in self.task_data.matrices:
+        cache = self.task_data.matrices
+        if self.params.center is None and "provisional" not in cache:
             if tuple(tile.shape[1:]) == self._sig():  # full frames: locate the disk once per partition
                 # from the partition's first frames only, so any tiling gives the same centre
                 first = np.asarray(tile[:PROVISIONAL_FRAMES], np.float64).sum(axis=0)
-                self.task_data.matrices["provisional"] = bright_disk_center(first)
+                cache["provisional"] = bright_disk_center(first)
         center = self._center()
         sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
-        key = (center, tuple((s.start, s.stop) for s in sig_part))
-        cache = self.task_data.matrices
+        radii = self.rings_px() if (self.params.mode == "auto" and self.params.center is not None) else None
+        key = (center, tuple(radii) if radii else None, tuple((s.start, s.stop) for s in sig_part))
         if key not in cache:
             for k in [k for k in cache if k != "provisional"]:
-                del cache[k]  # a new centre: the old matrices are not needed again
-            cache[key] = bin_matrix(self._sig(), center, self.params.bin_px,
-                                    self.results.radial.shape[-1], sig_part)
-        radial, dipole = bin_frames(tile, cache[key])
-        self.results.radial[:] += radial
-        self.results.dipole[:] += dipole
+                del cache[k]  # a new centre or scale: the old matrices are not needed again
+            cache[key] = (ring_masks(self._sig(), center, radii, sig_part) if radii else
+                          bin_matrix(self._sig(), center, self.params.bin_px, self.results.radial.shape[-1], sig_part))
+        flat = np.asarray(tile, np.float32).reshape(len(tile), -1)
+        if radii:
+            self.results.ring_values[:] += flat @ cache[key]  # sig tiles add up
+            self.results.recorded[:] = RINGS
+        else:
+            radial, dipole = bin_frames(flat, cache[key])
+            self.results.radial[:] += radial
+            self.results.dipole[:] += dipole
+            self.results.recorded[:] = BINS
         self.results.center_used[:] = center
 
     def get_results(self):
-        out = {"radial": self.results.radial, "dipole": self.results.dipole, "center_used": self.results.center_used}
-        images = ring_images(out["radial"], out["dipole"], out["center_used"], self.params.rings, self.scale(),
-                             self.params.bin_px, self.params.true_center or self.params.center)
-        out.update(images)
+        out = {k: getattr(self.results, k) for k in ("radial", "dipole", "center_used", "ring_values", "recorded")}
+        if self.params.images:
+            out.update(ring_images(out, self.params.rings, self.scale(), self.params.bin_px,
+                                   self.params.true_center or self.params.center))
         return out
 
 
-def ring_images(radial: np.ndarray, dipole: np.ndarray, center_used: np.ndarray, rings: dict,
-                scale: RingScale, bin_px: float, true_center: tuple[float, float] | None) -> dict[str, np.ndarray]:
-    """Ring signals for frames of any leading shape; NaN when the ring scale is not known yet."""
+def ring_images(record: dict, rings: dict, scale: RingScale, bin_px: float,
+                true_center: tuple[float, float] | None) -> dict[str, np.ndarray]:
+    """Ring signals for frames of any leading shape from a VirtualDetectorUDF record
+    (``radial``, ``dipole``, ``center_used``, ``ring_values``, ``recorded``); NaN where the ring
+    scale is not known yet or the frame was not recorded."""
+    radial = record["radial"]
     lead = radial.shape[:-1]
     r = radial.reshape(-1, radial.shape[-1])
-    d = dipole.reshape(-1, *dipole.shape[-2:])
+    d = record["dipole"].reshape(-1, *record["dipole"].shape[-2:])
+    recorded = record["recorded"].reshape(-1)
+    direct = record["ring_values"].reshape(len(recorded), -1)
     shift = None
     if true_center is not None:
-        shift = np.asarray(true_center, np.float64) - center_used.reshape(-1, 2).astype(np.float64)
+        shift = np.asarray(true_center, np.float64) - record["center_used"].reshape(-1, 2).astype(np.float64)
     out = {}
-    for name, (inner, outer, unit) in rings.items():
-        try:
-            lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
-        except ValueError:
-            out[name] = np.full(lead, np.nan, np.float32)
-            continue
-        out[name] = ring_signal(r, d, lo, hi, bin_px, shift).astype(np.float32).reshape(lead)
+    for i, (name, (inner, outer, unit)) in enumerate(rings.items()):
+        img = np.full(len(recorded), np.nan, np.float32)
+        img[recorded == RINGS] = direct[recorded == RINGS, i]
+        binned = recorded == BINS
+        if binned.any():
+            try:
+                lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
+                img[binned] = ring_signal(r[binned], d[binned], lo, hi, bin_px,
+                                          None if shift is None else shift[binned])
+            except ValueError:
+                pass
+        out[name] = img.reshape(lead)
     return out

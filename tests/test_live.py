@@ -44,22 +44,26 @@ def replayed(scan, tmp_path_factory):
     return read_store(out)
 
 
-def assert_same_maps(a: dict, b: dict, virtual_rtol: float = 0.05):
-    """Block maps and sums to float tolerance; virtual images to ``virtual_rtol``.
+def assert_same_maps(a: dict, b: dict, virtual_rtol: float | None = None):
+    """Block maps and sums to float tolerance; virtual images to ``virtual_rtol`` if given.
 
-    The inline executor calibrates the centre after the same partition live and in a replay,
-    so its virtual images agree to float tolerance too; pipelined and Dask runs have partitions
-    in flight when the centre arrives, recorded around the provisional centre and corrected to
-    first order -- at the demo's 4.7 px disk that leaves differences of ~2 %.
+    The inline executor calibrates the centre after the same partition live and in a replay, so
+    its virtual images agree to float tolerance too.  Otherwise (pipelined, Dask, readers that
+    partition by themselves) the frames recorded as radial bins before the calibration differ:
+    bins evaluated around the calibrated centre (first-order shift, linear inside 0.5 px bins)
+    and direct ring masks agree to ~1 % typically and 10 % at worst for the demo's 4.7 px disk
+    -- checked as a median and a maximum.
     """
     for k in EXACT_MAPS:
         np.testing.assert_allclose(a["maps"][k], b["maps"][k], rtol=1e-5, atol=1e-6, err_msg=k, equal_nan=True)
     np.testing.assert_allclose(a["blocks"]["pacbed"], b["blocks"]["pacbed"], rtol=1e-6)
     np.testing.assert_array_equal(a["blocks"]["counts"], b["blocks"]["counts"])
     for k in a["virtual"]:
-        # rings are evaluated from radial bins recorded around provisional centres until the first
-        # block calibrates the centre; live and replay calibrate at different frames
-        np.testing.assert_allclose(a["virtual"][k], b["virtual"][k], rtol=virtual_rtol, err_msg=k)
+        if virtual_rtol is not None:
+            np.testing.assert_allclose(a["virtual"][k], b["virtual"][k], rtol=virtual_rtol, err_msg=k)
+        else:
+            rel = np.abs(a["virtual"][k] / b["virtual"][k] - 1)
+            assert np.median(rel) < 0.01 and rel.max() < 0.10, (k, np.median(rel), rel.max())
 
 
 def test_live_inline_active_equals_replay_and_matches_truth(scan, replayed, tmp_path):
@@ -160,7 +164,7 @@ def test_replay_formats(scan, replayed, tmp_path, fmt):
     out = tmp_path / "r.h5"
     replay(path, settings(out, meta), **extra)
     # LiberTEM's HDF5 reader chooses its own partitions (no num_partitions): see assert_same_maps
-    assert_same_maps(read_store(out), replayed, virtual_rtol=0.05 if fmt in ("hdf5", "dectris-master") else 1e-5)
+    assert_same_maps(read_store(out), replayed, virtual_rtol=None if fmt in ("hdf5", "dectris-master") else 1e-5)
 
 
 def free_port() -> int:

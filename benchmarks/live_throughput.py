@@ -129,14 +129,14 @@ class RssSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
         import psutil
 
         me = psutil.Process()
         t0 = time.monotonic()
-        while not self._stop.wait(1.0):
+        while not self._halt.wait(1.0):
             total = 0
             for p in [me] + me.children(recursive=True):
                 try:
@@ -146,7 +146,7 @@ class RssSampler(threading.Thread):
             self.samples.append((time.monotonic() - t0, total / 2**20))
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import DEFAULT_RINGS, RingScale
-from ..udf.virtual_detector import ring_images
+from ..udf.virtual_detector import BINS, RINGS, ring_images
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
@@ -224,9 +224,8 @@ class BlockEngine:
         scale = self._ring_scale()
         if scale is None or flat.size == 0:
             return
-        record = {k: v[flat] for k, v in self._bins.items()}
         center = self.calibration.center_px if self.calibration is not None else None
-        values = ring_images(record, self.rings, scale, self.bin_px, center)
+        values = self._ring_values(flat, scale, center)
         images = {}
         for name in self.rings:
             img = self.state.virtual[name].copy()
@@ -239,6 +238,24 @@ class BlockEngine:
             self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
+
+    def _ring_values(self, flat: np.ndarray, scale: RingScale, center) -> dict[str, np.ndarray]:
+        """Ring signals of frames ``flat``: read directly where the UDF recorded rings, evaluated
+        from the radial bins (gathered only for those frames) elsewhere."""
+        recorded = self._bins["recorded"][flat]
+        binned = flat[recorded == BINS]
+        values = {name: np.full(len(flat), np.nan, np.float32) for name in self.rings}
+        direct = recorded == RINGS
+        if direct.any():
+            ring_values = self._bins["ring_values"][flat[direct]]
+            for i, name in enumerate(self.rings):
+                values[name][direct] = ring_values[:, i]
+        if binned.size:
+            record = {k: self._bins[k][binned] for k in ("radial", "dipole", "center_used", "ring_values", "recorded")}
+            from_bins = ring_images(record, self.rings, scale, self.bin_px, center)
+            for name in self.rings:
+                values[name][recorded == BINS] = from_bins[name]
+        return values
 
     # -- end -------------------------------------------------------------------------------
     def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0) -> None:

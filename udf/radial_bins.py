@@ -134,37 +134,58 @@ def _cum_at(cum: np.ndarray, per_bin: np.ndarray, x: np.ndarray) -> np.ndarray:
     return base + frac * inside
 
 
-def cumulative(radial: np.ndarray, dipole: np.ndarray, radius_px: float, bin_px: float,
-               shift: np.ndarray | None = None, n_phi: int = 64) -> np.ndarray:
-    """Intensity inside radius R around (recording centre + ``shift`` (n, 2) px), per frame.
+class BinnedFrames:
+    """Frames recorded as radial bins (+ dipoles), read out as the intensity inside any radius.
 
-    Without a shift: the cumulative radial profile, linear inside a bin.  With one: the frame
-    is modelled by its monopole and dipole per bin, ρ(r, φ) = (m(r) + 2 d(r)·û(φ)) / 2π, and
-    integrated over the shifted disk, whose edge lies at r(φ) = δ·û + sqrt(R² − |δ|² + (δ·û)²).
+    Without a shift: the cumulative radial profile, linear inside a bin.  With one (the
+    calibrated centre minus the recording centre, per frame): each frame is modelled by its
+    monopole and dipole per bin, ρ(r, φ) = (m(r) + 2 d(r)·û(φ)) / 2π, and integrated over the
+    shifted disk, whose edge lies at r(φ) = δ·û + sqrt(R² − |δ|² + (δ·û)²).  The integrand is
+    periodic and smooth in φ: 16 angles give the accuracy of 64 (measured).  Cumulative sums
+    and readings at a radius are computed once and shared by rings with a common edge.
     """
-    n = radial.shape[0]
-    if radius_px <= 0:
-        return np.zeros(n, np.float64)
-    radial = radial.astype(np.float64)
-    cum_m = np.concatenate([np.zeros((n, 1)), np.cumsum(radial, axis=1)], axis=1)
-    if shift is None or not np.any(shift):
-        return _cum_at(cum_m, radial, np.full((n, 1), radius_px / bin_px))[:, 0]
-    dipole = dipole.astype(np.float64)
-    cum_d = np.concatenate([np.zeros((n, 1, 2)), np.cumsum(dipole, axis=1)], axis=1)
-    phi = (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
-    u = np.stack([np.cos(phi), np.sin(phi)], axis=-1)  # (φ, 2) in (row, col)
-    du = shift @ u.T  # (n, φ)
-    edge = du + np.sqrt(np.maximum(radius_px ** 2 - (shift ** 2).sum(axis=1, keepdims=True) + du ** 2, 0.0))
-    x = edge / bin_px
-    mono = _cum_at(cum_m, radial, x)  # (n, φ)
-    dip = _cum_at(cum_d, dipole, x)  # (n, φ, 2)
-    return (mono + 2 * np.einsum("nfk,fk->nf", dip, u)).mean(axis=1)
+
+    def __init__(self, radial: np.ndarray, dipole: np.ndarray, bin_px: float, shift: np.ndarray | None = None,
+                 n_phi: int = 16):
+        self.n = radial.shape[0]
+        self.bin_px = bin_px
+        self.radial = radial.astype(np.float64)
+        self.cum_m = np.concatenate([np.zeros((self.n, 1)), np.cumsum(self.radial, axis=1)], axis=1)
+        self.shift = None if shift is None or not np.any(shift) else np.asarray(shift, np.float64)
+        if self.shift is not None:
+            self.dipole = dipole.astype(np.float64)
+            self.cum_d = np.concatenate([np.zeros((self.n, 1, 2)), np.cumsum(self.dipole, axis=1)], axis=1)
+            phi = (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
+            self.u = np.stack([np.cos(phi), np.sin(phi)], axis=-1)  # (φ, 2) in (row, col)
+            self.du = self.shift @ self.u.T  # (n, φ)
+            self.d2 = (self.shift ** 2).sum(axis=1, keepdims=True)
+        self._inside: dict[float, np.ndarray] = {}
+
+    def inside(self, radius_px: float) -> np.ndarray:
+        """Intensity inside ``radius_px`` of the (shifted) centre, per frame."""
+        radius_px = float(radius_px)
+        if radius_px not in self._inside:
+            self._inside[radius_px] = self._compute(radius_px)
+        return self._inside[radius_px]
+
+    def _compute(self, radius_px: float) -> np.ndarray:
+        if radius_px <= 0:
+            return np.zeros(self.n, np.float64)
+        if self.shift is None:
+            return _cum_at(self.cum_m, self.radial, np.full((self.n, 1), radius_px / self.bin_px))[:, 0]
+        edge = self.du + np.sqrt(np.maximum(radius_px ** 2 - self.d2 + self.du ** 2, 0.0))
+        x = edge / self.bin_px
+        mono = _cum_at(self.cum_m, self.radial, x)  # (n, φ)
+        dip = _cum_at(self.cum_d, self.dipole, x)  # (n, φ, 2)
+        return (mono + 2 * np.einsum("nfk,fk->nf", dip, self.u)).mean(axis=1)
+
+    def ring(self, inner_px: float, outer_px: float) -> np.ndarray:
+        if outer_px <= inner_px:
+            raise ValueError(f"ring outer radius {outer_px} px must exceed its inner radius {inner_px} px")
+        return self.inside(outer_px) - self.inside(inner_px)
 
 
 def ring_signal(radial: np.ndarray, dipole: np.ndarray, inner_px: float, outer_px: float, bin_px: float,
                 shift: np.ndarray | None = None) -> np.ndarray:
     """Per-frame intensity in the ring [inner, outer) around (centre used + shift)."""
-    if outer_px <= inner_px:
-        raise ValueError(f"ring outer radius {outer_px} px must exceed its inner radius {inner_px} px")
-    return (cumulative(radial, dipole, outer_px, bin_px, shift)
-            - cumulative(radial, dipole, inner_px, bin_px, shift))
+    return BinnedFrames(radial, dipole, bin_px, shift).ring(inner_px, outer_px)

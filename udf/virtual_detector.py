@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from libertem.udf.base import UDF
 
-from .radial_bins import (DEFAULT_RINGS, RingScale, bin_frames, bin_matrix, bright_disk_center, n_bins_for,
-                          ring_masks, ring_signal)
+from .radial_bins import (DEFAULT_RINGS, BinnedFrames, RingScale, bin_frames, bin_matrix, bright_disk_center,
+                          n_bins_for, ring_masks)
 
 PROVISIONAL_FRAMES = 8
 BINS, RINGS = 1, 2  # values of the per-frame ``recorded`` result
@@ -71,6 +71,10 @@ class VirtualDetectorUDF(UDF):
         if mode not in ("auto", "bins"):
             raise ValueError(f"mode must be 'auto' or 'bins', got {mode!r}")
         rings = {k: tuple(v) for k, v in (DEFAULT_RINGS if rings is None else rings).items()}
+        for name, (inner, outer, unit) in rings.items():
+            if not 0 <= inner < outer or unit not in ("alpha", "mrad", "px"):
+                raise ValueError(f"ring {name!r}: need 0 <= inner < outer and unit alpha, mrad or px; "
+                                 f"got ({inner}, {outer}, {unit!r})")
         super().__init__(center=None if center is None else tuple(float(c) for c in center),
                          radius_px=radius_px, alpha_mrad=alpha_mrad, mrad_per_px=mrad_per_px,
                          rings=rings, bin_px=float(bin_px),
@@ -186,16 +190,18 @@ def ring_images(record: dict, rings: dict, scale: RingScale, bin_px: float,
     if true_center is not None:
         shift = np.asarray(true_center, np.float64) - record["center_used"].reshape(-1, 2).astype(np.float64)
     out = {}
+    binned = recorded == BINS
+    frames = BinnedFrames(r[binned], d[binned], bin_px, None if shift is None else shift[binned]) \
+        if binned.any() else None
     for i, (name, (inner, outer, unit)) in enumerate(rings.items()):
         img = np.full(len(recorded), np.nan, np.float32)
         img[recorded == RINGS] = direct[recorded == RINGS, i]
-        binned = recorded == BINS
-        if binned.any():
+        if frames is not None:
             try:
                 lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
-                img[binned] = ring_signal(r[binned], d[binned], lo, hi, bin_px,
-                                          None if shift is None else shift[binned])
-            except ValueError:
-                pass
+            except ValueError:  # the scale is not known yet: NaN until it is
+                lo = hi = None
+            if lo is not None:
+                img[binned] = frames.ring(lo, hi)
         out[name] = img.reshape(lead)
     return out

@@ -10,12 +10,14 @@ FRAME_STACK = 128
 
 
 def frames_per_partition(scan_shape: tuple[int, int], block: tuple[int, int], cap: int = 4096) -> int:
-    """Whole block rows per partition where they fit: a partition then completes blocks, and its
-    BlockPacbedUDF buffer carries few touched blocks."""
-    row = block[0] * scan_shape[1]
-    if row <= cap:
-        return row
-    return max(scan_shape[1], cap // scan_shape[1] * scan_shape[1])
+    """Whole scan rows per partition, as many as divide a block row and fit under ``cap``.
+
+    A block completes when the partition holding its last frame ends; partitions that end on
+    block-row boundaries make that happen within a scan row of its last frame, and few blocks
+    are touched per partition (small BlockPacbedUDF buffers to merge).
+    """
+    rows = max([m for m in range(1, block[0] + 1) if block[0] % m == 0 and m * scan_shape[1] <= cap] or [1])
+    return rows * scan_shape[1]
 
 
 def live(settings: Settings, *, detector: str, api_host: str, api_port: int, data_host: str, data_port: int,
@@ -47,8 +49,8 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
                                   frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
         return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record,
                             analyzer=analyzer)
-    except StreamStalled:
-        stuck = True  # the receiver is blocked in the detector library: closing it would block or fail
+    except (StreamStalled, KeyboardInterrupt):
+        stuck = True  # the receiver may be blocked in the detector library: closing it would block or fail
         raise
     finally:
         if not stuck:

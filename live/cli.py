@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # incl. ModelMismatch
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError) as exc:  # incl. ModelMismatch
         print(f"stemlive {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--pub", default="tcp://127.0.0.1:5557", help="publisher PUB address")
     ap.add_argument("--rep", default="tcp://127.0.0.1:5558", help="publisher REP address")
     ap.add_argument("--no-publish", action="store_true", help="no ZMQ publisher (store only)")
+    ap.add_argument("--token", default=os.environ.get("STEMLIVE_TOKEN"),
+                    help="access token; required to publish on an address other than 127.0.0.1 "
+                         "(default: $STEMLIVE_TOKEN)")
     ap.add_argument("--stall-timeout", type=float, default=30.0,
                     help="seconds without frames before the run is aborted (default 30)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -36,7 +40,7 @@ def settings_from(args) -> Settings:
                     scan_rotation_deg=args.scan_rotation_deg, center_px=tuple(args.center) if args.center else None,
                     models_dir=args.models, backend=args.backend, overwrite=args.overwrite,
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
-                    stall_timeout_s=args.stall_timeout, progress=not args.quiet)
+                    stall_timeout_s=args.stall_timeout, progress=not args.quiet, token=args.token)
 
 
 def add_parsers(sub) -> None:
@@ -89,6 +93,9 @@ def report(summary: RunSummary) -> int:
 def _guarded(fn) -> int:
     try:
         return report(fn())
+    except KeyboardInterrupt:
+        exit_stuck("stemlive: interrupted (Ctrl-C); the result store is closed as aborted with every "
+                   "completed block", code=130)
     except StreamStalled as exc:
         exit_stuck(f"stemlive: acquisition aborted: {exc}")
     except AcquisitionError as exc:
@@ -96,14 +103,14 @@ def _guarded(fn) -> int:
         return 1
 
 
-def exit_stuck(message: str) -> None:
+def exit_stuck(message: str, code: int = 1) -> None:
     """Report, then leave at once: a receiver thread blocked in the detector library would keep the
     process alive (or crash it at interpreter shutdown).  The store is already closed (aborted)."""
     import os
 
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(1)
+    os._exit(code)
 
 
 def run_live(args) -> int:

@@ -80,6 +80,8 @@ def run(args) -> int:
             summary = live(settings, detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
                            data_host="127.0.0.1", data_port=sim.data_port, scan_shape=data.shape[:2],
                            executor=args.executor)
+    except KeyboardInterrupt:
+        exit_stuck(f"stemlive demo: interrupted (Ctrl-C); partial results in {out} (state aborted)", code=130)
     except StreamStalled as exc:
         exit_stuck(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})")
     except AcquisitionError as exc:

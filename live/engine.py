@@ -43,6 +43,7 @@ class Calibration:
 class EngineStats:
     ingest_s: list = field(default_factory=list)  # time on_result took, per result
     block_delay_s: list = field(default_factory=list)  # block complete -> stored and published
+    stored_at: dict = field(default_factory=dict)  # (i, j) -> time.perf_counter() when stored
     batches: int = 0
 
 
@@ -173,6 +174,7 @@ class BlockEngine:
                 self.publisher.blocks(seq, idx[sl], arrays)
             now = time.perf_counter()
             self.stats.block_delay_s.extend(now - t for t in t_complete[sl])
+            self.stats.stored_at.update({(int(i), int(j)): now for i, j in idx[sl]})
             self.stats.batches += 1
             if self.calibration is None:
                 self._calibrate(estimates)

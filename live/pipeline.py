@@ -58,6 +58,7 @@ class Settings:
     rep: str | None = "tcp://127.0.0.1:5558"
     overwrite: bool = False
     stall_timeout_s: float = 30.0  # no new frames for this long: the detector has stopped
+    token: str | None = None  # access token, needed to publish beyond 127.0.0.1
     progress: bool = True
 
 
@@ -74,6 +75,10 @@ class RunSummary:
     ingest_ms_max: float
     block_delay_ms_median: float
     acquisition_s: float = 0.0  # first to last UDF result: the frame ingest itself
+    block_delay_ms_p90: float = 0.0
+    block_stored_s: np.ndarray | None = None  # per block: stored this long after the acquisition started
+    first_result_s: float = 0.0  # the first UDF result, after the acquisition started
+    first_result_frames: int = 0  # frames in it
 
 
 def load_analyzer(settings: Settings):
@@ -137,7 +142,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     state = LiveState(layout, meta)
     publisher = None
     if settings.pub and settings.rep:
-        publisher = Publisher(state, settings.pub, settings.rep)
+        publisher = Publisher(state, settings.pub, settings.rep, token=settings.token)
         state.meta["pub"], state.meta["rep"] = publisher.pub_address, publisher.rep_address
     engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
                          mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings)
@@ -167,10 +172,20 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
                          int(st["blocks_total"]), time.perf_counter() - t0,
                          float(np.median(ing)) if ing.size else 0.0, float(ing.max()) if ing.size else 0.0,
                          float(np.median(dly)) if dly.size else 0.0,
-                         timing.get("last", 0.0) - timing.get("start", 0.0))
+                         timing.get("last", 0.0) - timing.get("start", 0.0),
+                         float(np.percentile(dly, 90)) if dly.size else 0.0,
+                         stored_times(engine, grid, timing.get("start")),
+                         timing.get("first", 0.0) - timing.get("start", 0.0), int(timing.get("first_frames", 0)))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary
+
+
+def stored_times(engine: BlockEngine, grid: BlockGrid, start: float | None) -> np.ndarray:
+    out = np.full(grid.shape, np.nan)
+    for (i, j), t in engine.stats.stored_at.items():
+        out[i, j] = t - (start or 0.0)
+    return out
 
 
 def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid, record=None,
@@ -201,6 +216,8 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
                 if n > seen[0]:
                     last[0] = time.monotonic()
                     timing["last"] = time.perf_counter()
+                    if "first" not in timing:
+                        timing["first"], timing["first_frames"] = timing["last"], n
                 bar.update(n - seen[0])
                 seen[0] = n
                 cal = engine.take_calibration()

@@ -3,7 +3,8 @@
 PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values), ``virtual``
 (rows of the virtual images), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
-Both sockets bind 127.0.0.1 unless told otherwise.
+Both sockets bind 127.0.0.1 unless told otherwise; any other address needs an access token
+(`security.py`: CURVE keys derived from it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import numpy as np
 import zmq
 
+from .security import check_bind, secure_server
 from .state import LiveState
 from .wire import encode
 
@@ -22,14 +24,19 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(self, state: LiveState, pub: str = "tcp://127.0.0.1:5557", rep: str = "tcp://127.0.0.1:5558",
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, token: str | None = None):
+        check_bind(pub, token)
+        check_bind(rep, token)
         self.state = state
         self.ctx = context or zmq.Context.instance()
         self._pub = self.ctx.socket(zmq.PUB)
+        self._rep = self.ctx.socket(zmq.REP)
+        if token:  # encrypted, and only clients that know the token can connect
+            secure_server(self._pub, token)
+            secure_server(self._rep, token)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 1000)  # a slow subscriber loses messages, never stalls us
         self.pub_address = self._bind(self._pub, pub)
-        self._rep = self.ctx.socket(zmq.REP)
         self._rep.setsockopt(zmq.LINGER, 0)
         self.rep_address = self._bind(self._rep, rep)
         self._pub_lock = threading.Lock()

@@ -166,7 +166,8 @@ class SimDetector:
 
 def add_parser(sub) -> None:
     ap = sub.add_parser("sim-detector", help="serve a dataset as a DECTRIS detector (REST API + ZMQ stream)")
-    ap.add_argument("input", type=Path, help=".npy, synthetic scan directory, or any dataset LiberTEM reads")
+    ap.add_argument("input", type=Path,
+                    help=".npy, synthetic scan directory, any dataset LiberTEM reads, or a .dump written before")
     ap.add_argument("--dwell-us", type=int, default=None, help="frame time in µs (default: as fast as possible)")
     ap.add_argument("--api-port", type=int, default=8910)
     ap.add_argument("--data-port", type=int, default=9999)
@@ -177,14 +178,20 @@ def add_parser(sub) -> None:
 
 
 def run_cli(args) -> int:
-    data = input_array(args.input, args.scan_shape, args.cache)
-    dump = dump_for(data, args.input if not Path(args.input).is_dir() else Path(args.input) / "frames.npy",
-                    args.encoding, cache=args.cache)
+    if Path(args.input).suffix == ".dump":  # a stream dump written before: served as it is
+        dump, what = Path(args.input), f"stream dump {args.input}"
+        if not dump.exists():
+            raise FileNotFoundError(f"{dump} does not exist")
+    else:
+        data = input_array(args.input, args.scan_shape, args.cache)
+        dump = dump_for(data, args.input if not Path(args.input).is_dir() else Path(args.input) / "frames.npy",
+                        args.encoding, cache=args.cache)
+        what = (f"scan {data.shape[0]}×{data.shape[1]}, frames {data.shape[2]}×{data.shape[3]} "
+                f"{detector_dtype(data.dtype)}, {args.encoding}")
     with SimDetector(dump, args.api_port, args.data_port, args.dwell_us) as sim:
         print(f"simulated DECTRIS detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",
               flush=True)
-        print(f"  scan {data.shape[0]}×{data.shape[1]}, frames {data.shape[2]}×{data.shape[3]} "
-              f"{detector_dtype(data.dtype)}, {args.encoding}; each arm replays it. Ctrl-C stops.", flush=True)
+        print(f"  {what}; each arm replays it. Ctrl-C stops.", flush=True)
         try:
             while sim.alive():
                 time.sleep(0.5)

@@ -125,3 +125,39 @@ def test_stream_that_never_starts_passive(live_scan, tmp_path):
 def test_no_detector_there(tmp_path):
     res, took, out = run_live(tmp_path, 1, 2, "--arm-timeout", "3")
     assert res.returncode == 1 and "cannot connect" in res.stderr, res.stderr[-2000:]
+
+
+def test_ctrl_c_leaves_an_honest_store(live_scan, tmp_path):
+    """SIGINT mid-scan: exit 130 within seconds, state aborted with the reason, completed blocks kept."""
+    d, _, _, _ = live_scan
+    api, data_port = free_port(), free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
+                            "--dwell-us", "5000", "--api-port", str(api), "--data-port", str(data_port),
+                            "--cache", str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "simulated DECTRIS detector" in sim.stdout.readline()
+        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
+                                 "--api-port", str(api), "--data-port", str(data_port),
+                                 "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
+                                 "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"),
+                                 "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
+                                 "--executor", "inline"], stderr=subprocess.PIPE, text=True)
+        t = time.monotonic()
+        while time.monotonic() - t < 60:
+            time.sleep(0.2)
+            try:
+                if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
+                    break
+            except (OSError, KeyError):
+                pass
+        proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t < 15
+    finally:
+        os.killpg(sim.pid, signal.SIGKILL)
+        sim.wait()
+    assert proc.returncode == 130, err[-2000:]
+    r = read_store(tmp_path / "r.h5")
+    assert r["attrs"]["state"] == "aborted" and "Ctrl-C" in r["attrs"]["reason"]
+    assert 0 < r["blocks"]["done"].sum() < 24

@@ -153,3 +153,33 @@ def test_publisher_binds_loopback_by_default():
             Publisher(state, pub.pub_address, "tcp://127.0.0.1:0")
     finally:
         pub.close()
+
+
+def test_beyond_loopback_needs_a_token_and_the_token_guards_the_sockets():
+    from stemlive.live.security import is_loopback, secure_client
+
+    assert is_loopback("tcp://127.0.0.1:5557") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
+    assert not is_loopback("tcp://0.0.0.0:5557") and not is_loopback("tcp://*:5557")
+    state = LiveState(LAYOUT, {"alpha_mrad": 13.6})
+    with pytest.raises(PermissionError, match="access token"):
+        Publisher(state, "tcp://0.0.0.0:0", "tcp://127.0.0.1:0")
+    pub = Publisher(state, "tcp://0.0.0.0:0", "tcp://0.0.0.0:0", token="s3cret")
+    rep_port = pub.rep_address.rsplit(":", 1)[1]
+    ctx = zmq.Context.instance()
+    good, bad = ctx.socket(zmq.REQ), ctx.socket(zmq.REQ)
+    try:
+        secure_client(good, "s3cret")
+        secure_client(bad, "wrong")
+        for s in (good, bad):
+            s.setsockopt(zmq.RCVTIMEO, 3000)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.1:{rep_port}")
+            s.send_json({"type": "state"})
+        header, _ = decode(good.recv_multipart())
+        assert header["type"] == "state"
+        with pytest.raises(zmq.Again):  # the handshake never completes: no reply
+            bad.recv_multipart()
+    finally:
+        good.close()
+        bad.close()
+        pub.close()

@@ -152,3 +152,22 @@ def test_bright_disk_center_ignores_hot_pixels():
     img = np.where(np.hypot(rr - 20.3, cc - 50.6) < 6, 1000.0, 10.0)
     img[3, 3] = 60000
     np.testing.assert_allclose(bright_disk_center(img), (20.3, 50.6), atol=0.35)
+
+
+def test_readme_notebook_example(tmp_path, monkeypatch):
+    """The five lines in the README run as written (on a small scan)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(from libertem.api import Context\n.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    rng = np.random.default_rng(0)
+    rr, cc = np.indices((33, 33))
+    disk = np.where(np.hypot(rr - 16, cc - 16) < 4.4, 200.0, 2.0)
+    np.save(tmp_path / "frames.npy", rng.poisson(disk, (32, 32, 33, 33)).astype(np.uint16))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(code, ns)
+    assert ns["mean_pacbed"].shape == (2, 2, 33, 33) and ns["haadf"].shape == (32, 32)
+    assert np.isfinite(ns["haadf"]).all() and ns["mean_pacbed"][0, 0, 16, 16] > 100

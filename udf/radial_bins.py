@@ -9,6 +9,7 @@ bin at R.  So frames recorded before the centre was calibrated are corrected, no
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +48,31 @@ def n_bins_for(sig_shape: tuple[int, int], bin_px: float) -> int:
     return int(np.ceil(np.hypot(*sig_shape) / 2 / bin_px)) + 2
 
 
+def _slice_key(sig_slice):
+    return None if sig_slice is None else tuple((s.start, s.stop) for s in sig_slice)
+
+
+def _slices(key):
+    return None if key is None else tuple(slice(a, b) for a, b in key)
+
+
 def bin_matrix(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: float, n_bins: int,
                sig_slice: tuple[slice, slice] | None = None, subsample: int = 4) -> sp.csr_matrix:
+    """Cached per worker process: every partition with the same centre reuses it (building one
+    for a 256² frame takes about a second)."""
+    return _bin_matrix(tuple(sig_shape), tuple(float(c) for c in center), float(bin_px), int(n_bins),
+                       _slice_key(sig_slice), subsample)
+
+
+@functools.lru_cache(maxsize=8)
+def _bin_matrix(sig_shape, center, bin_px, n_bins, slice_key, subsample) -> sp.csr_matrix:
     """Sparse (pixels, 3·n_bins) matrix: a flattened frame times it gives [sum, dipole row, dipole col] per bin.
 
     Each pixel is split into ``subsample``² sub-pixels that fall into their own bins, so ring
     edges are not quantised to whole pixels.  Beyond the last bin is left out.  ``sig_slice``
     restricts the matrix to a signal tile.
     """
+    sig_slice = _slices(slice_key)
     rr, cc = np.indices(sig_shape, dtype=np.float64)
     if sig_slice is not None:
         rr, cc = rr[sig_slice], cc[sig_slice]
@@ -80,7 +98,15 @@ def bin_matrix(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: 
 
 def ring_masks(sig_shape: tuple[int, int], center: tuple[float, float], radii: list[tuple[float, float]],
                sig_slice: tuple[slice, slice] | None = None, subsample: int = 4) -> np.ndarray:
-    """Dense (pixels, n_rings) float32 masks: the share of each pixel's sub-pixels inside each ring."""
+    """Dense (pixels, n_rings) float32 masks: the share of each pixel's sub-pixels inside each ring
+    (cached per worker process, like `bin_matrix`)."""
+    return _ring_masks(tuple(sig_shape), tuple(float(c) for c in center),
+                       tuple((float(a), float(b)) for a, b in radii), _slice_key(sig_slice), subsample)
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_masks(sig_shape, center, radii, slice_key, subsample) -> np.ndarray:
+    sig_slice = _slices(slice_key)
     rr, cc = np.indices(sig_shape, dtype=np.float64)
     if sig_slice is not None:
         rr, cc = rr[sig_slice], cc[sig_slice]

@@ -146,7 +146,8 @@ class VirtualDetectorUDF(UDF):
             if tuple(tile.shape[1:]) == self._sig():  # full frames: locate the disk once per partition
                 # from the partition's first frames only, so any tiling gives the same centre
                 first = np.asarray(tile[:PROVISIONAL_FRAMES], np.float64).sum(axis=0)
-                cache["provisional"] = bright_disk_center(first)
+                # to 1/8 px, so partitions share one bin matrix (the recentering corrects the rest)
+                cache["provisional"] = tuple(round(c * 8) / 8 for c in bright_disk_center(first))
         center = self._center()
         sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
         radii = self.rings_px() if (self.params.mode == "auto" and self.params.center is not None) else None

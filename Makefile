@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pacbed_accuracy.py
 	$(BIN)/python benchmarks/pacbed_speed.py
 	$(BIN)/python benchmarks/pacbed_bandpass.py
+	$(BIN)/python benchmarks/live_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -97,23 +97,29 @@ def _bin_matrix(sig_shape, center, bin_px, n_bins, slice_key, subsample) -> sp.c
 
 
 def ring_masks(sig_shape: tuple[int, int], center: tuple[float, float], radii: list[tuple[float, float]],
-               sig_slice: tuple[slice, slice] | None = None, subsample: int = 4) -> np.ndarray:
-    """Dense (pixels, n_rings) float32 masks: the share of each pixel's sub-pixels inside each ring
-    (cached per worker process, like `bin_matrix`)."""
+               bin_px: float, sig_slice: tuple[slice, slice] | None = None) -> np.ndarray:
+    """Dense (pixels, n_rings) float32 masks that read exactly what the radial bins would.
+
+    Each mask is the bin matrix's monopole part times the ring's weight per bin (1 inside, the
+    covered fraction in an edge bin -- the linear interpolation of `BinnedFrames`), so a frame
+    read through the masks and the same frame recorded as bins agree to float precision.
+    Cached per worker process, like `bin_matrix`.
+    """
     return _ring_masks(tuple(sig_shape), tuple(float(c) for c in center),
-                       tuple((float(a), float(b)) for a, b in radii), _slice_key(sig_slice), subsample)
+                       tuple((float(a), float(b)) for a, b in radii), float(bin_px), _slice_key(sig_slice))
+
+
+def ring_bin_weights(n_bins: int, inner_px: float, outer_px: float, bin_px: float) -> np.ndarray:
+    b = np.arange(n_bins)
+    return np.clip(outer_px / bin_px - b, 0, 1) - np.clip(inner_px / bin_px - b, 0, 1)
 
 
 @functools.lru_cache(maxsize=8)
-def _ring_masks(sig_shape, center, radii, slice_key, subsample) -> np.ndarray:
-    sig_slice = _slices(slice_key)
-    rr, cc = np.indices(sig_shape, dtype=np.float64)
-    if sig_slice is not None:
-        rr, cc = rr[sig_slice], cc[sig_slice]
-    offs = (np.arange(subsample) + 0.5) / subsample - 0.5
-    orow, ocol = (o.ravel() for o in np.meshgrid(offs, offs, indexing="ij"))
-    r = np.hypot(rr.ravel()[:, None] + orow[None, :] - center[0], cc.ravel()[:, None] + ocol[None, :] - center[1])
-    return np.stack([((r >= lo) & (r < hi)).mean(axis=1) for lo, hi in radii], axis=1).astype(np.float32)
+def _ring_masks(sig_shape, center, radii, bin_px, slice_key) -> np.ndarray:
+    nb = n_bins_for(sig_shape, bin_px)
+    mono = bin_matrix(sig_shape, center, bin_px, nb, _slices(slice_key))[:, :nb]
+    weights = np.stack([ring_bin_weights(nb, lo, hi, bin_px) for lo, hi in radii], axis=1)
+    return np.asarray(mono @ weights, np.float32)
 
 
 def bin_frames(frames: np.ndarray, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:

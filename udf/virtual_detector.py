@@ -155,7 +155,7 @@ class VirtualDetectorUDF(UDF):
         if key not in cache:
             for k in [k for k in cache if k != "provisional"]:
                 del cache[k]  # a new centre or scale: the old matrices are not needed again
-            cache[key] = (ring_masks(self._sig(), center, radii, sig_part) if radii else
+            cache[key] = (ring_masks(self._sig(), center, radii, self.params.bin_px, sig_part) if radii else
                           bin_matrix(self._sig(), center, self.params.bin_px, self.results.radial.shape[-1], sig_part))
         flat = np.asarray(tile, np.float32).reshape(len(tile), -1)
         if radii:

@@ -17,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ..simulate import cli as simulate_cli
     from ..simulate import train_cli
     from ..models import cli as models_cli
+    from ..dashboards import cli as dashboard_cli
 
     demo.add_parser(sub)
     commands.add_parsers(sub)
     simulator.add_parser(sub)
+    dashboard_cli.add_parser(sub)
     simulate_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
     models_cli.add_parsers(sub)

@@ -20,7 +20,7 @@ PLAN = """stemlive demo
      wedge with a bowl-shaped bent region, Poisson noise
   2. serve it as a DECTRIS detector (SIMPLON REST API + ZMQ stream, bslz4)
   3. acquire it live with LiberTEM-live; per scan block: PACBED networks, virtual BF/ABF/ADF/HAADF
-  4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}); dashboard: issue 5
+  4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}) + the dashboard (unless --headless)
 """
 
 
@@ -35,9 +35,25 @@ def add_parser(sub) -> None:
     ap.add_argument("--executor", choices=("inline", "pipelined"), default="inline")
     ap.add_argument("--api-port", type=int, default=8910, help="simulator REST port (0: any free)")
     ap.add_argument("--data-port", type=int, default=9999, help="simulator ZMQ port (0: any free)")
-    ap.add_argument("--pub", default="tcp://127.0.0.1:5557")
-    ap.add_argument("--rep", default="tcp://127.0.0.1:5558")
+    ap.add_argument("--pub", default="tcp://127.0.0.1:5557", help="publisher PUB address (port 0: any free)")
+    ap.add_argument("--rep", default="tcp://127.0.0.1:5558", help="publisher REP address (port 0: any free)")
+    ap.add_argument("--port", type=int, default=5006, help="dashboard port (0: any free)")
+    ap.add_argument("--exit-when-done", action="store_true",
+                    help="with the dashboard: exit when the scan is done instead of serving until Ctrl-C")
     ap.set_defaults(func=run)
+
+
+def concrete(address: str) -> str:
+    """tcp://host:0 -> tcp://host:<a free port>, so the dashboard can be told where to connect
+    before the publisher exists."""
+    if not address.endswith(":0"):
+        return address
+    import socket
+
+    host = address[len("tcp://"): address.rindex(":")]
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
 
 
 def demo_scan(cache: Path | None = None, scan_shape: tuple[int, int] | None = None, progress: bool = True) -> Path:
@@ -60,7 +76,16 @@ def run(args) -> int:
     from .pipeline import AcquisitionError, Settings, StreamStalled
     from .simulator import SimDetector, dump_for, input_array
 
-    print(PLAN.format(pub=args.pub, rep=args.rep))
+    pub, rep = concrete(args.pub), concrete(args.rep)
+    print(PLAN.format(pub=pub, rep=rep))
+    feed = None
+    if not args.headless:  # the page is up at once and says what is happening
+        from ..dashboards.feed import LiveFeed
+        from ..dashboards.server import serve_in_thread
+
+        feed = LiveFeed(pub, rep)
+        _, url = serve_in_thread(feed, args.port)
+        print(f"dashboard: {url}", flush=True)
     t = time.perf_counter()
     scan_dir = demo_scan(args.cache, args.scan_shape)
     meta = json.loads((scan_dir / "params.json").read_text())
@@ -72,7 +97,7 @@ def run(args) -> int:
     out = args.out or scan_dir / "demo-result.h5"
     settings = Settings(block=(args.block, args.block), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
                         mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], overwrite=True,
-                        pub=args.pub, rep=args.rep)
+                        pub=pub, rep=rep)
     try:
         with SimDetector(dump, args.api_port, args.data_port, args.dwell_us or None) as sim:
             print(f"simulated detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",
@@ -92,7 +117,23 @@ def run(args) -> int:
     print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median per result; "
           f"block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
     compare_with_truth(out, scan_dir / "truth.h5")
+    if feed is not None and not args.exit_when_done:
+        from ..dashboards.feed import StoreFeed
+
+        feed.close()  # the engine is gone: the page now shows the finished store
+        print(f"the scan is done; the dashboard keeps showing {out} -- Ctrl-C to quit", flush=True)
+        _serve_store_until_interrupted(feed, StoreFeed(out))
     return 0
+
+
+def _serve_store_until_interrupted(live_feed, store_feed) -> None:
+    """Swap the page's data source to the finished store and wait for Ctrl-C."""
+    live_feed.replace_with(store_feed)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
 
 
 def compare_with_truth(store: Path, truth: Path) -> dict:

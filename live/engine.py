@@ -76,6 +76,7 @@ class BlockEngine:
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._t0 = time.perf_counter()
+        self._status_sent = 0.0
         self._worker = threading.Thread(target=self._work, name="stemlive-engine", daemon=True)
         self._worker.start()
 
@@ -106,7 +107,10 @@ class BlockEngine:
                 self._queue.put(("frames", fresh))
         seen = int(self._frames_seen.sum()) if virtual is not None else int(counts.sum())
         elapsed = time.perf_counter() - self._t0
-        self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
+        status = self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
+        if self.publisher is not None and time.perf_counter() - self._status_sent > 0.2:  # ≤ 5 Hz
+            self._status_sent = time.perf_counter()
+            self.publisher.status(status)
         self.stats.ingest_s.append(time.perf_counter() - t)
 
     def _calibrate_now(self, idx: np.ndarray, means: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import numpy as np
 import zmq
@@ -61,11 +62,11 @@ class Publisher:
             self._pub.send_multipart(encode(header, arrays), copy=False)
 
     def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        self.send({"type": "blocks", "seq": seq}, {"indices": np.asarray(indices, np.int32),
+        self.send({"type": "blocks", "seq": seq, "sent": time.time()}, {"indices": np.asarray(indices, np.int32),
                                                    **{f"maps/{k}": v for k, v in rows.items()}})
 
     def virtual(self, seq: int, rows: slice, images: dict[str, np.ndarray]) -> None:
-        self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop]},
+        self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop], "sent": time.time()},
                   {f"virtual/{k}": v for k, v in images.items()})
 
     def status(self, status: dict) -> None:

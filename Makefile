@@ -6,7 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test test-all libraries demo-library bench clean-venv
+.PHONY: demo test test-all libraries demo-library bench clean-venv browser
+
+# Debian's chromium + chromium-driver for the dashboard's browser tests (no browser downloads at
+# test time); installed once with apt (sudo when not root).
+CHROMIUM := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "stemlive needs Python >= 3.11"' \
@@ -21,10 +26,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/stemlive demo
 
-test: $(STAMP)
+$(CHROMIUM):
+	@echo "installing Debian chromium and chromium-driver for the browser tests"
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
+browser: $(CHROMIUM)
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 # The default training libraries (issue 2): SrTiO3 [001], 200 kV, into the user cache.

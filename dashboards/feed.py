@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -91,8 +92,15 @@ class LiveFeed:
         return header, arrays
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
-        header, arrays = self.request({"type": "pacbed", "block": [int(i), int(j)]})
-        return header, arrays["pacbed"]
+        """From the engine; once the engine has gone (scan over), from its result store."""
+        try:
+            header, arrays = self.request({"type": "pacbed", "block": [int(i), int(j)]})
+            return header, arrays["pacbed"]
+        except TimeoutError:
+            store = (self.snapshot.meta.get("store") if self.snapshot else None) or ""
+            if not store or not Path(store).exists():
+                raise
+            return store_block_pacbed(store, self.snapshot, i, j)
 
     def _resync(self) -> None:
         header, arrays = self.request({"type": "state"})
@@ -192,6 +200,21 @@ class LiveFeed:
             self.connected, self.error = True, ""
 
 
+def store_block_pacbed(path, snap: Snapshot, i: int, j: int) -> tuple[dict, np.ndarray]:
+    """A block's mean PACBED and estimates read from a result store."""
+    import h5py
+
+    ny, nx = snap.done.shape
+    if not (0 <= i < ny and 0 <= j < nx):
+        raise ValueError(f"block ({i}, {j}) is outside the {ny}×{nx} block grid")
+    with h5py.File(path, "r", locking=False) as f:
+        n = int(f["blocks/counts"][i, j])
+        pac = f["blocks/pacbed"][i, j] / max(n, 1)
+        est = {k: np.asarray(f[f"maps/{k}"][i, j]).tolist() for k in f["maps"]}
+        done = bool(f["blocks/done"][i, j])
+    return {"type": "pacbed", "block": [i, j], "done": done, "frames": n, "estimate": est, "meta": snap.meta}, pac
+
+
 class StoreFeed:
     """A result store on disk (read-only); re-read when it changes while its run goes on."""
 
@@ -222,15 +245,7 @@ class StoreFeed:
                         counts=r["blocks"]["counts"], version=version, dirty_rows={version: None})
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
-        import h5py
-
-        with h5py.File(self.path, "r", locking=False) as f:
-            n = int(f["blocks/counts"][i, j])
-            pac = f["blocks/pacbed"][i, j] / max(n, 1)
-        snap = self.snapshot
-        est = {k: np.asarray(v[i, j]).tolist() for k, v in snap.maps.items()}
-        return {"type": "pacbed", "block": [i, j], "done": bool(snap.done[i, j]), "frames": n,
-                "estimate": est, "meta": snap.meta}, pac
+        return store_block_pacbed(self.path, self.snapshot, i, j)
 
     def close(self) -> None:
         pass

@@ -5,7 +5,6 @@ an access token (Bokeh's signed session ids, keyed by the token).
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 
 from ..live.security import is_loopback
@@ -25,8 +24,7 @@ def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str |
                               "STEMLIVE_TOKEN); without one it binds 127.0.0.1")
     kw = {}
     if token:  # signed session ids: only a URL carrying a session id signed with the token opens
-        os.environ["BOKEH_SECRET_KEY"] = token
-        kw.update(sign_sessions=True, generate_session_ids=False)
+        kw.update(sign_sessions=True, generate_session_ids=False, secret_key=token.encode())
     origins = [f"127.0.0.1:{port}", f"localhost:{port}"] + ([f"{address}:{port}"] if not loopback else [])
     app = Application(FunctionHandler(partial(make_document, feed=feed)))
     server = Server({"/": app}, port=port, address=address, allow_websocket_origin=origins,

@@ -73,32 +73,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_killed_simulator(live_scan, tmp_path):
-    """`stemlive sim-detector`, paced, killed (SIGKILL) part-way through the scan."""
-    d, _, _, _ = live_scan
+def paced_run_to_first_block(d, tmp_path):
+    """`stemlive sim-detector` (paced, own process group) and `stemlive live` against it, returned
+    once the first block row is in the store: (simulator, live process)."""
     api, data_port = free_port(), free_port()
     sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
                             "--dwell-us", "5000", "--api-port", str(api), "--data-port", str(data_port),
                             "--cache", str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert "simulated DECTRIS detector" in sim.stdout.readline()
-        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
-                                 "--api-port", str(api), "--data-port", str(data_port),
-                                 "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
-                                 "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
-                                 "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
-                                 "--executor", "inline"], stderr=subprocess.PIPE, text=True)
-        t = time.monotonic()
-        while time.monotonic() - t < 60:  # the first block row is stored: now the detector dies
-            time.sleep(0.2)
-            try:
-                if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
-                    break
-            except (OSError, KeyError):
-                pass
-    finally:
-        os.killpg(sim.pid, signal.SIGKILL)  # the simulator and its REST process, without warning
-        sim.wait()
+    assert "simulated DECTRIS detector" in sim.stdout.readline()
+    proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
+                             "--api-port", str(api), "--data-port", str(data_port),
+                             "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
+                             "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
+                             "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
+                             "--executor", "inline"], stderr=subprocess.PIPE, text=True)
+    t = time.monotonic()
+    while time.monotonic() - t < 60:
+        time.sleep(0.2)
+        try:
+            if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
+                break
+        except (OSError, KeyError):
+            pass
+    return sim, proc
+
+
+def kill_group(proc) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the simulator and its REST process, without warning
+    proc.wait()
+
+
+def test_killed_simulator(live_scan, tmp_path):
+    """`stemlive sim-detector`, paced, killed (SIGKILL) part-way through the scan."""
+    sim, proc = paced_run_to_first_block(live_scan[0], tmp_path)
+    kill_group(sim)
     t = time.monotonic()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-2000:]
@@ -129,34 +137,14 @@ def test_no_detector_there(tmp_path):
 
 def test_ctrl_c_leaves_an_honest_store(live_scan, tmp_path):
     """SIGINT mid-scan: exit 130 within seconds, state aborted with the reason, completed blocks kept."""
-    d, _, _, _ = live_scan
-    api, data_port = free_port(), free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
-                            "--dwell-us", "5000", "--api-port", str(api), "--data-port", str(data_port),
-                            "--cache", str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    sim, proc = paced_run_to_first_block(live_scan[0], tmp_path)
     try:
-        assert "simulated DECTRIS detector" in sim.stdout.readline()
-        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
-                                 "--api-port", str(api), "--data-port", str(data_port),
-                                 "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
-                                 "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"),
-                                 "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
-                                 "--executor", "inline"], stderr=subprocess.PIPE, text=True)
-        t = time.monotonic()
-        while time.monotonic() - t < 60:
-            time.sleep(0.2)
-            try:
-                if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
-                    break
-            except (OSError, KeyError):
-                pass
         proc.send_signal(signal.SIGINT)
         t = time.monotonic()
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t < 15
     finally:
-        os.killpg(sim.pid, signal.SIGKILL)
-        sim.wait()
+        kill_group(sim)
     assert proc.returncode == 130, err[-2000:]
     r = read_store(tmp_path / "r.h5")
     assert r["attrs"]["state"] == "aborted" and "Ctrl-C" in r["attrs"]["reason"]

@@ -102,7 +102,13 @@ class Page:
         self.built = False
         self.chosen: tuple[int, int] | None = None
         self.status = Div(text="<b>waiting for the engine…</b>", sizing_mode="stretch_width", name="status")
-        self.root = column(self.status, sizing_mode="stretch_width")
+        # the publish time of the newest block drawn; the browser notes when it arrives (latency benchmark)
+        self.probe = Div(text="", visible=False, name="latency-probe")
+        self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe), code="""
+            const sent = parseFloat(probe.text);
+            if (!Number.isNaN(sent)) { (window.stemliveDelays = window.stemliveDelays || []).push(Date.now() / 1000 - sent); }
+        """))
+        self.root = column(self.status, self.probe, sizing_mode="stretch_width")
         doc.add_root(self.root)
         doc.title = "stemlive"
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
@@ -151,7 +157,7 @@ class Page:
                                 f" — store: {snap.meta.get('store', '')}"), name="models", sizing_mode="stretch_width")
         side = column(self.pacbed_fig, self.pacbed_info, self.region_info, self.hist_map, self.hist_fig, controls)
         self.root.children = [
-            self.status, self.models,
+            self.status, self.probe, self.models,
             row(gridplot(figs, ncols=4, toolbar_location="right"), side),
             Div(text="<b>Virtual detectors</b> (scan grid)"),
             gridplot(vfigs, ncols=4, toolbar_location="right") if vfigs else Div()]
@@ -237,15 +243,20 @@ class Page:
             with self.feed.lock:
                 changes = [rows for v, rows in snap.dirty_rows.items() if v > self.version]
                 complete_log = len(changes) >= snap.version - self.version
-                full = not complete_log or any(r is None for r in changes)
-                rows = sorted(set().union(*[r for r in changes if r]))
-                self._draw(snap, full, rows)
+                kinds = {kind for kind, _ in changes}
+                full = not complete_log or "state" in kinds  # a resync: everything
+                virtual = full or "virtual" in kinds
+                rows = sorted(set().union(*[r for kind, r in changes if kind == "blocks"]))
+                self._draw(snap, full, rows, virtual)
                 self.version = snap.version
+                sent = getattr(self.feed, "last_sent", None)
+                if sent is not None and rows:
+                    self.probe.text = repr(sent)
             if self.chosen is None:
                 self._show_latest(snap)
         self._status(snap)
 
-    def _draw(self, snap, full: bool, rows: list[int]) -> None:
+    def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True) -> None:
         derived = derived_maps(snap.maps)
         for key, e in self.maps.items():
             values = np.asarray(derived[key], np.float64)
@@ -264,7 +275,7 @@ class Page:
                     e["source"].patch(patch)
             if e["auto"]:
                 e["mapper"].low, e["mapper"].high = auto_range(values, e["symmetric"], key)
-        if full or any(v is None for v in snap.dirty_rows.values()):
+        if virtual:
             for key, e in self.virtual.items():
                 values = downsample(np.asarray(snap.virtual[key], np.float64), e["factor"])
                 e["source"].data = {"image": [values]}

@@ -31,7 +31,8 @@ class Snapshot:
     done: np.ndarray
     counts: np.ndarray
     version: int = 0
-    dirty_rows: dict = field(default_factory=dict)  # version -> block rows changed (for patches)
+    # version -> (kind, block rows): ("blocks", rows), ("virtual", None), ("status", set()), ("state", None)
+    dirty_rows: dict = field(default_factory=dict)
 
 
 def snapshot_from_state(header: dict, arrays: dict) -> Snapshot:
@@ -55,6 +56,7 @@ class LiveFeed:
         self.received = 0
         self.latest_block: tuple[int, int] | None = None
         self.last_delay_s: float | None = None  # publish -> received here, of the latest block message
+        self.last_sent: float | None = None  # publish time (engine clock) of the latest block message
         self.connected = False
         self.error = ""
         self._stop = threading.Event()
@@ -107,7 +109,7 @@ class LiveFeed:
         snap = snapshot_from_state(header, arrays)
         with self.lock:
             snap.version = (self.snapshot.version + 1) if self.snapshot else 1
-            snap.dirty_rows = {snap.version: None}  # None: everything
+            snap.dirty_rows = {snap.version: ("state", None)}  # everything
             self.snapshot = snap
             self._seq = header.get("seq", 0)
         self.connected = True
@@ -163,26 +165,27 @@ class LiveFeed:
                     if k.startswith("maps/"):
                         snap.maps[k[5:]][ii, jj] = v
                 snap.done[ii, jj] = True
-                rows = set(int(i) for i in ii)
+                rows = ("blocks", set(int(i) for i in ii))
                 self.latest_block = (int(ii[-1]), int(jj[-1]))
                 if "sent" in header:
+                    self.last_sent = header["sent"]
                     self.last_delay_s = max(0.0, time.time() - header["sent"])
                 snap.status["blocks_done"] = int(snap.done.sum())
             elif kind == "virtual":
                 r0, r1 = header["rows"]
                 for k, v in arrays.items():
                     snap.virtual[k[8:]][r0:r1] = v
-                rows = None
+                rows = ("virtual", None)
             elif kind == "status":
                 snap.status.update(header["status"])
-                rows = set()
+                rows = ("status", set())
             else:
                 return
             if header.get("seq") is not None:
                 self._seq = header["seq"]
             snap.version += 1
             snap.dirty_rows[snap.version] = rows
-            for v in [v for v in snap.dirty_rows if v < snap.version - 100]:
+            for v in [v for v in snap.dirty_rows if v < snap.version - 1000]:
                 del snap.dirty_rows[v]
 
     def close(self) -> None:
@@ -194,7 +197,7 @@ class LiveFeed:
         with self.lock:
             snap = other.snapshot
             snap.version = (self.snapshot.version + 1) if self.snapshot else 1
-            snap.dirty_rows = {snap.version: None}
+            snap.dirty_rows = {snap.version: ("state", None)}
             self.snapshot = snap
             self.block_pacbed = other.block_pacbed
             self.connected, self.error = True, ""
@@ -242,7 +245,7 @@ class StoreFeed:
         return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                         block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                         maps=r["maps"], virtual=r["virtual"], done=r["blocks"]["done"],
-                        counts=r["blocks"]["counts"], version=version, dirty_rows={version: None})
+                        counts=r["blocks"]["counts"], version=version, dirty_rows={version: ("state", None)})
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
         return store_block_pacbed(self.path, self.snapshot, i, j)

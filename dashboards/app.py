@@ -103,12 +103,19 @@ class Page:
         self.chosen: tuple[int, int] | None = None
         self.status = Div(text="<b>waiting for the engine…</b>", sizing_mode="stretch_width", name="status")
         # the publish time of the newest block drawn; the browser notes when it arrives (latency benchmark)
+        # flow control: the browser acknowledges each update once it has applied it; the server
+        # sends the next only then, so a slow browser gets fewer, larger updates, never a backlog
         self.probe = Div(text="", visible=False, name="latency-probe")
-        self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe), code="""
-            const sent = parseFloat(probe.text);
-            if (!Number.isNaN(sent)) { (window.stemliveDelays = window.stemliveDelays || []).push(Date.now() / 1000 - sent); }
+        self.ack = Div(text="0", visible=False, name="ack")
+        self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe, ack=self.ack), code="""
+            const [sent, version] = probe.text.split(" ");
+            const s = parseFloat(sent);
+            if (!Number.isNaN(s)) { (window.stemliveDelays = window.stemliveDelays || []).push(Date.now() / 1000 - s); }
+            requestAnimationFrame(() => { ack.text = version; });  // after the maps are drawn
         """))
-        self.root = column(self.status, self.probe, sizing_mode="stretch_width")
+        self.sent_version = 0
+        self.sent_at = 0.0
+        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
         doc.add_root(self.root)
         doc.title = "stemlive"
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
@@ -157,7 +164,7 @@ class Page:
                                 f" — store: {snap.meta.get('store', '')}"), name="models", sizing_mode="stretch_width")
         side = column(self.pacbed_fig, self.pacbed_info, self.region_info, self.hist_map, self.hist_fig, controls)
         self.root.children = [
-            self.status, self.probe, self.models,
+            self.status, self.probe, self.ack, self.models,
             row(gridplot(figs, ncols=4, toolbar_location="right"), side),
             Div(text="<b>Virtual detectors</b> (scan grid)"),
             gridplot(vfigs, ncols=4, toolbar_location="right") if vfigs else Div()]
@@ -239,7 +246,7 @@ class Page:
                 self._build(snap)
                 self.version = snap.version
             self._show_latest(snap)
-        elif snap.version != self.version:
+        elif snap.version != self.version and self._browser_ready():
             with self.feed.lock:
                 changes = [rows for v, rows in snap.dirty_rows.items() if v > self.version]
                 complete_log = len(changes) >= snap.version - self.version
@@ -250,11 +257,19 @@ class Page:
                 self._draw(snap, full, rows, virtual)
                 self.version = snap.version
                 sent = getattr(self.feed, "last_sent", None)
-                if sent is not None and rows:
-                    self.probe.text = repr(sent)
+                self.sent_version, self.sent_at = snap.version, time.monotonic()
+                self.probe.text = f"{sent if sent is not None and rows else 'nan'} {snap.version}"
             if self.chosen is None:
                 self._show_latest(snap)
         self._status(snap)
+
+    def _browser_ready(self) -> bool:
+        """The browser has applied the last update (or has not answered for 5 s: send anyway)."""
+        try:
+            acked = int(self.ack.text)
+        except ValueError:
+            acked = 0
+        return acked >= self.sent_version or time.monotonic() - self.sent_at > 5.0
 
     def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True) -> None:
         derived = derived_maps(snap.maps)

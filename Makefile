@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pacbed_speed.py
 	$(BIN)/python benchmarks/pacbed_bandpass.py
 	$(BIN)/python benchmarks/live_throughput.py
+	$(BIN)/python benchmarks/dashboard_latency.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -115,6 +115,9 @@ class Page:
         """))
         self.sent_version = 0
         self.sent_at = 0.0
+        self.browser_delay_s: float | None = None  # engine publish -> this browser applied it
+        self._sent_stamps: dict[int, float] = {}
+        self.ack.on_change("text", self._on_ack)
         self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
         doc.add_root(self.root)
         doc.title = "stemlive"
@@ -258,10 +261,20 @@ class Page:
                 self.version = snap.version
                 sent = getattr(self.feed, "last_sent", None)
                 self.sent_version, self.sent_at = snap.version, time.monotonic()
+                if sent is not None and rows:
+                    self._sent_stamps = {snap.version: sent}
                 self.probe.text = f"{sent if sent is not None and rows else 'nan'} {snap.version}"
             if self.chosen is None:
                 self._show_latest(snap)
         self._status(snap)
+
+    def _on_ack(self, attr, old, new) -> None:
+        try:
+            sent = self._sent_stamps.pop(int(new), None)
+        except ValueError:
+            return
+        if sent is not None:
+            self.browser_delay_s = max(0.0, time.time() - sent)
 
     def _browser_ready(self) -> bool:
         """The browser has applied the last update (or has not answered for 5 s: send anyway)."""
@@ -315,12 +328,12 @@ class Page:
             return
         st = snap.status
         conn = "" if getattr(self.feed, "connected", True) else f" — <b>engine not reachable</b>: {self.feed.error}"
-        delay = getattr(self.feed, "last_delay_s", None)
+        delay = self.browser_delay_s
         self.status.text = (
             f"<b>{st.get('state', '?')}</b> — blocks {st.get('blocks_done', 0)}/{st.get('blocks_total', 0)}"
             f" — frames {st.get('frames_seen', 0)}/{st.get('frames_total', 0)}"
             f" — {st.get('frames_per_s', 0):.0f} frames/s"
-            + (f" — delay to this page {delay * 1e3:.0f} ms" if delay is not None else "")
+            + (f" — delay to this browser {delay * 1e3:.0f} ms" if delay is not None else "")
             + f" — dropped: {st.get('blocks_dropped', 0)} blocks, {st.get('frames_dropped', 0)} frames"
             + (f" — {st['reason']}" if st.get("reason") else "") + conn)
 

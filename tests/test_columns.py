@@ -1,0 +1,35 @@
+"""Projected columns: the labels atom finding is trained and scored on."""
+import numpy as np
+import pytest
+
+pytest.importorskip("ase")
+
+from stemlive.simulate.columns import project_columns
+from stemlive.simulate.crystals import SRTIO3_A, zone_cell
+
+
+def test_srtio3_001_columns():
+    cs = project_columns(zone_cell("SrTiO3", "[001]"))
+    labels = dict(zip(map(tuple, np.round(cs.positions_A / SRTIO3_A, 3)), cs.labels()))
+    assert labels == {(0.0, 0.0): "Sr", (0.0, 0.5): "O", (0.5, 0.0): "O", (0.5, 0.5): "Ti-O"}
+    assert cs.has_cation().tolist() == [lab != "O" for lab in cs.labels()]
+    w = dict(zip(cs.labels(), cs.z_weight(2.0)))
+    assert w["Sr"] == pytest.approx(38 ** 2 / SRTIO3_A) and w["Ti-O"] == pytest.approx((22 ** 2 + 8 ** 2) / SRTIO3_A)
+
+
+def test_srtio3_110_columns():
+    cs = project_columns(zone_cell("SrTiO3", "[110]"))
+    # [110]: mixed Sr-O, pure Ti and pure O (two atoms per repeat) columns, as in the literature
+    assert sorted(cs.labels()) == ["O", "O", "Sr-O", "Sr-O", "Ti", "Ti"]
+    assert cs.repeat_A == pytest.approx(SRTIO3_A * np.sqrt(2))
+    assert cs.cell_A == pytest.approx((SRTIO3_A, SRTIO3_A * np.sqrt(2)))
+    # every atom of the repeat is in exactly one column
+    atoms = zone_cell("SrTiO3", "[110]").atoms
+    assert sum(sum(c.values()) for c in cs.composition) == len(atoms)
+
+
+def test_tiling():
+    cs = project_columns(zone_cell("SrTiO3", "[001]"))
+    pos, idx = cs.tile((3, 2))
+    assert pos.shape == (4 * 6, 2) and idx.max() == 3
+    assert pos[:, 0].max() == pytest.approx(2.5 * SRTIO3_A) and pos[:, 1].max() == pytest.approx(1.5 * SRTIO3_A)

@@ -33,3 +33,24 @@ def test_tiling():
     pos, idx = cs.tile((3, 2))
     assert pos.shape == (4 * 6, 2) and idx.max() == 3
     assert pos[:, 0].max() == pytest.approx(2.5 * SRTIO3_A) and pos[:, 1].max() == pytest.approx(1.5 * SRTIO3_A)
+
+
+def test_convolution_image_peaks_on_columns_and_scale_with_z():
+    pytest.importorskip("abtem")
+    from stemlive.simulate.convolution_image import convolution_image, probe_intensity
+
+    cs = project_columns(zone_cell("SrTiO3", "[001]"))
+    reps, sampling = (4, 4), SRTIO3_A / 20  # 20 px per cell: whole pixels per cell
+    probe = probe_intensity(200, 21.4, sampling, 4 * SRTIO3_A)
+    img, pos = convolution_image(cs, reps, sampling, probe, exponent=2.0)
+    assert img.shape == (80, 80) and probe.shape == (80, 80)
+    labels = cs.labels() * 16
+    peak = {lab: [] for lab in set(labels)}
+    for (r, c), lab in zip(pos, labels):
+        i, j = int(round(r)) % 80, int(round(c)) % 80
+        window = img[np.ix_([(i + k) % 80 for k in (-1, 0, 1)], [(j + k) % 80 for k in (-1, 0, 1)])]
+        assert window[1, 1] == window.max()  # the image peaks on the column
+        peak[lab].append(img[i, j])
+    # Sr (Z 38) brighter than Ti-O (22, 8) brighter than O (8)
+    assert np.mean(peak["Sr"]) > np.mean(peak["Ti-O"]) > np.mean(peak["O"])
+    assert img.sum() == pytest.approx(16 * cs.z_weight(2.0).sum(), rel=1e-6)  # the probe is normalised

@@ -14,7 +14,8 @@ import numpy as np
 
 from .crystals import ZoneCell
 
-LIGHT_ELEMENTS = {"H", "Li", "B", "C", "N", "O", "F"}  # anion / light columns: visible in ABF only
+# anions: a column of these alone is not "cation-containing" (the HAADF truth of issue 6)
+ANIONS = {"H", "B", "C", "N", "O", "F", "S", "Cl", "Se", "Br", "Te", "I"}
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,13 @@ class ColumnSet:
         return ["-".join(sorted(c, key=lambda e: -atomic_numbers[e])) for c in self.composition]
 
     def has_cation(self) -> np.ndarray:
-        """Columns holding any element heavier than the light anions (what HAADF finds)."""
-        return np.array([any(e not in LIGHT_ELEMENTS for e in c) for c in self.composition])
+        """Columns holding any cation (metal); pure anion columns (O, S, ...) are False."""
+        return np.array([any(e not in ANIONS for e in c) for c in self.composition])
+
+    def relative_weight(self, exponent: float = 1.7) -> np.ndarray:
+        """Z-weight of each column over the brightest's: how visible it is in HAADF."""
+        w = self.z_weight(exponent)
+        return w / w.max()
 
     def z_weight(self, exponent: float = 1.7) -> np.ndarray:
         """Σ Z^exponent per Å along the beam: the convolution approximation's column weight."""

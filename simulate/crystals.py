@@ -53,14 +53,52 @@ def srtio3():
     )
 
 
+def batio3():
+    """BaTiO3 taken cubic (Pm-3m, a = 4.00 Å; the room-temperature tetragonal distortion,
+    c/a = 1.01, is below what the atom-finding images resolve)."""
+    from ase.spacegroup import crystal
+
+    return crystal(["Ba", "Ti", "O"], basis=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], spacegroup=221,
+                   cellpar=[4.00] * 3 + [90] * 3)
+
+
+def mgo():
+    """Rock-salt MgO (Fm-3m, a = 4.212 Å)."""
+    from ase.spacegroup import crystal
+
+    return crystal(["Mg", "O"], basis=[(0, 0, 0), (0.5, 0.5, 0.5)], spacegroup=225, cellpar=[4.212] * 3 + [90] * 3)
+
+
+def mos2():
+    """2H-MoS2 (P6_3/mmc, a = 3.160 Å, c = 12.294 Å): a hexagonal layered (2D) material."""
+    from ase.spacegroup import crystal
+
+    return crystal(["Mo", "S"], basis=[(1 / 3, 2 / 3, 0.25), (1 / 3, 2 / 3, 0.621)], spacegroup=194,
+                   cellpar=[3.160, 3.160, 12.294, 90, 90, 120])
+
+
+def mos2_monolayer():
+    """One MoS2 layer (1H, a = 3.160 Å, S-S 3.19 Å) in a 20 Å cell: the 2D material as imaged."""
+    from ase.build import mx2
+
+    layer = mx2(formula="MoS2", kind="2H", a=3.160, thickness=3.19, vacuum=8.4)
+    layer.pbc = True
+    return layer
+
+
+BUILT_IN = {"srtio3": ("SrTiO3", srtio3), "batio3": ("BaTiO3", batio3), "mgo": ("MgO", mgo), "mos2": ("MoS2", mos2),
+            "mos2-monolayer": ("MoS2-monolayer", mos2_monolayer)}
+
+
 def load_crystal(material: str):
-    """Built-in name ('SrTiO3') or a path to a CIF file, returned as ase.Atoms."""
-    if material.lower() == "srtio3":
-        return srtio3()
+    """Built-in name (SrTiO3, BaTiO3, MgO, MoS2, MoS2-monolayer) or a CIF path, as ase.Atoms."""
+    if material.lower() in BUILT_IN:
+        return BUILT_IN[material.lower()][1]()
     path = Path(material)
     if not path.exists():
         raise FileNotFoundError(
-            f"material {material!r} is neither a built-in crystal (SrTiO3) nor an existing CIF file"
+            f"material {material!r} is neither a built-in crystal ({', '.join(n for n, _ in BUILT_IN.values())}) "
+            "nor an existing CIF file"
         )
     from ase.io import read
 
@@ -141,7 +179,7 @@ def orient(atoms, zone: tuple[int, int, int], material: str) -> ZoneCell:
 def zone_cell(material: str, zone: str | tuple[int, int, int]) -> ZoneCell:
     """Load ``material`` and orient it along ``zone``."""
     z = parse_zone(zone) if isinstance(zone, str) else tuple(zone)
-    name = "SrTiO3" if material.lower() == "srtio3" else Path(material).stem
+    name = BUILT_IN[material.lower()][0] if material.lower() in BUILT_IN else Path(material).stem
     return orient(load_crystal(material), z, name)
 
 

@@ -54,3 +54,17 @@ def test_convolution_image_peaks_on_columns_and_scale_with_z():
     # Sr (Z 38) brighter than Ti-O (22, 8) brighter than O (8)
     assert np.mean(peak["Sr"]) > np.mean(peak["Ti-O"]) > np.mean(peak["O"])
     assert img.sum() == pytest.approx(16 * cs.z_weight(2.0).sum(), rel=1e-6)  # the probe is normalised
+
+
+@pytest.mark.parametrize("material, zone, labels", [
+    ("BaTiO3", "[001]", ["Ba", "O", "O", "Ti-O"]),
+    ("MgO", "[001]", ["Mg-O"] * 4),
+    ("MgO", "[110]", ["Mg"] * 4 + ["O"] * 4),
+    ("MoS2", "[001]", ["Mo-S"] * 4),  # 2H stacking: each Mo sits over the other layer's S
+    ("MoS2-monolayer", "[001]", ["Mo", "Mo", "S", "S"]),
+])
+def test_other_structures(material, zone, labels):
+    cs = project_columns(zone_cell(material, zone))
+    assert sorted(cs.labels()) == labels
+    cations = dict(zip(cs.labels(), cs.has_cation()))
+    assert all(cations[lab] == (lab not in ("O", "S")) for lab in labels)

@@ -86,3 +86,21 @@ def add_parsers(sub) -> None:
     from .scan_cli import add_scan_parser
 
     add_scan_parser(ssub)
+    add_images_parser(ssub)
+
+
+def add_images_parser(ssub) -> None:
+    ap = ssub.add_parser("images", help="randomised HAADF images with their column positions (atom finding)")
+    ap.add_argument("--out", type=Path, required=True, help="HDF5 file (resumable: rerun to continue)")
+    ap.add_argument("--n", type=int, default=1000, help="number of images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=256, help="image edge [px]")
+    ap.set_defaults(func=run_images)
+
+
+def run_images(args) -> int:
+    from .atom_images import ImageRanges, write_images
+
+    out = write_images(args.out, args.n, args.seed, ImageRanges(size_px=args.size))
+    print(f"{args.n} images in {out}")
+    return 0

@@ -68,3 +68,31 @@ def test_other_structures(material, zone, labels):
     assert sorted(cs.labels()) == labels
     cations = dict(zip(cs.labels(), cs.has_cation()))
     assert all(cations[lab] == (lab not in ("O", "S")) for lab in labels)
+
+
+def test_random_images_reproducible_with_truth(tmp_path):
+    pytest.importorskip("abtem")
+    import h5py
+
+    from stemlive.simulate.atom_images import ImageRanges, random_image, write_images
+
+    r = ImageRanges(size_px=96, dose_e_per_A2=(1e5, 1e5), jitter_px=(0, 0), drift=(0, 0), vacancy_fraction=(0, 0),
+                    background=(0, 0))
+    img, truth = random_image(np.random.default_rng(3), r)
+    img2, truth2 = random_image(np.random.default_rng(3), r)
+    np.testing.assert_array_equal(img, img2)
+    assert img.shape == (96, 96) and (truth.positions_px >= -0.5).all() and (truth.positions_px <= 95.5).all()
+    # at high dose, cation columns sit on local maxima of the (smoothed) image
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(img, 1.0)
+    peaks = ndimage.maximum_filter(smooth, size=3) == smooth
+    hit = [peaks[max(0, int(round(r0)) - 1):int(round(r0)) + 2, max(0, int(round(c0)) - 1):int(round(c0)) + 2].any()
+           for (r0, c0), cat in zip(truth.positions_px, truth.cation) if cat and 2 < r0 < 93 and 2 < c0 < 93]
+    assert np.mean(hit) > 0.9
+    out = write_images(tmp_path / "imgs.h5", 3, seed=1, ranges=r, progress=False)
+    with h5py.File(out, "r") as f:
+        assert f["done"][()].all() and f["images"].shape == (3, 96, 96) and len(f["positions_px"]) == 3
+    write_images(out, 3, seed=1, ranges=r, progress=False)  # complete: nothing to do, same file
+    with pytest.raises(FileExistsError):
+        write_images(out, 4, seed=1, ranges=r, progress=False)

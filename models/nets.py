@@ -81,3 +81,42 @@ class PacbedAlignNet(nn.Module):
     def forward(self, x: torch.Tensor):
         z = self.head(self.features(self.stem(x)))
         return z[:, 0:2] * 4.0, z[:, 2:3] * 0.2, z[:, 3:5]
+
+
+class AtomUNet(nn.Module):
+    """A small U-Net: image in, "a column is here" map out (one channel per contrast task).
+
+    Input (N, 1, H, W) with H and W multiples of 2**depth (the finder pads); output ``columns``
+    in [0, 1] with a Gaussian peak on every column of the training truth.  Max-pooling down,
+    transposed convolutions up, skip connections, BatchNorm + ReLU: all TensorRT layers, no
+    resize or antialiasing.
+    """
+
+    output_names = ("columns",)
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        w = [width * 2 ** k for k in range(depth + 1)]
+        self.depth = depth
+        self.down = nn.ModuleList([self._conv(1 if k == 0 else w[k - 1], w[k]) for k in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+        self.bottom = self._conv(w[depth - 1], w[depth])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[k + 1], w[k], 2, stride=2) for k in reversed(range(depth))])
+        self.merge = nn.ModuleList([self._conv(2 * w[k], w[k]) for k in reversed(range(depth))])
+        self.out = nn.Conv2d(w[0], 1, 1)
+
+    @staticmethod
+    def _conv(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return (torch.sigmoid(self.out(x)),)

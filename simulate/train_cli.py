@@ -42,6 +42,17 @@ def add_parsers(sub) -> None:
                    help="which network(s): the alignment one (centre, size, rotation), the thickness/tilt one, or both")
     p.set_defaults(func=run_pacbed)
 
+    a = tsub.add_parser("atoms", help="the atom-finding network from `stemlive simulate images` output (resumable)")
+    a.add_argument("--images", type=Path, required=True, help="HDF5 written by `stemlive simulate images`")
+    a.add_argument("--name", default="atoms_haadf")
+    a.add_argument("--out", type=Path, default=None, help="where the .onnx and .json go (default: models/shipped)")
+    a.add_argument("--work", type=Path, default=None, help="checkpoints and curves (default: user cache)")
+    a.add_argument("--steps", type=int, default=3000)
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--width", type=int, default=16)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=run_atoms)
+
 
 def run_pacbed(args) -> int:
     from ..models.cards import SHIPPED_DIR
@@ -72,4 +83,16 @@ def run_pacbed(args) -> int:
                 c = replace(c, steps=SHIPPED_STEPS.get(name, cfg.steps))
             work = (args.work or default_cache_dir() / "training") / f"{model}-s{c.steps}-b{c.batch}-w{c.width}"
             print(train(lib, args.out or SHIPPED_DIR, model, work, c))
+    return 0
+
+
+def run_atoms(args) -> int:
+    from ..models.cards import SHIPPED_DIR
+    from .cli import default_cache_dir
+    from .train_atoms import train_atoms
+
+    work = args.work or default_cache_dir() / "training" / args.name
+    card = train_atoms(args.images, args.out or SHIPPED_DIR, work, name=args.name, steps=args.steps,
+                       batch=args.batch, width=args.width, seed=args.seed)
+    print(f"model card: {card}")
     return 0

@@ -75,15 +75,18 @@ def plot_curves(history: list, png: Path, metrics: list[tuple[str, str]]) -> Non
     plt.close(fig)
 
 
-def export(model, onnx_path: Path, card: dict, parity_batch: torch.Tensor, tol: float = 1e-3) -> dict:
-    """ONNX export (dynamic batch, opset 17), card metadata, PyTorch-vs-ONNX-Runtime parity check."""
+def export(model, onnx_path: Path, card: dict, parity_batch: torch.Tensor, tol: float = 1e-3,
+           spatial: bool = False) -> dict:
+    """ONNX export (dynamic batch -- and image size with ``spatial`` -- opset 17), card metadata,
+    PyTorch-vs-ONNX-Runtime parity check."""
     import onnxruntime as ort
 
     names = list(model.output_names)
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     model.eval()
+    axes = {0: "N", 2: "H", 3: "W"} if spatial else {0: "N"}
     torch.onnx.export(model, parity_batch[:1], str(tmp), input_names=["x"], output_names=names,
-                      dynamic_axes={"x": {0: "N"}, **{n: {0: "N"} for n in names}}, opset_version=17,
+                      dynamic_axes={"x": axes, **{n: axes for n in names}}, opset_version=17,
                       dynamo=False)
     model.eval()
     write_metadata(tmp, card)
@@ -174,13 +177,13 @@ def make_card(*, name: str, task: str, library: Path, lib, sampler, cfg: TrainCo
 
 
 def publish(model, card: dict, out_dir: Path, parity_x: torch.Tensor, history: list,
-            metrics: list[tuple[str, str]]) -> Path:
+            metrics: list[tuple[str, str]], spatial: bool = False) -> Path:
     """Export ``<out_dir>/<name>.onnx`` with the parity check, write the card and the curves."""
     from ..models.cards import sha256_of
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / card["onnx_file"]
-    card["parity"] = export(model, onnx_path, card, parity_x)
+    card["parity"] = export(model, onnx_path, card, parity_x, spatial=spatial)
     card["onnx_sha256"] = sha256_of(onnx_path)
     card_path = onnx_path.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2))

@@ -49,3 +49,29 @@ def test_baseline_finds_columns_of_a_simulated_image():
     inner = found.positions_px[((found.positions_px > 6) & (found.positions_px < 121)).all(axis=1)]
     s = match(inner, cations, radius=0.5 / 0.15)  # within 0.5 Å
     assert s.recall > 0.95 and s.precision > 0.9 and s.rmse * 0.15 < 0.1  # Å
+
+
+def test_train_atoms_tiny(tmp_path):
+    """A few steps on a few images: the loop runs, resumes, exports an ONNX whose output the
+    locator reads (not a useful model: the shipped one is trained for thousands of steps)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("abtem")
+    import json
+
+    import onnxruntime as ort
+
+    from stemlive.simulate.atom_images import ImageRanges, write_images
+    from stemlive.simulate.train_atoms import heatmap, normalise, train_atoms
+
+    imgs = write_images(tmp_path / "imgs.h5", 4, seed=2, ranges=ImageRanges(size_px=128), progress=False)
+    card_path = train_atoms(imgs, tmp_path / "out", tmp_path / "work", steps=4, batch=2, width=4, holdout=0.25,
+                            val_every=2, progress=False)
+    card = json.loads(card_path.read_text())
+    assert card["task"] == "atoms-haadf" and card["parity"]["max_relative_difference"] < 1e-3
+    assert all("f1" in v and "rmse_pm" in v for v in card["validation"].values())
+    sess = ort.InferenceSession(str(card_path.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": normalise(np.random.default_rng(0).random((1, 1, 64, 96)))})[0]
+    assert out.shape == (1, 1, 64, 96) and 0 <= out.min() and out.max() <= 1  # any multiple of 8
+    h = heatmap((32, 32), np.array([[10.3, 20.7]]))
+    assert h.max() == pytest.approx(np.exp(-(0.3 ** 2 + 0.3 ** 2) / (2 * 1.5 ** 2)), rel=1e-5)
+    assert np.unravel_index(h.argmax(), h.shape) == (10, 21)

@@ -22,12 +22,13 @@ import numpy as np
 
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import DEFAULT_RINGS, RingScale
-from ..udf.virtual_detector import BINS, RINGS, ring_images
+from ..udf.virtual_detector import ring_images
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
 
 log = logging.getLogger(__name__)
+_NOTHING = object()
 
 
 @dataclass
@@ -44,7 +45,6 @@ class EngineStats:
     ingest_s: list = field(default_factory=list)  # time on_result took, per result
     block_delay_s: list = field(default_factory=list)  # block complete -> stored and published
     stored_at: dict = field(default_factory=dict)  # (i, j) -> time.perf_counter() when stored
-    batches: int = 0
 
 
 class BlockEngine:
@@ -71,7 +71,7 @@ class BlockEngine:
         self._queued = np.zeros(grid.shape, bool)
         self._precomputed: dict[tuple[int, int], object] = {}  # block -> estimate from the calibration
         self._frames_seen = np.zeros(grid.scan_shape, bool)
-        self._bins = None  # (radial, dipole, center_used) per frame: LiberTEM's result buffers
+        self._bins = None  # the VirtualDetectorUDF's per-frame record (LiberTEM's result buffers)
         self._have = np.zeros(int(np.prod(grid.scan_shape)), bool)
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -102,8 +102,7 @@ class BlockEngine:
                 self._frames_seen |= fresh
                 # LiberTEM merges into these buffers in place; frames already merged are never
                 # touched again, so the worker may read them without a copy (no second per-frame store)
-                n = int(np.prod(self.grid.scan_shape))
-                self._bins = {k: np.asarray(v).reshape(n, *np.shape(v)[2:]) for k, v in virtual.items()}
+                self._bins = {k: np.asarray(v) for k, v in virtual.items()}
                 self._queue.put(("frames", fresh))
         seen = int(self._frames_seen.sum()) if virtual is not None else int(counts.sum())
         elapsed = time.perf_counter() - self._t0
@@ -126,8 +125,9 @@ class BlockEngine:
 
     # -- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
+        held = _NOTHING  # an item taken while coalescing blocks, handled next
         while True:
-            item = self._queue.get()
+            item, held = (self._queue.get() if held is _NOTHING else held), _NOTHING
             if item is None:
                 return
             try:
@@ -139,26 +139,18 @@ class BlockEngine:
                         except queue.Empty:
                             break
                         if nxt is None or nxt[0] != "blocks":
-                            self._dispatch_rest(nxt)
+                            held = nxt
                             break
                         items.append(nxt)
                     self._analyse(items)
                 elif item[0] == "recompute":
                     self._recompute_virtual()
                 else:
-                    self._frames(*item[1:])
+                    self._frames(item[1])
             except BaseException as exc:  # surfaced to the acquisition loop by on_result/close
                 log.exception("engine worker failed")
                 self._error = exc
                 return
-
-    def _dispatch_rest(self, item) -> None:
-        if item is None:
-            self._queue.put(None)
-        elif item[0] == "recompute":
-            self._recompute_virtual()
-        else:
-            self._frames(*item[1:])
 
     def _analyse(self, items) -> None:
         idx = np.concatenate([it[1] for it in items])
@@ -179,7 +171,6 @@ class BlockEngine:
             now = time.perf_counter()
             self.stats.block_delay_s.extend(now - t for t in t_complete[sl])
             self.stats.stored_at.update({(int(i), int(j)): now for i, j in idx[sl]})
-            self.stats.batches += 1
             if self.calibration is None:
                 self._calibrate(estimates)
 
@@ -231,7 +222,7 @@ class BlockEngine:
         if scale is None or flat.size == 0:
             return
         center = self.calibration.center_px if self.calibration is not None else None
-        values = self._ring_values(flat, scale, center)
+        values = ring_images(self._bins, self.rings, scale, self.bin_px, center, frames=flat)
         images = {}
         for name in self.rings:
             img = self.state.virtual[name].copy()
@@ -244,24 +235,6 @@ class BlockEngine:
             self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
-
-    def _ring_values(self, flat: np.ndarray, scale: RingScale, center) -> dict[str, np.ndarray]:
-        """Ring signals of frames ``flat``: read directly where the UDF recorded rings, evaluated
-        from the radial bins (gathered only for those frames) elsewhere."""
-        recorded = self._bins["recorded"][flat]
-        binned = flat[recorded == BINS]
-        values = {name: np.full(len(flat), np.nan, np.float32) for name in self.rings}
-        direct = recorded == RINGS
-        if direct.any():
-            ring_values = self._bins["ring_values"][flat[direct]]
-            for i, name in enumerate(self.rings):
-                values[name][direct] = ring_values[:, i]
-        if binned.size:
-            record = {k: self._bins[k][binned] for k in ("radial", "dipole", "center_used", "ring_values", "recorded")}
-            from_bins = ring_images(record, self.rings, scale, self.bin_px, center)
-            for name in self.rings:
-                values[name][recorded == BINS] = from_bins[name]
-        return values
 
     # -- end -------------------------------------------------------------------------------
     def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0) -> None:

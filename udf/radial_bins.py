@@ -152,18 +152,18 @@ class RingScale:
 
 
 def _cum_at(cum: np.ndarray, per_bin: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Cumulative sum at fractional bin positions x (n, k): linear inside a bin."""
+    """Cumulative sum at fractional bin positions x (n, k): linear inside a bin.
+
+    ``cum`` is (n, nb + 1[, 2]) with cum[:, b] the sum of bins < b; ``per_bin`` (n, nb[, 2]).
+    """
     nb = per_bin.shape[1]
     k = np.clip(np.floor(x).astype(np.int64), 0, nb)
-    frac = np.clip(x - k, 0.0, 1.0)
+    frac = np.where(k >= nb, 0.0, np.clip(x - k, 0.0, 1.0))
     rows = np.arange(cum.shape[0])[:, None]
-    inside = np.take_along_axis(per_bin, np.minimum(k, nb - 1).reshape(k.shape[0], -1, *([1] * (per_bin.ndim - 2))), axis=1) \
-        if per_bin.ndim > 2 else np.take_along_axis(per_bin, np.minimum(k, nb - 1), axis=1)
-    base = cum[rows, k]
-    frac = np.where(k >= nb, 0.0, frac)
+    inside = per_bin[rows, np.minimum(k, nb - 1)]
     if per_bin.ndim > 2:
-        return base + frac[..., None] * inside
-    return base + frac * inside
+        frac = frac[..., None]
+    return cum[rows, k] + frac * inside
 
 
 class BinnedFrames:

@@ -177,32 +177,34 @@ class VirtualDetectorUDF(UDF):
 
 
 def ring_images(record: dict, rings: dict, scale: RingScale, bin_px: float,
-                true_center: tuple[float, float] | None) -> dict[str, np.ndarray]:
-    """Ring signals for frames of any leading shape from a VirtualDetectorUDF record
-    (``radial``, ``dipole``, ``center_used``, ``ring_values``, ``recorded``); NaN where the ring
-    scale is not known yet or the frame was not recorded."""
-    radial = record["radial"]
-    lead = radial.shape[:-1]
-    r = radial.reshape(-1, radial.shape[-1])
-    d = record["dipole"].reshape(-1, *record["dipole"].shape[-2:])
-    recorded = record["recorded"].reshape(-1)
-    direct = record["ring_values"].reshape(len(recorded), -1)
-    shift = None
-    if true_center is not None:
-        shift = np.asarray(true_center, np.float64) - record["center_used"].reshape(-1, 2).astype(np.float64)
+                true_center: tuple[float, float] | None, frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Ring signals from a VirtualDetectorUDF record (``radial``, ``dipole``, ``center_used``,
+    ``ring_values``, ``recorded``); NaN where the ring scale is not known yet or the frame was not
+    recorded.  All frames, in the record's leading shape; or only the flat frame indices
+    ``frames`` (1D result) -- the bins are then gathered for the binned ones alone."""
+    flat = {k: v.reshape(-1, *v.shape[len(record["recorded"].shape):]) for k, v in record.items()}
+    lead = record["recorded"].shape if frames is None else (len(frames),)
+    frames = np.arange(len(flat["recorded"])) if frames is None else np.asarray(frames)
+    recorded = flat["recorded"][frames]
+    direct, binned = recorded == RINGS, recorded == BINS
+    ring_values = flat["ring_values"][frames[direct]]
+    binned_frames = None
+    if binned.any():
+        idx = frames[binned]
+        shift = None
+        if true_center is not None:
+            shift = np.asarray(true_center, np.float64) - flat["center_used"][idx].astype(np.float64)
+        binned_frames = BinnedFrames(flat["radial"][idx], flat["dipole"][idx], bin_px, shift)
     out = {}
-    binned = recorded == BINS
-    frames = BinnedFrames(r[binned], d[binned], bin_px, None if shift is None else shift[binned]) \
-        if binned.any() else None
     for i, (name, (inner, outer, unit)) in enumerate(rings.items()):
-        img = np.full(len(recorded), np.nan, np.float32)
-        img[recorded == RINGS] = direct[recorded == RINGS, i]
-        if frames is not None:
+        img = np.full(len(frames), np.nan, np.float32)
+        img[direct] = ring_values[:, i]
+        if binned_frames is not None:
             try:
                 lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
             except ValueError:  # the scale is not known yet: NaN until it is
                 lo = hi = None
             if lo is not None:
-                img[binned] = frames.ring(lo, hi)
+                img[binned] = binned_frames.ring(lo, hi)
         out[name] = img.reshape(lead)
     return out

@@ -309,11 +309,12 @@ class Page:
                 e["source"].data = {"image": [values]}
                 if e["auto"]:
                     e["mapper"].low, e["mapper"].high = auto_range(values, False)
-        self._histogram()
+        self._histogram(derived)
 
-    def _histogram(self) -> None:
-        snap = self.feed.snapshot
-        values = derived_maps(snap.maps)[self.hist_map.value]
+    def _histogram(self, derived: dict | None = None) -> None:
+        """Histogram of the chosen map (``derived``: the maps already computed for this draw)."""
+        derived = derived if derived is not None else derived_maps(self.feed.snapshot.maps)
+        values = derived[self.hist_map.value]
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             self.hist_source.data = {"left": [], "right": [], "top": []}

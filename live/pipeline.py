@@ -71,9 +71,9 @@ class RunSummary:
     blocks_done: int
     blocks_total: int
     wall_s: float
-    ingest_ms_median: float
-    ingest_ms_max: float
-    block_delay_ms_median: float
+    ingest_ms_median: float = 0.0
+    ingest_ms_max: float = 0.0
+    block_delay_ms_median: float = 0.0
     acquisition_s: float = 0.0  # first to last UDF result: the frame ingest itself
     block_delay_ms_p90: float = 0.0
     block_stored_s: np.ndarray | None = None  # per block: stored this long after the acquisition started
@@ -168,14 +168,16 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     st = state.status
     ing = np.asarray(engine.stats.ingest_s) * 1e3
     dly = np.asarray(engine.stats.block_delay_s) * 1e3
-    summary = RunSummary(Path(settings.out), st["state"], st["reason"], int(st["frames_seen"]), int(st["blocks_done"]),
-                         int(st["blocks_total"]), time.perf_counter() - t0,
-                         float(np.median(ing)) if ing.size else 0.0, float(ing.max()) if ing.size else 0.0,
-                         float(np.median(dly)) if dly.size else 0.0,
-                         timing.get("last", 0.0) - timing.get("start", 0.0),
-                         float(np.percentile(dly, 90)) if dly.size else 0.0,
-                         stored_times(engine, grid, timing.get("start")),
-                         timing.get("first", 0.0) - timing.get("start", 0.0), int(timing.get("first_frames", 0)))
+    start = timing.get("start", 0.0)
+    summary = RunSummary(
+        out=Path(settings.out), state=st["state"], reason=st["reason"], frames=int(st["frames_seen"]),
+        blocks_done=int(st["blocks_done"]), blocks_total=int(st["blocks_total"]), wall_s=time.perf_counter() - t0,
+        ingest_ms_median=float(np.median(ing)) if ing.size else 0.0,
+        ingest_ms_max=float(ing.max()) if ing.size else 0.0,
+        block_delay_ms_median=float(np.median(dly)) if dly.size else 0.0,
+        block_delay_ms_p90=float(np.percentile(dly, 90)) if dly.size else 0.0,
+        acquisition_s=timing.get("last", start) - start, block_stored_s=stored_times(engine, grid, start),
+        first_result_s=timing.get("first", start) - start, first_result_frames=int(timing.get("first_frames", 0)))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary

@@ -1,7 +1,6 @@
 """`stemlive reanalyse`: the stored block PACBEDs through (other) models into a new store."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -46,5 +45,6 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     store.write_virtual(old["virtual"], int(old["progress"][0]))
     engine.close("complete", reason)
     st = state.status
-    return RunSummary(Path(out), store.state, reason, int(old["progress"][0]), int(st["blocks_done"]),
-                      int(st["blocks_total"]), time.perf_counter() - t0, 0.0, 0.0, 0.0)
+    return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),
+                      blocks_done=int(st["blocks_done"]), blocks_total=int(st["blocks_total"]),
+                      wall_s=time.perf_counter() - t0)

@@ -16,3 +16,12 @@ def place(p, alpha_px, frame, radius_px, center, rotation=0.0):
     sy = c + np.cos(t) * dy - np.sin(t) * dx
     sx = c + np.sin(t) * dy + np.cos(t) * dx
     return ndimage.map_coordinates(p, [sy, sx], order=1, mode="constant")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

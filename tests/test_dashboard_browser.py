@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,13 @@ import pytest
 
 from stemlive.live.store import read_store
 
+from .helpers import free_port
+
 from . import browser as br
 
 pytestmark = pytest.mark.skipif(br.available() is not None, reason=str(br.available()))
 ARTIFACTS = Path(__file__).resolve().parent.parent / ".test-artifacts"
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stemlive(*args, **kw) -> subprocess.Popen:

@@ -13,6 +13,8 @@ import pytest
 
 from stemlive.live.store import read_store
 
+from .helpers import free_port
+
 from .faulty_dectris import FaultyDetector
 
 AT = 1000  # the fault strikes at this frame: two block rows (2 × 8 × 48 frames) are complete before it
@@ -64,13 +66,6 @@ def test_detector_that_stops_mid_scan(live_scan, tmp_path):
     assert took < 60
     assert_aborted_keeping_blocks(out, 12, "detector stopped")
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def paced_run_to_first_block(d, tmp_path):

@@ -1,7 +1,6 @@
 """The live path end to end: simulator -> LiberTEM-live -> UDFs -> engine -> store, against replay and truth."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -13,11 +12,13 @@ import numpy as np
 import pytest
 
 from stemlive.live.acquire import live
-from stemlive.live.demo import compare_with_truth, demo_scan
+from stemlive.live.demo import compare_with_truth
 from stemlive.live.pipeline import Settings
 from stemlive.live.replay import replay
-from stemlive.live.simulator import SimDetector, dump_for, input_array
+from stemlive.live.simulator import SimDetector
 from stemlive.live.store import read_store
+
+from .helpers import free_port
 
 from .conftest import LIVE_SCAN as SCAN
 BLOCK = (8, 8)
@@ -166,13 +167,6 @@ def test_replay_formats(scan, replayed, tmp_path, fmt):
     # LiberTEM's HDF5 reader chooses its own partitions (no num_partitions): see assert_same_maps
     assert_same_maps(read_store(out), replayed, virtual_rtol=None if fmt in ("hdf5", "dectris-master") else 1e-5)
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_live_merlin_with_camerasim(scan, replayed, tmp_path):

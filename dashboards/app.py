@@ -4,6 +4,7 @@ One `Page` per browser session; all sessions read the same feed (one per server 
 10 Hz callback per session draws what changed since that session last drew -- only the changed
 block rows go out, as `ColumnDataSource.patch` -- so a slow browser gets fewer, larger updates
 instead of a backlog.  Colour ranges, the theme and the map download act in the browser.
+Atomic columns found so far are drawn over the virtual images; new ones are streamed.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import time
 import numpy as np
 from bokeh.events import SelectionGeometry, Tap
 from bokeh.layouts import column, gridplot, row
-from bokeh.models import (Button, ColorBar, ColumnDataSource, CustomJS, Div, HoverTool, LinearColorMapper,
-                          RadioButtonGroup, Range1d, Select, Spinner)
+from bokeh.models import (Button, CheckboxGroup, ColorBar, ColumnDataSource, CustomJS, Div, HoverTool,
+                          LinearColorMapper, RadioButtonGroup, Range1d, Select, Spinner)
 from bokeh.palettes import Cividis256, RdBu11, Viridis256
 from bokeh.plotting import figure
 
@@ -139,6 +140,12 @@ class Page:
         vfigs = [self._image_figure(key, title, "counts", snap.virtual[key], None, Viridis256, False, self.virtual,
                                     (sx, sy), factor=vf)
                  for key, title in VIRTUAL if key in snap.virtual]
+        # atomic columns over the virtual images (pixel (r, c) covers [c, c+1) × [r, r+1): centre + 0.5)
+        self.atom_source = ColumnDataSource(atom_columns(snap.atoms), name="source-atoms")
+        self.atoms_shown = len(snap.atoms["positions"])
+        self.atom_renderers = [f.scatter(x="x", y="y", source=self.atom_source, marker="circle", size=5,
+                                         fill_alpha=0, line_color="red", line_width=1.2, name="atoms")
+                               for f in vfigs]
         for f in figs + vfigs:
             f.on_event(Tap, self._on_tap)
             f.on_event(SelectionGeometry, self._on_select)
@@ -217,6 +224,9 @@ class Page:
         theme = RadioButtonGroup(labels=["light", "dark"], active=0, name="theme")
         theme.on_change("active", lambda attr, old, new: setattr(
             self.doc, "theme", "dark_minimal" if new == 1 else "caliber"))
+        show_atoms = CheckboxGroup(labels=["atomic columns on the virtual images"], active=[0], name="show-atoms")
+        show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=show_atoms), code="""
+            for (const r of renderers) { r.visible = box.active.includes(0); }"""))
         download = Button(label="download maps (CSV)", name="download", width=200)
         download.js_on_event("button_click", CustomJS(args=dict(sources={k: v["source"] for k, v in self.maps.items()}),
                                                       code="""
@@ -231,7 +241,7 @@ class Page:
             const a = document.createElement("a"); a.href = URL.createObjectURL(blob);
             a.download = "stemlive-maps.csv"; a.click();"""))
         return column(Div(text="<b>Display</b> (the save tool of each plot exports a PNG)"),
-                      row(which, low, high), mode, theme, download)
+                      row(which, low, high), mode, theme, show_atoms, download)
 
     def _set_auto(self, key: str, auto: bool) -> None:
         entry = self.maps.get(key) or self.virtual.get(key)
@@ -258,6 +268,8 @@ class Page:
                 virtual = full or "virtual" in kinds
                 rows = sorted(set().union(*[r for kind, r in changes if kind == "blocks"]))
                 self._draw(snap, full, rows, virtual)
+                if full or "atoms" in kinds:
+                    self._draw_atoms(snap, full)
                 self.version = snap.version
                 sent = getattr(self.feed, "last_sent", None)
                 self.sent_version, self.sent_at = snap.version, time.monotonic()
@@ -311,6 +323,15 @@ class Page:
                     e["mapper"].low, e["mapper"].high = auto_range(values, False)
         self._histogram(derived)
 
+    def _draw_atoms(self, snap, full: bool) -> None:
+        """Send the atoms found since the last draw (all of them after a resync)."""
+        n = len(snap.atoms["positions"])
+        if full or n < self.atoms_shown:
+            self.atom_source.data = atom_columns(snap.atoms)
+        elif n > self.atoms_shown:
+            self.atom_source.stream(atom_columns(snap.atoms, self.atoms_shown))
+        self.atoms_shown = n
+
     def _histogram(self, derived: dict | None = None) -> None:
         """Histogram of the chosen map (``derived``: the maps already computed for this draw)."""
         derived = derived if derived is not None else derived_maps(self.feed.snapshot.maps)
@@ -335,6 +356,7 @@ class Page:
             f" — frames {st.get('frames_seen', 0)}/{st.get('frames_total', 0)}"
             f" — {st.get('frames_per_s', 0):.0f} frames/s"
             + (f" — delay to this browser {delay * 1e3:.0f} ms" if delay is not None else "")
+            + (f" — atoms {len(snap.atoms['positions'])}" if len(snap.atoms["positions"]) else "")
             + f" — dropped: {st.get('blocks_dropped', 0)} blocks, {st.get('frames_dropped', 0)} frames"
             + (f" — {st['reason']}" if st.get("reason") else "") + conn)
 
@@ -394,6 +416,13 @@ class Page:
         self.region_info.text = (f"<b>region</b> blocks {i0}-{i1 - 1} × {j0}-{j1 - 1} ({int(ok.sum())} analysed): "
                                  f"detector t0 {mean_d[0]:+.2f}, t1 {mean_d[1]:+.2f} mrad; "
                                  + crystal_correction(mean_c))
+
+
+def atom_columns(atoms: dict, start: int = 0) -> dict[str, np.ndarray]:
+    """The atom table from row ``start`` as plot columns (x = col + 0.5, y = row + 0.5)."""
+    pos = np.asarray(atoms["positions"], np.float64)[start:]
+    return {"x": pos[:, 1] + 0.5, "y": pos[:, 0] + 0.5,
+            "confidence": np.asarray(atoms["confidence"], np.float64)[start:]}
 
 
 def block_text(i: int, j: int, header: dict) -> str:

@@ -31,8 +31,26 @@ class Snapshot:
     done: np.ndarray
     counts: np.ndarray
     version: int = 0
-    # version -> (kind, block rows): ("blocks", rows), ("virtual", None), ("status", set()), ("state", None)
+    # version -> (kind, block rows): ("blocks", rows), ("virtual", None), ("atoms", None), ("status", set()),
+    # ("state", None)
     dirty_rows: dict = field(default_factory=dict)
+    # the atom table: positions (n, 2) scan px, confidence, intensity, block; empty when none
+    atoms: dict = field(default_factory=lambda: empty_atoms())
+
+
+ATOM_FIELDS = ("positions", "confidence", "intensity", "block")
+
+
+def empty_atoms() -> dict:
+    return {"positions": np.zeros((0, 2), np.float32), "confidence": np.zeros(0, np.float32),
+            "intensity": np.zeros(0, np.float32), "block": np.zeros((0, 2), np.int32)}
+
+
+def atoms_from(arrays: dict, prefix: str = "atoms/") -> dict:
+    """The atom table out of a message's or a store's arrays (empty when it has none)."""
+    if f"{prefix}positions" not in arrays:
+        return empty_atoms()
+    return {k: np.array(arrays[f"{prefix}{k}"]) for k in ATOM_FIELDS}
 
 
 def snapshot_from_state(header: dict, arrays: dict) -> Snapshot:
@@ -41,7 +59,8 @@ def snapshot_from_state(header: dict, arrays: dict) -> Snapshot:
     return Snapshot(meta=header.get("meta", {}), status=header.get("status", {}),
                     scan_shape=tuple(header["scan_shape"]), block_shape=tuple(header["block_shape"]),
                     flag_names=list(header.get("flag_names", [])), maps=maps, virtual=virtual,
-                    done=np.array(arrays["blocks/done"]), counts=np.array(arrays["blocks/counts"]))
+                    done=np.array(arrays["blocks/done"]), counts=np.array(arrays["blocks/counts"]),
+                    atoms=atoms_from(arrays))
 
 
 class LiveFeed:
@@ -176,6 +195,11 @@ class LiveFeed:
                 for k, v in arrays.items():
                     snap.virtual[k[8:]][r0:r1] = v
                 rows = ("virtual", None)
+            elif kind == "atoms":
+                new = atoms_from(arrays)
+                snap.atoms = {k: np.concatenate([snap.atoms[k], new[k]]) for k in ATOM_FIELDS}
+                snap.status["atoms"] = len(snap.atoms["positions"])
+                rows = ("atoms", None)
             elif kind == "status":
                 snap.status.update(header["status"])
                 rows = ("status", set())
@@ -238,14 +262,16 @@ class StoreFeed:
         status = {"state": a["state"], "blocks_done": int(r["blocks"]["done"].sum()),
                   "blocks_total": int(r["blocks"]["done"].size), "frames_seen": int(r["progress"][0]),
                   "frames_total": int(np.prod(a["scan_shape"])), "reason": a.get("reason", ""),
-                  "frames_per_s": 0.0, "blocks_dropped": 0, "frames_dropped": 0}
+                  "frames_per_s": 0.0, "blocks_dropped": 0, "frames_dropped": 0,
+                  "atoms": len(r["atoms"]["positions"]) if "atoms" in r else 0}
         meta = {"alpha_mrad": float(a["alpha_mrad"]), "kv": float(a["kv"]), "store": str(self.path),
                 "models": [m.get("id") for m in a["models"]], "mrad_per_px": float(a["mrad_per_px"]),
                 "read_only": True}
         return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                         block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                         maps=r["maps"], virtual=r["virtual"], done=r["blocks"]["done"],
-                        counts=r["blocks"]["counts"], version=version, dirty_rows={version: ("state", None)})
+                        counts=r["blocks"]["counts"], version=version, dirty_rows={version: ("state", None)},
+                        atoms=atoms_from(r.get("atoms", {}), prefix=""))
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
         return store_block_pacbed(self.path, self.snapshot, i, j)

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..simulate import cli as simulate_cli
     from ..simulate import train_cli
     from ..models import cli as models_cli
+    from ..models import atoms_cli
     from ..dashboards import cli as dashboard_cli
 
     demo.add_parser(sub)
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
     models_cli.add_parsers(sub)
+    atoms_cli.add_parsers(sub)
     return ap
 
 

@@ -8,7 +8,9 @@ batches (each exactly once), evaluates the virtual rings, writes the store and p
 The first completed blocks calibrate the disk centre (and size, unless ``mrad_per_px`` was
 given): they alone are analysed at once, in the loop (one short wait, counted in the ingest
 statistics), so the centre reaches the VirtualDetectorUDF (`take_calibration`) at the same point
-of the scan in every run; their estimates are reused, not recomputed.
+of the scan in every run; their estimates are reused, not recomputed.  With an `AtomStitcher`,
+the worker also finds atomic columns in the calibrated virtual image, block by block, as soon
+as a block and its margin have their final values.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class BlockEngine:
     def __init__(self, grid: BlockGrid, analyzer, state: LiveState, store: ResultStore | None = None,
                  publisher: Publisher | None = None, *, roi: np.ndarray | None = None,
                  alpha_mrad: float, mrad_per_px: float | None = None, center_px: tuple[float, float] | None = None,
-                 rings: dict | None = None, bin_px: float = 0.5, batch: int = 64):
+                 rings: dict | None = None, bin_px: float = 0.5, batch: int = 64, atoms=None):
         self.grid = grid
         self.analyzer = analyzer
         self.state = state
@@ -73,6 +75,10 @@ class BlockEngine:
         self._frames_seen = np.zeros(grid.scan_shape, bool)
         self._bins = None  # the VirtualDetectorUDF's per-frame record (LiberTEM's result buffers)
         self._have = np.zeros(int(np.prod(grid.scan_shape)), bool)
+        self.atoms = atoms  # AtomStitcher or None
+        self._unscanned = (np.zeros(grid.scan_shape, bool) if roi is None
+                           else ~np.asarray(roi, bool).reshape(grid.scan_shape))
+        self._virtual_final = False  # the virtual images use the calibrated centre
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._t0 = time.perf_counter()
@@ -147,6 +153,7 @@ class BlockEngine:
                     self._recompute_virtual()
                 else:
                     self._frames(item[1])
+                self._find_atoms()
             except BaseException as exc:  # surfaced to the acquisition loop by on_result/close
                 log.exception("engine worker failed")
                 self._error = exc
@@ -216,6 +223,23 @@ class BlockEngine:
     def _recompute_virtual(self) -> None:
         if self._bins is not None:
             self._publish_virtual(np.flatnonzero(self._have))
+        self._virtual_final = self.calibration is not None
+
+    def _find_atoms(self) -> None:
+        """Columns in every block whose window of the calibrated virtual image is complete."""
+        if self.atoms is None or not self._virtual_final:
+            return
+        have = self._have.reshape(self.grid.scan_shape) | self._unscanned
+        blocks = self.atoms.ready(have)
+        if not blocks:
+            return
+        image = self.state.virtual[self.atoms.image_name]
+        rows = self.atoms.analyse(np.nan_to_num(image, nan=float(np.nanmean(image))), blocks)
+        seq = self.state.apply_atoms(rows, blocks)
+        if self.store is not None:
+            self.store.write_atoms(rows, self.atoms.analysed)
+        if self.publisher is not None:
+            self.publisher.atoms(seq, rows, blocks)
 
     def _publish_virtual(self, flat: np.ndarray) -> None:
         scale = self._ring_scale()

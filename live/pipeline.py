@@ -60,6 +60,8 @@ class Settings:
     stall_timeout_s: float = 30.0  # no new frames for this long: the detector has stopped
     token: str | None = None  # access token, needed to publish beyond 127.0.0.1
     progress: bool = True
+    atoms: str | None = "haadf"  # find atomic columns in this virtual image (None: off)
+    atom_margin_px: int = 16  # context around a block for atom finding
 
 
 @dataclass
@@ -87,6 +89,27 @@ def load_analyzer(settings: Settings):
 
     return PacbedAnalyzer.for_acquisition(settings.kv, settings.alpha_mrad, settings.models_dir or SHIPPED_DIR,
                                           backend=settings.backend)
+
+
+def load_atom_stitcher(settings: Settings, grid: BlockGrid):
+    """The atom finder for ``settings.atoms`` over the block grid, or None (off, or no model:
+    then a warning says why and the rest of the run goes on)."""
+    if not settings.atoms:
+        return None
+    from ..models.atom_analysis import AtomFinder
+    from ..models.atom_regions import AtomStitcher
+    from ..models.cards import SHIPPED_DIR
+
+    if settings.atoms not in settings.rings:
+        raise ValueError(f"atoms are found in the {settings.atoms!r} virtual image, but the rings are "
+                         f"{', '.join(settings.rings)}")
+    try:
+        finder = AtomFinder.shipped(settings.atoms, settings.models_dir or SHIPPED_DIR, backend=settings.backend)
+    except FileNotFoundError as exc:
+        warnings.warn(f"atom finding off: {exc}", stacklevel=3)
+        return None
+    sampling = settings.scan_step_nm * 10 if settings.scan_step_nm else None
+    return AtomStitcher(finder, grid, sampling, margin_px=settings.atom_margin_px)
 
 
 def check_block_size(settings: Settings, analyzer) -> str | None:
@@ -130,8 +153,10 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     warning = check_block_size(settings, analyzer)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings))
-    cards = [c.data for c in analyzer.cards]
+    atoms = load_atom_stitcher(settings, grid)
+    layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings),
+                         atoms=atoms.image_name if atoms else None)
+    cards = [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
     store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
                                mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
                                scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
@@ -145,7 +170,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         publisher = Publisher(state, settings.pub, settings.rep, token=settings.token)
         state.meta["pub"], state.meta["rep"] = publisher.pub_address, publisher.rep_address
     engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
-                         mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings)
+                         mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
+                         atoms=atoms)
     final, reason = "aborted", "not started"
     timing: dict = {}
     try:

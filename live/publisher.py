@@ -1,7 +1,7 @@
 """`Publisher`: ZMQ PUB of each analysed block batch, and a REP socket for late joiners.
 
 PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values), ``virtual``
-(rows of the virtual images), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
+(rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
 Both sockets bind 127.0.0.1 unless told otherwise; any other address needs an access token
 (`security.py`: CURVE keys derived from it).
@@ -68,6 +68,12 @@ class Publisher:
     def virtual(self, seq: int, rows: slice, images: dict[str, np.ndarray]) -> None:
         self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop], "sent": time.time()},
                   {f"virtual/{k}": v for k, v in images.items()})
+
+    def atoms(self, seq: int, rows, blocks: list[tuple[int, int]]) -> None:
+        self.send({"type": "atoms", "seq": seq, "sent": time.time()},
+                  {"atoms/positions": rows.positions_px, "atoms/confidence": rows.confidence,
+                   "atoms/intensity": rows.intensity, "atoms/block": rows.block,
+                   "atoms/analysed_blocks": np.asarray(blocks, np.int32).reshape(-1, 2)})
 
     def status(self, status: dict) -> None:
         self.send({"type": "status", "status": status})

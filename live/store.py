@@ -55,6 +55,13 @@ class StoreLayout:
     block_shape: tuple[int, int]
     sig_shape: tuple[int, int]
     virtual: tuple[str, ...] = ("bf", "abf", "adf", "haadf")
+    atoms: str | None = None  # the virtual image atoms are found in ("haadf", "abf"), or none
+
+    @property
+    def max_atoms(self) -> int:
+        """Rows pre-allocated for the atom table: the locator keeps peaks ≥ 3 px apart, so at
+        most one column per 9 scan pixels."""
+        return int(np.prod(self.scan_shape)) // 9 + 64
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -123,6 +130,18 @@ class ResultStore:
             f.create_dataset("blocks/counts", data=np.zeros((ny, nx), np.int64))
             f.create_dataset("blocks/done", data=np.zeros((ny, nx), bool))
             f.create_dataset("blocks/partial", data=np.zeros((ny, nx), bool))
+            if layout.atoms:  # the atom table: rows [0, /atoms/count) are valid, the rest NaN until finish
+                g = f.create_group("atoms")
+                g.attrs["contrast"] = layout.atoms
+                g.attrs["units"] = json.dumps({"positions": "scan px (row, col), pixel centres at integers",
+                                               "intensity": "virtual image sum around the column"})
+                n = layout.max_atoms
+                g.create_dataset("positions", data=np.full((n, 2), np.nan, np.float32))
+                g.create_dataset("confidence", data=np.full(n, np.nan, np.float32))
+                g.create_dataset("intensity", data=np.full(n, np.nan, np.float32))
+                g.create_dataset("block", data=np.full((n, 2), -1, np.int32))
+                g.create_dataset("count", data=np.int64(0))
+                g.create_dataset("analysed", data=np.zeros((ny, nx), bool))
             # frames seen, blocks done, unix time of the last write: a reader can tell a stalled run
             f.create_dataset("progress", data=np.array([0.0, 0.0, time.time()]))
         tmp.replace(path)
@@ -172,13 +191,37 @@ class ResultStore:
                 f["progress"][2] = time.time()
             f.flush()
 
+    def write_atoms(self, rows, analysed: np.ndarray) -> None:
+        """Append found columns (an `AtomRows`) and mark the blocks analysed; the count goes last."""
+        with self._open() as f:
+            g = f["atoms"]
+            n0, n = int(g["count"][()]), len(rows)
+            if n0 + n > g["positions"].shape[0]:
+                raise RuntimeError(f"atom table full ({g['positions'].shape[0]} rows) in {self.path}")
+            if n:
+                g["positions"][n0:n0 + n] = rows.positions_px
+                g["confidence"][n0:n0 + n] = rows.confidence
+                g["intensity"][n0:n0 + n] = rows.intensity
+                g["block"][n0:n0 + n] = rows.block
+            g["analysed"][...] = analysed
+            g["count"][()] = n0 + n
+            f.flush()
+
     def finish(self, state: str = "complete", reason: str = "") -> None:
-        """Close the acquisition: ``state`` complete or aborted (with the reason)."""
+        """Close the acquisition: ``state`` complete or aborted (with the reason); the atom
+        table is cut to the columns found."""
         if state not in STATES[1:]:
             raise ValueError(f"final state must be 'complete' or 'aborted', not {state!r}")
         if self.state != "running":
             return
         with self._open() as f:
+            if "atoms" in f:
+                g = f["atoms"]
+                n = int(g["count"][()])
+                for name in ("positions", "confidence", "intensity", "block"):
+                    data = g[name][:n]
+                    del g[name]
+                    g.create_dataset(name, data=data)
             f.attrs["state"] = state
             f.attrs["reason"] = reason
             f.attrs["finished"] = _now()
@@ -213,6 +256,12 @@ def read_store(path: str | Path) -> dict:
         for group in ("maps", "virtual", "blocks"):
             for name, ds in f[group].items():
                 out[group][name] = ds[()]
+        if "atoms" in f:
+            g = f["atoms"]
+            n = int(g["count"][()])
+            out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block")}
+            out["atoms"]["analysed"] = g["analysed"][()]
+            out["atoms"]["contrast"] = str(g.attrs["contrast"])
         out["progress"] = f["progress"][()]
     out["attrs"] = attrs
     return out

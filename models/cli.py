@@ -80,6 +80,7 @@ def run_analyze(args) -> int:
 def run_export_engines(args) -> int:
     from .backends.base import BackendUnavailable
     from .backends.tensorrt import EngineSettings, ensure_engine
+    from .atom_analysis import atom_engine_settings
     from .cards import SHIPPED_DIR, find_cards, verify
 
     settings = EngineSettings(fp16=args.fp16, max_batch=args.max_batch)
@@ -89,7 +90,8 @@ def run_export_engines(args) -> int:
         return EXIT_NONE
     for card in cards:
         try:
-            path, built = ensure_engine(verify(card), settings)
+            path, built = ensure_engine(verify(card), atom_engine_settings(settings) if card.task.startswith("atoms-")
+                                        else settings)
         except BackendUnavailable as exc:
             print(f"stemlive export engines: {exc}; engines are built on the GPU that runs them", file=sys.stderr)
             return EXIT_NONE

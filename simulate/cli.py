@@ -90,17 +90,22 @@ def add_parsers(sub) -> None:
 
 
 def add_images_parser(ssub) -> None:
-    ap = ssub.add_parser("images", help="randomised HAADF images with their column positions (atom finding)")
+    ap = ssub.add_parser("images", help="randomised HAADF or ABF images with their column positions (atom finding)")
     ap.add_argument("--out", type=Path, required=True, help="HDF5 file (resumable: rerun to continue)")
     ap.add_argument("--n", type=int, default=1000, help="number of images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=256, help="image edge [px]")
+    ap.add_argument("--contrast", choices=["haadf", "abf"], default="haadf")
+    ap.add_argument("--held-out", action="store_true",
+                    help="only the structures and zones training never sees (BaTiO3 [110], 2H-MoS2 [001] and [100])")
     ap.set_defaults(func=run_images)
 
 
 def run_images(args) -> int:
-    from .atom_images import ImageRanges, write_images
+    from .atom_images import HELD_OUT_STRUCTURES, STRUCTURES, ImageRanges, write_images
 
-    out = write_images(args.out, args.n, args.seed, ImageRanges(size_px=args.size))
+    ranges = ImageRanges(size_px=args.size, contrast=args.contrast,
+                         structures=HELD_OUT_STRUCTURES if args.held_out else STRUCTURES)
+    out = write_images(args.out, args.n, args.seed, ranges)
     print(f"{args.n} images in {out}")
     return 0

@@ -3,7 +3,9 @@
 Images and column truth come from `stemlive simulate images` (HDF5).  Training draws random
 crops with random 90° rotations and flips (the positions follow), normalises each crop to zero
 mean and unit spread (contrast and background vary between microscopes), and regresses a map
-with a Gaussian of ``target_sigma_px`` on every cation-containing column (the HAADF truth).
+with a Gaussian of ``TARGET_SIGMA_PX`` on every column of the truth: the cation-containing
+columns for HAADF images, every column (oxygen included) for ABF, whose images are fed
+inverted so that columns are bright in both.
 Validation: precision, recall and F1 within 0.5 Å and RMSE of the located columns on held-out
 images.  Resumable through the shared trainer (`trainer.fit`).
 """
@@ -23,10 +25,10 @@ TARGET_SIGMA_PX = 1.5
 @dataclass
 class AtomData:
     images: np.ndarray  # (n, H, W) float32
-    positions: list  # per image (k, 2) px
-    cation: list  # per image (k,) bool
+    positions: list  # per image (k, 2) px: the truth of this contrast only
     sampling_A: np.ndarray  # (n,)
     dose: np.ndarray  # (n,) e/Å²
+    contrast: str  # "haadf" or "abf"
 
     @classmethod
     def load(cls, path: Path) -> "AtomData":
@@ -37,12 +39,28 @@ class AtomData:
             if not done.any():
                 raise ValueError(f"{path} holds no finished images; run `stemlive simulate images` first")
             idx = np.flatnonzero(done)
+            contrast = json.loads(f.attrs["spec"])["ranges"].get("contrast", "haadf")
             images = f["images"][idx]
-            pos = [f["positions_px"][str(k)][()] for k in idx]
-            cat = [f["cation"][str(k)][()] for k in idx]
+            which = "cation" if contrast == "haadf" else "visible"
+            pos = [f["positions_px"][str(k)][()][f[which][str(k)][()]] for k in idx]
             meta = [json.loads(f["meta"].attrs[str(k)]) for k in idx]
-        return cls(images, pos, cat, np.array([m["sampling_A"] for m in meta]),
-                   np.array([m["dose_e_per_A2"] for m in meta]))
+        return cls(images, pos, np.array([m["sampling_A"] for m in meta]),
+                   np.array([m["dose_e_per_A2"] for m in meta]), contrast)
+
+
+def column_spacing_px(positions: list) -> tuple[float, float]:
+    """2nd-98th percentile of the median nearest-neighbour distance per image: the column spacing
+    (in pixels) the network was trained on, which the finder checks an image against."""
+    from scipy.spatial import cKDTree
+
+    med = [float(np.median(cKDTree(p).query(p, k=2)[0][:, 1])) for p in positions if len(p) > 2]
+    return float(np.percentile(med, 2)), float(np.percentile(med, 98))
+
+
+def network_input(image: np.ndarray, contrast: str) -> np.ndarray:
+    """What the network sees: the image normalised, ABF inverted (columns bright in both)."""
+    x = normalise(image)
+    return -x if contrast == "abf" else x
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -74,7 +92,7 @@ def random_crop(data: AtomData, k: int, rng: np.random.Generator, crop: int = CR
     h, w = img.shape
     r0, c0 = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
     x = img[r0:r0 + crop, c0:c0 + crop]
-    p = data.positions[k][data.cation[k]] - [r0, c0]
+    p = data.positions[k] - [r0, c0]
     p = p[((p > -0.5) & (p < crop - 0.5)).all(axis=1)]
     for _ in range(int(rng.integers(4))):  # rot90 counter-clockwise: (r, c) -> (crop-1-c, r)
         x = np.rot90(x)
@@ -86,7 +104,7 @@ def random_crop(data: AtomData, k: int, rng: np.random.Generator, crop: int = CR
 
 
 def train_atoms(images: Path, out_dir: Path, work_dir: Path, name: str = "atoms_haadf", steps: int = 3000,
-                batch: int = 16, width: int = 16, holdout: float = 0.1, val_every: int = 250, seed: int = 0,
+                batch: int = 16, width: int = 16, holdout: float = 0.05, val_every: int = 500, seed: int = 0,
                 progress: bool = True) -> Path:
     from ..models.atom_locator import locate, match
     from ..models.nets import AtomUNet
@@ -108,7 +126,7 @@ def train_atoms(images: Path, out_dir: Path, work_dir: Path, name: str = "atoms_
         xs, ys = [], []
         for k in rng.choice(train_idx, batch):
             x, p = random_crop(data, int(k), rng)
-            xs.append(normalise(x))
+            xs.append(network_input(x, data.contrast))
             ys.append(heatmap(x.shape, p))
         return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
 
@@ -122,10 +140,10 @@ def train_atoms(images: Path, out_dir: Path, work_dir: Path, name: str = "atoms_
         for k in val_idx:
             img = data.images[k]
             h, wd = (s - s % 8 for s in img.shape)
-            x = torch.from_numpy(normalise(img[:h, :wd])[None, None])
+            x = torch.from_numpy(network_input(img[:h, :wd], data.contrast)[None, None])
             pred = model(x)[0][0, 0].numpy()
             found = locate(pred, img[:h, :wd], threshold=0.3)
-            truth = data.positions[k][data.cation[k]]
+            truth = data.positions[k]
             truth = truth[(truth[:, 0] < h - 0.5) & (truth[:, 1] < wd - 0.5)]
             s = match(found.positions_px, truth, radius=0.5 / data.sampling_A[k])
             scores.append((s.precision, s.recall, s.f1, s.rmse * data.sampling_A[k] * 100))
@@ -144,15 +162,19 @@ def train_atoms(images: Path, out_dir: Path, work_dir: Path, name: str = "atoms_
     if not finished:
         raise RuntimeError("training stopped early")
     card = {
-        "id": f"{name}-s{steps}", "task": "atoms-haadf", "onnx_file": f"{name}.onnx",
+        "id": f"{name}-s{steps}", "task": f"atoms-{data.contrast}", "contrast": data.contrast,
+        "onnx_file": f"{name}.onnx",
         "input": {"name": "x", "shape": [1, "H", "W"], "multiple_of": 2 ** model.depth,
-                  "normalisation": "per image: zero mean, unit standard deviation",
-                  "sampling_A_per_px": [float(data.sampling_A.min()), float(data.sampling_A.max())]},
-        "outputs": {"columns": "map in [0, 1], a Gaussian (sigma 1.5 px) on every cation-containing column"},
+                  "normalisation": "per image: zero mean, unit standard deviation"
+                                   + ("; ABF inverted (columns bright)" if data.contrast == "abf" else ""),
+                  "sampling_A_per_px": [float(data.sampling_A.min()), float(data.sampling_A.max())],
+                  "column_spacing_px": list(column_spacing_px(data.positions))},
+        "outputs": {"columns": f"map in [0, 1], a Gaussian (sigma {TARGET_SIGMA_PX} px) on every "
+                               + ("cation-containing column" if data.contrast == "haadf" else "column, oxygen included")},
         "training": {"images": str(Path(images).name), "n_images": int(n), "held_out_images": int(n_val),
                      "config": {"steps": steps, "batch": batch, "width": width, "crop": CROP},
                      "training_seconds": history[-1]["seconds"]},
         "validation": history[-1]["val"],
     }
-    parity = torch.from_numpy(normalise(data.images[val_idx[0]][:CROP, :CROP])[None, None])
+    parity = torch.from_numpy(network_input(data.images[val_idx[0]][:CROP, :CROP], data.contrast)[None, None])
     return publish(model, card, out_dir, parity, history, metrics, spatial=True)

@@ -14,7 +14,8 @@ class BackendUnavailable(RuntimeError):
 class Backend(ABC):
     """An ONNX model behind a runtime.
 
-    Input: one float32 array (N, C, H, W), N free (dynamic batch); the model card says how it is
+    Input: one float32 array (N, C, H, W), N free (dynamic batch), H and W fixed or free (None:
+    the atom networks take any image size their card allows); the model card says how it is
     normalised.  Output: a dict from the ONNX output names to float32 arrays with leading N.
     """
 
@@ -23,7 +24,7 @@ class Backend(ABC):
     def __init__(self, path: Path, input_name: str, input_shape: tuple[int, ...], output_names: list[str]):
         self.path = Path(path)
         self.input_name = input_name
-        self.input_shape = tuple(input_shape)  # without the batch axis
+        self.input_shape = tuple(input_shape)  # without the batch axis; None = any size
         self.output_names = list(output_names)
 
     @classmethod
@@ -37,10 +38,10 @@ class Backend(ABC):
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.asarray(batch)
-        if batch.ndim != len(self.input_shape) + 1 or batch.shape[1:] != self.input_shape:
-            raise ValueError(
-                f"{self.path.name}: input must be (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}"
-            )
+        if batch.ndim != len(self.input_shape) + 1 or any(
+                want is not None and got != want for got, want in zip(batch.shape[1:], self.input_shape)):
+            dims = ", ".join("any" if d is None else str(d) for d in self.input_shape)
+            raise ValueError(f"{self.path.name}: input must be (N, {dims}), got {batch.shape}")
         if not np.all(np.isfinite(batch)):
             raise ValueError(f"{self.path.name}: input contains NaN or infinity")
         return self.run(np.ascontiguousarray(batch, dtype=np.float32))

@@ -13,7 +13,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, session, path: Path):
         inp = session.get_inputs()[0]
-        shape = tuple(int(d) for d in inp.shape[1:])
+        shape = tuple(d if isinstance(d, int) else None for d in inp.shape[1:])  # named axes are free
         super().__init__(path, inp.name, shape, [o.name for o in session.get_outputs()])
         self.session = session
 

@@ -48,6 +48,15 @@ class EngineSettings:
     opt_batch: int = 64
     max_batch: int = 256
     workspace_mb: int = 1024
+    # free image axes (the atom networks): smallest, typical and largest edge of the profile
+    min_edge: int = 16
+    opt_edge: int = 256
+    max_edge: int = 1024
+
+
+def _profile_shape(item: tuple, edge: int) -> tuple:
+    """A network input's shape (without the batch axis) with its free axes (-1) set to ``edge``."""
+    return tuple(edge if d < 0 else d for d in item)
 
 
 def cuda_device(index: int = 0, libname: str = "libcuda.so.1") -> GpuInfo | None:
@@ -145,8 +154,9 @@ def build_engine(onnx_path: Path, settings: EngineSettings, out: Path, trt=None)
     profile = builder.create_optimization_profile()
     inp = network.get_input(0)
     item = tuple(inp.shape)[1:]
-    profile.set_shape(inp.name, (settings.min_batch,) + item, (settings.opt_batch,) + item,
-                      (settings.max_batch,) + item)
+    profile.set_shape(inp.name, (settings.min_batch,) + _profile_shape(item, settings.min_edge),
+                      (settings.opt_batch,) + _profile_shape(item, settings.opt_edge),
+                      (settings.max_batch,) + _profile_shape(item, settings.max_edge))
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -200,11 +210,12 @@ class TensorRTBackend(Backend):
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         shape = tuple(self.engine.get_tensor_shape(inputs[0]))[1:]
-        super().__init__(onnx_path, inputs[0], shape, outputs)
+        super().__init__(onnx_path, inputs[0], tuple(None if d < 0 else d for d in shape), outputs)
+        shape = _profile_shape(shape, settings.max_edge)  # buffers hold the largest input
         self.stream = _check(cudart.cudaStreamCreate())
         self._buffers: dict[str, int] = {}
         for name in names:
-            item = tuple(self.engine.get_tensor_shape(name))[1:]
+            item = _profile_shape(tuple(self.engine.get_tensor_shape(name))[1:], settings.max_edge)
             if name in outputs:
                 self.context.set_input_shape(inputs[0], (settings.max_batch,) + shape)
                 item = tuple(self.context.get_tensor_shape(name))[1:]

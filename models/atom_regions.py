@@ -1,0 +1,115 @@
+"""`AtomStitcher`: atom finding per scan block while the scan runs, each column found once.
+
+A block is analysed once every pixel of it and of a margin around it has its virtual image
+value (the blocks around it are complete), so the network sees a column on the block's edge
+with the same context as one in its middle.  The block keeps the columns that fall inside it,
+or up to ``edge_px`` beyond an edge whose neighbour has not been analysed yet; a column a
+neighbour already kept (closer than ``edge_px``) is not kept again.  With the margin, a column
+on an edge comes out of both windows at nearly the same place, so this finds it exactly once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..udf.block_grid import BlockGrid
+from .atom_analysis import AtomFinder
+
+
+@dataclass
+class AtomRows:
+    """Columns found in a batch of blocks (positions in scan pixels)."""
+
+    positions_px: np.ndarray  # (n, 2) float32
+    confidence: np.ndarray  # (n,) float32
+    intensity: np.ndarray  # (n,) float32
+    block: np.ndarray  # (n, 2) int32: the block that owns the column
+
+    @classmethod
+    def empty(cls) -> "AtomRows":
+        return cls(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                   np.zeros((0, 2), np.int32))
+
+    @classmethod
+    def concat(cls, parts: list["AtomRows"]) -> "AtomRows":
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                     ("positions_px", "confidence", "intensity", "block")))
+
+    def __len__(self) -> int:
+        return len(self.positions_px)
+
+
+class AtomStitcher:
+    def __init__(self, finder: AtomFinder, grid: BlockGrid, sampling_A: float | None = None,
+                 margin_px: int = 16, edge_px: float = 1.0):
+        self.finder = finder
+        self.image_name = finder.contrast  # the virtual image it reads: "haadf" or "abf"
+        self.grid = grid
+        self.sampling_A = sampling_A
+        self.margin = int(margin_px)
+        self.edge_px = float(edge_px)
+        self.analysed = np.zeros(grid.shape, bool)
+        self._kept: dict[tuple[int, int], np.ndarray] = {}  # block -> its columns' positions
+        self.errors: list[str] = []
+
+    def window(self, i: int, j: int) -> tuple[slice, slice]:
+        rs, cs = self.grid.scan_slices(i, j)
+        h, w = self.grid.scan_shape
+        return (slice(max(0, rs.start - self.margin), min(h, rs.stop + self.margin)),
+                slice(max(0, cs.start - self.margin), min(w, cs.stop + self.margin)))
+
+    def ready(self, have: np.ndarray) -> list[tuple[int, int]]:
+        """Blocks not yet analysed whose window is complete (``have``: scan-grid bool, True where
+        the virtual image holds its final value or the pixel is not scanned at all)."""
+        out = []
+        for i, j in np.argwhere(~self.analysed):
+            ws = self.window(int(i), int(j))
+            if have[ws].all():
+                out.append((int(i), int(j)))
+        return out
+
+    def analyse(self, image: np.ndarray, blocks: list[tuple[int, int]]) -> AtomRows:
+        """Find the columns of ``blocks`` in the scan-grid ``image``; marks them analysed."""
+        parts = []
+        for i, j in blocks:
+            self.analysed[i, j] = True
+            ws = self.window(i, j)
+            try:
+                found = self.finder.find(image[ws], self.sampling_A)
+            except ValueError as exc:  # e.g. no lattice in this window: say so, keep going
+                self.errors.append(f"block ({i}, {j}): {exc}")
+                self._kept[(i, j)] = np.zeros((0, 2))
+                continue
+            pos = found.positions_px + [ws[0].start, ws[1].start]
+            keep = self._owned(i, j, pos)
+            pos = pos[keep]
+            self._kept[(i, j)] = pos
+            parts.append(AtomRows(pos.astype(np.float32), found.confidence[keep].astype(np.float32),
+                                  found.intensity[keep].astype(np.float32),
+                                  np.tile(np.array([i, j], np.int32), (len(pos), 1))))
+        return AtomRows.concat(parts)
+
+    def _owned(self, i: int, j: int, pos: np.ndarray) -> np.ndarray:
+        rs, cs = self.grid.scan_slices(i, j)
+        ny, nx = self.grid.shape
+        lo = np.array([rs.start - 0.5, cs.start - 0.5])
+        hi = np.array([rs.stop - 0.5, cs.stop - 0.5])
+        # beyond an edge whose neighbour is still to come, reach a little further: that neighbour
+        # will drop what this block keeps there; where it was analysed already, stay inside
+        grow = np.array([[0 < i and not self.analysed_before(i - 1, j), 0 < j and not self.analysed_before(i, j - 1)],
+                         [i < ny - 1 and not self.analysed_before(i + 1, j),
+                          j < nx - 1 and not self.analysed_before(i, j + 1)]], float) * self.edge_px
+        keep = ((pos >= lo - grow[0]) & (pos < hi + grow[1])).all(axis=1)
+        near = [self._kept[(a, b)] for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)
+                if (a, b) != (i, j) and (a, b) in self._kept and len(self._kept[(a, b)])]
+        if near and keep.any():
+            others = np.concatenate(near)
+            d = np.linalg.norm(pos[:, None, :] - others[None, :, :], axis=-1).min(axis=1)
+            keep &= d >= self.edge_px
+        return keep
+
+    def analysed_before(self, i: int, j: int) -> bool:
+        return (i, j) in self._kept

@@ -76,22 +76,34 @@ class Score:
     matched: int
 
 
-def match(found: np.ndarray, truth: np.ndarray, radius: float) -> Score:
-    """One-to-one matching (closest pairs first) within ``radius``; scores and RMSE."""
+def match_pairs(found: np.ndarray, truth: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one matching, closest pairs first, within ``radius``: (found index, truth index, distance)."""
     found, truth = np.asarray(found, float).reshape(-1, 2), np.asarray(truth, float).reshape(-1, 2)
     if len(found) == 0 or len(truth) == 0:
-        return Score(0.0 if len(found) else 1.0, 0.0 if len(truth) else 1.0, 0.0, float("nan"), 0)
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
     d, j = cKDTree(truth).query(found, k=min(4, len(truth)), distance_upper_bound=radius)
-    d, j = np.atleast_2d(d.T).T if d.ndim == 1 else d, np.atleast_2d(j.T).T if j.ndim == 1 else j
+    d, j = d.reshape(len(found), -1), j.reshape(len(found), -1)
     pairs = sorted((d[i, k], i, j[i, k]) for i in range(len(found)) for k in range(d.shape[1]) if np.isfinite(d[i, k]))
-    used_f, used_t, dists = set(), set(), []
+    used_f, used_t, out = set(), set(), []
     for dist, i, t in pairs:
         if i in used_f or t in used_t:
             continue
         used_f.add(i)
         used_t.add(t)
-        dists.append(dist)
+        out.append((i, t, dist))
+    if not out:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+    i, t, dist = (np.array(v) for v in zip(*out))
+    return i.astype(int), t.astype(int), dist.astype(float)
+
+
+def match(found: np.ndarray, truth: np.ndarray, radius: float) -> Score:
+    """One-to-one matching (closest pairs first) within ``radius``; scores and RMSE."""
+    nf, nt = len(np.asarray(found).reshape(-1, 2)), len(np.asarray(truth).reshape(-1, 2))
+    if nf == 0 or nt == 0:
+        return Score(0.0 if nf else 1.0, 0.0 if nt else 1.0, 0.0, float("nan"), 0)
+    _, _, dists = match_pairs(found, truth, radius)
     m = len(dists)
-    p, r = m / len(found), m / len(truth)
+    p, r = m / nf, m / nt
     f1 = 2 * p * r / (p + r) if p + r else 0.0
     return Score(p, r, f1, float(np.sqrt(np.mean(np.square(dists)))) if m else float("nan"), m)

@@ -94,6 +94,13 @@ def test_dashboard_live(live_scan, tmp_path):
                 br.model_data(drv, "source-thickness")), what="all blocks in the browser")
             np.testing.assert_allclose(np.array(got, float), want, rtol=1e-6)
         br.wait_for(lambda: "complete" in br.text_of(a, "status"), what="status 'complete'")
+        # the atom table is drawn over the virtual images, every column of the store
+        n_atoms = len(final["atoms"]["positions"])
+        assert n_atoms > 0
+        shown = br.wait_for(lambda: (lambda n: n if n == n_atoms else None)(a.execute_script(
+            "const m = Bokeh.documents[0].get_model_by_name('source-atoms'); return m ? m.data.x.length : -1")),
+            what="the atom overlay")
+        assert shown == n_atoms
         # clicking a block shows its PACBED and estimates
         i, j = 1, 2
         br.click_data_point(a, "map-thickness", (j + 0.5) * 8, (i + 0.5) * 8)

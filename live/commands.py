@@ -15,7 +15,8 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--alpha-mrad", type=float, required=True, help="convergence semi-angle")
     ap.add_argument("--kv", type=float, required=True, help="acceleration voltage")
     ap.add_argument("--mrad-per-px", type=float, default=None, help="detector calibration")
-    ap.add_argument("--scan-step-nm", type=float, default=None, help="scan step (to check a block spans a unit cell)")
+    ap.add_argument("--scan-step-nm", type=float, default=None,
+                    help="scan step (checks a block spans a unit cell; gives the atom finder its sampling)")
     ap.add_argument("--scan-rotation-deg", type=float, default=0.0, help="scan vs detector rotation (stored)")
     ap.add_argument("--center", type=float, nargs=2, default=None, metavar=("ROW", "COL"),
                     help="disk centre on the detector [px]; default: found on the first analysed block")
@@ -32,6 +33,10 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--stall-timeout", type=float, default=30.0,
                     help="seconds without frames before the run is aborted (default 30)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--atoms", choices=("haadf", "abf", "off"), default="haadf",
+                    help="find atomic columns in this virtual image, block by block (default haadf)")
+    ap.add_argument("--atom-margin", type=int, default=16,
+                    help="scan pixels of context around a block for atom finding (default 16)")
 
 
 def settings_from(args) -> Settings:
@@ -40,7 +45,8 @@ def settings_from(args) -> Settings:
                     scan_rotation_deg=args.scan_rotation_deg, center_px=tuple(args.center) if args.center else None,
                     models_dir=args.models, backend=args.backend, overwrite=args.overwrite,
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
-                    stall_timeout_s=args.stall_timeout, progress=not args.quiet, token=args.token)
+                    stall_timeout_s=args.stall_timeout, progress=not args.quiet, token=args.token,
+                    atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin)
 
 
 def add_parsers(sub) -> None:
@@ -80,7 +86,8 @@ def add_parsers(sub) -> None:
 
 
 def report(summary: RunSummary) -> int:
-    print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames in "
+    print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames, "
+          f"{summary.atoms} atomic columns in "
           f"{summary.wall_s:.1f} s -> {summary.out}")
     if summary.ingest_ms_max:
         print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median, {summary.ingest_ms_max:.1f} ms max per "

@@ -112,7 +112,8 @@ def run(args) -> int:
     except AcquisitionError as exc:
         print(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})", file=sys.stderr)
         return 1
-    print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames in "
+    print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames, "
+          f"{summary.atoms} atomic columns in "
           f"{summary.wall_s:.1f} s ({summary.frames / summary.wall_s:.0f} frames/s) -> {out}")
     print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median per result; "
           f"block complete -> stored {summary.block_delay_ms_median:.0f} ms median")

@@ -81,6 +81,7 @@ class RunSummary:
     block_stored_s: np.ndarray | None = None  # per block: stored this long after the acquisition started
     first_result_s: float = 0.0  # the first UDF result, after the acquisition started
     first_result_frames: int = 0  # frames in it
+    atoms: int = 0  # atomic columns found
 
 
 def load_analyzer(settings: Settings):
@@ -203,7 +204,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         block_delay_ms_median=float(np.median(dly)) if dly.size else 0.0,
         block_delay_ms_p90=float(np.percentile(dly, 90)) if dly.size else 0.0,
         acquisition_s=timing.get("last", start) - start, block_stored_s=stored_times(engine, grid, start),
-        first_result_s=timing.get("first", start) - start, first_result_frames=int(timing.get("first_frames", 0)))
+        first_result_s=timing.get("first", start) - start, first_result_frames=int(timing.get("first_frames", 0)),
+        atoms=int(st.get("atoms", 0)))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary

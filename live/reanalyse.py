@@ -1,4 +1,4 @@
-"""`stemlive reanalyse`: the stored block PACBEDs through (other) models into a new store."""
+"""`stemlive reanalyse`: the stored block PACBEDs and virtual image through (other) models into a new store."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import BlockEngine
-from .pipeline import RunSummary, Settings, load_analyzer
+from .pipeline import RunSummary, Settings, load_analyzer, load_atom_stitcher
 from .state import LiveState
 from .store import ResultStore, StoreLayout, read_store
 from ..udf.block_grid import BlockGrid
@@ -28,13 +28,15 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
                         models_dir=models_dir, backend=backend, rings=a["rings"] or None, overwrite=overwrite,
                         pub=None, rep=None)
     analyzer = load_analyzer(settings)
-    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]))
+    grid = BlockGrid(scan, block)
+    atoms = load_atom_stitcher(settings, grid) if settings.atoms in old["virtual"] else None
+    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]), atoms=atoms.image_name if atoms else None)
     store = ResultStore.create(out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv, mrad_per_px=mpp,
                                scan_step_nm=step, scan_rotation_deg=settings.scan_rotation_deg,
-                               models=[c.data for c in analyzer.cards], rings=a["rings"],
+                               models=[c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else []),
+                               rings=a["rings"],
                                source=f"reanalysis of {src} ({a['source']})", overwrite=overwrite)
     state = LiveState(layout, {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv})
-    grid = BlockGrid(scan, block)
     engine = BlockEngine(grid, analyzer, state, store, None, alpha_mrad=settings.alpha_mrad, mrad_per_px=mpp,
                          batch=batch)
     done = old["blocks"]["done"]
@@ -43,6 +45,11 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
                      np.zeros(scan, bool))
     reason = "" if a["state"] == "complete" else f"source store was {a['state']}: {a['reason']}"
     store.write_virtual(old["virtual"], int(old["progress"][0]))
+    if atoms is not None:  # every block whose window of the stored image is complete
+        image = old["virtual"][atoms.image_name]
+        blocks = atoms.ready(np.isfinite(image))
+        if blocks:
+            store.write_atoms(atoms.analyse(np.nan_to_num(image, nan=float(np.nanmean(image))), blocks), atoms.analysed)
     engine.close("complete", reason)
     st = state.status
     return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),

@@ -96,3 +96,20 @@ def test_random_images_reproducible_with_truth(tmp_path):
     write_images(out, 3, seed=1, ranges=r, progress=False)  # complete: nothing to do, same file
     with pytest.raises(FileExistsError):
         write_images(out, 4, seed=1, ranges=r, progress=False)
+
+
+def test_contrast_calibration_recovers_known_weights():
+    """A convolution image with known weights is fitted back; the exponent inverts Σ Zⁿ."""
+    from stemlive.simulate.contrast_calibration import column_kernels, fit_image, implied_exponent, ring_images
+    from stemlive.simulate.scan_cli import SHIPPED_LIBRARY
+
+    _, attrs = ring_images(SHIPPED_LIBRARY, 40.8, 61.3)
+    types, k = column_kernels(attrs, 8, 0.2)
+    n = 1.7
+    z = {"Sr": 38.0 ** n, "O+Ti": 22.0 ** n + 8.0 ** n, "O": 8.0 ** n}
+    image = sum(z[t] * k[i] for i, t in enumerate(types)) + 5.0
+    fit = fit_image(image, attrs, 10.0)
+    assert fit.sigma_A == pytest.approx(0.2, abs=0.03) and fit.r > 0.9999
+    assert fit.exponent == pytest.approx(n, abs=0.01)
+    assert fit.weights["O"] / fit.weights["Sr"] == pytest.approx(z["O"] / z["Sr"], rel=0.02)
+    assert implied_exponent({"Sr": 1.0, "O+Ti": (22 ** 2 + 8 ** 2) / 38 ** 2}) == pytest.approx(2.0, abs=1e-6)

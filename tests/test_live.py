@@ -141,6 +141,8 @@ def test_reanalyse_gives_the_same_maps(replayed, tmp_path, scan):
     again = read_store(tmp_path / "again.h5")
     assert summary.blocks_done == 24 and again["attrs"]["state"] == "complete"
     assert_same_maps(again, replayed, virtual_rtol=1e-6)
+    # atoms found again in the stored HAADF image: the same table as the run's own
+    np.testing.assert_allclose(sorted_atoms(again), sorted_atoms(replayed), atol=1e-3)
 
 
 def test_demo_headless_cli(tmp_path):

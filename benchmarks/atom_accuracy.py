@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from stemlive.models.atom_analysis import AtomFinder
 from stemlive.models.atom_baseline import log_gaussian_columns
-from stemlive.models.atom_locator import match_pairs
+from stemlive.models.atom_locator import match_inside
 from stemlive.models.cards import SHIPPED_DIR
 from stemlive.simulate.atom_images import HELD_OUT_STRUCTURES, STRUCTURES, ImageRanges, random_image
 
@@ -39,18 +39,14 @@ SEED = 7_000_000  # training images use seeds 0-2; these never overlap them
 BORDER_PX = 2
 
 
-def inner(p: np.ndarray, n: int) -> np.ndarray:
-    return ((p >= BORDER_PX) & (p <= n - 1 - BORDER_PX)).all(axis=1)
-
-
 def score(found: np.ndarray, truth: np.ndarray, anion: np.ndarray, n: int, radius: float) -> dict:
-    """Counts for precision/recall/RMSE, overall and for the anion-only columns."""
-    found, keep = found[inner(found, n)], inner(truth, n)
-    truth, anion = truth[keep], anion[keep]
-    fi, ti, d = match_pairs(found, truth, radius)
-    an = anion[ti] if len(ti) else np.zeros(0, bool)
-    return {"found": len(found), "truth": len(truth), "matched": len(d), "sq": float(np.sum(d ** 2)),
-            "anion_truth": int(anion.sum()), "anion_matched": int(an.sum()), "anion_sq": float(np.sum(d[an] ** 2))}
+    """Counts for precision/recall/RMSE, overall and for the anion-only columns (border excluded)."""
+    m = match_inside(found, truth, radius, (n, n), BORDER_PX)
+    d2 = np.sum((found[m.found_index] - truth[m.truth_index]) ** 2, axis=1)
+    an = anion[m.truth_index]
+    return {"found": m.score.matched + m.false_positives, "truth": int(m.truth_inside.sum()),
+            "matched": m.score.matched, "sq": float(d2.sum()), "anion_truth": int((anion & m.truth_inside).sum()),
+            "anion_matched": int(an.sum()), "anion_sq": float(d2[an].sum())}
 
 
 def summarise(counts: list[dict], sampling: list[float]) -> dict:

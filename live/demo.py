@@ -168,7 +168,7 @@ def compare_atoms(res: dict, truth: Path) -> dict:
     """The store's atom table against the scan's cation columns (HAADF truth), within 0.5 Å."""
     import h5py
 
-    from ..models.atom_locator import match
+    from ..models.atom_locator import match_inside
 
     with h5py.File(truth, "r") as f:
         cols = f["columns/position_px"][()]
@@ -176,13 +176,11 @@ def compare_atoms(res: dict, truth: Path) -> dict:
     step_A = float(res["attrs"]["scan_step_nm"]) * 10
     h, w = (int(v) for v in res["attrs"]["scan_shape"])
     keep = species != "O" if res["atoms"]["contrast"] == "haadf" else np.ones(len(cols), bool)
-    inner = (cols >= 1).all(axis=1) & (cols[:, 0] <= h - 2) & (cols[:, 1] <= w - 2)  # peaks on the border row are not located
-    found = res["atoms"]["positions"]
-    found = found[(found >= 1).all(axis=1) & (found[:, 0] <= h - 2) & (found[:, 1] <= w - 2)]
-    s = match(found, cols[keep & inner], radius=0.5 / step_A)
+    # peaks on the scan's outermost rows cannot be located: scored 1 px inside (match_inside)
+    s = match_inside(res["atoms"]["positions"], cols[keep], 0.5 / step_A, (h, w), border=1.0).score
     out = {"atoms_found": int(len(res["atoms"]["positions"])), "atoms_precision": s.precision,
            "atoms_recall": s.recall, "atoms_f1": s.f1, "atoms_rmse_pm": s.rmse * step_A * 100}
     print(f"  atoms ({res['atoms']['contrast']}): {out['atoms_found']} columns; vs the scan's "
-          f"{'cation ' if res['atoms']['contrast'] == 'haadf' else ''}columns (inner, within 0.5 Å): precision "
+          f"{'cation ' if res['atoms']['contrast'] == 'haadf' else ''}columns (within 0.5 Å): precision "
           f"{s.precision:.3f}, recall {s.recall:.3f}, F1 {s.f1:.3f}, RMSE {out['atoms_rmse_pm']:.1f} pm")
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .atom_locator import Columns, locate
+from .atom_locator import Columns, integrate, locate
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
 
@@ -171,10 +171,17 @@ class AtomFinder:
         min_distance = max(1, int(round(0.4 * self.spacing_range[0])))
         found = locate(heat, None, self.threshold, min_distance_px=min_distance)
         pos = found.positions_px / zoom
-        radius = max(1.0, 0.35 * (spacing if spacing is not None else self.spacing_range[0] / zoom))
-        from .atom_locator import integrate
+        return FoundColumns(pos, found.confidence, integrate(image, pos, integration_radius(pos)), zoom=zoom, spacing_px=spacing)
 
-        return FoundColumns(pos, found.confidence, integrate(image, pos, radius), zoom=zoom, spacing_px=spacing)
+
+def integration_radius(positions: np.ndarray) -> float:
+    """A third of the median nearest-neighbour distance: a column's intensity without its neighbours'."""
+    if len(positions) < 3:
+        return 2.0
+    from scipy.spatial import cKDTree
+
+    nn = cKDTree(positions).query(positions, k=2)[0][:, 1]
+    return max(1.0, float(np.median(nn)) / 3)
 
 
 def resample(image: np.ndarray, zoom: float) -> np.ndarray:

@@ -107,3 +107,38 @@ def match(found: np.ndarray, truth: np.ndarray, radius: float) -> Score:
     p, r = m / nf, m / nt
     f1 = 2 * p * r / (p + r) if p + r else 0.0
     return Score(p, r, f1, float(np.sqrt(np.mean(np.square(dists)))) if m else float("nan"), m)
+
+
+@dataclass
+class InsideMatch:
+    score: Score
+    found_index: np.ndarray  # matched pairs that count (truth inside)
+    truth_index: np.ndarray
+    false_positives: int  # unmatched found columns inside
+    truth_inside: np.ndarray  # (n_truth,) bool
+
+
+def match_inside(found: np.ndarray, truth: np.ndarray, radius: float, shape: tuple[int, int],
+                 border: float = 2.0) -> InsideMatch:
+    """`match` scored away from the image border, without penalising either side at the border.
+
+    All columns are matched; a true column counts only when it lies ``border`` px inside the
+    image, an unmatched found column only when it does."""
+    found, truth = np.asarray(found, float).reshape(-1, 2), np.asarray(truth, float).reshape(-1, 2)
+
+    def inside(p):
+        return ((p >= border) & (p <= np.asarray(shape) - 1 - border)).all(axis=1)
+
+    fi, ti, d = match_pairs(found, truth, radius)
+    unmatched = np.ones(len(found), bool)
+    unmatched[fi] = False
+    t_in = inside(truth)
+    keep = t_in[ti] if len(ti) else np.zeros(0, bool)
+    fi, ti, d = fi[keep], ti[keep], d[keep]
+    fp = int((unmatched & inside(found)).sum())
+    m, n_truth = len(d), int(t_in.sum())
+    p = m / (m + fp) if m + fp else (1.0 if n_truth == 0 else 0.0)
+    r = m / n_truth if n_truth else 1.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    score = Score(p, r, f1, float(np.sqrt(np.mean(d ** 2))) if m else float("nan"), m)
+    return InsideMatch(score, fi, ti, fp, t_in)

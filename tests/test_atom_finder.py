@@ -6,7 +6,7 @@ import pytest
 
 from stemlive.live.cli import main
 from stemlive.models.atom_analysis import AtomFinder, column_spacing_px, resample
-from stemlive.models.atom_locator import locate, match
+from stemlive.models.atom_locator import match_inside
 from stemlive.models.atom_regions import AtomStitcher
 from stemlive.models.atoms_cli import read_csv
 from stemlive.udf.block_grid import BlockGrid
@@ -34,6 +34,11 @@ def inner(p, n, border=2):
     return p[((p >= border) & (p <= n - 1 - border)).all(axis=1)]
 
 
+def score(found, truth, n, radius):
+    """Scored 2 px inside the image (columns on the border count for neither side)."""
+    return match_inside(found, truth, radius, (n, n)).score
+
+
 @pytest.fixture(scope="module")
 def finder():
     return AtomFinder.shipped("haadf", backend="onnxruntime")
@@ -59,10 +64,9 @@ def test_resample_maps_positions_back_exactly():
 
 def test_shipped_haadf_model_finds_srtio3_columns(finder):
     img, truth = srtio3()
-    target = inner(truth.target("haadf"), img.shape[0])
     for sampling in (0.15, None):  # given, or measured from the image
         found = finder.find(img, sampling)
-        s = match(inner(found.positions_px, img.shape[0]), target, radius=0.5 / 0.15)
+        s = score(found.positions_px, truth.target("haadf"), img.shape[0], 0.5 / 0.15)
         assert s.f1 > 0.97 and s.rmse * 0.15 < 0.06, (sampling, s)  # Å
     assert found.spacing_px == pytest.approx(2.76 / 0.15, rel=0.1)  # Sr to Ti-O, in pixels
 
@@ -86,7 +90,7 @@ def test_atoms_find_cli_writes_the_csv(tmp_path, capsys):
     t = read_csv(tmp_path / "a.csv")
     np.testing.assert_allclose(t["row_A"], t["row_px"] * 0.15, atol=1e-3)
     assert (t["confidence"] > 0).all() and (t["intensity"] > 0).all()
-    s = match(inner(np.stack([t["row_px"], t["col_px"]], 1), 128), inner(truth.target("haadf"), 128), 0.5 / 0.15)
+    s = score(np.stack([t["row_px"], t["col_px"]], 1), truth.target("haadf"), 128, 0.5 / 0.15)
     assert s.f1 > 0.95
     # without the sampling: no Å columns; an image without a lattice is refused, nothing written
     assert main(["atoms", "find", str(tmp_path / "img.npy"), "--out", str(tmp_path / "b.csv")]) == 0
@@ -119,9 +123,9 @@ def test_stitched_blocks_find_each_column_once(finder, order):
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(len(pos)) * 99
     assert d.min() > 2.0  # no column twice
     whole = finder.find(img, 0.3).positions_px
-    s = match(inner(pos, 96), inner(whole, 96), radius=0.5)
+    s = score(pos, whole, 96, radius=0.5)
     assert s.f1 > 0.98 and s.rmse < 0.1
-    s = match(inner(pos, 96), inner(truth.target("haadf"), 96), radius=0.5 / 0.3)
+    s = score(pos, truth.target("haadf"), 96, radius=0.5 / 0.3)
     assert s.f1 > 0.97
     owner = np.concatenate([p.block for p in parts])
     assert set(map(tuple, owner)) <= set(blocks)

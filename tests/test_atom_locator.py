@@ -75,3 +75,14 @@ def test_train_atoms_tiny(tmp_path):
     h = heatmap((32, 32), np.array([[10.3, 20.7]]))
     assert h.max() == pytest.approx(np.exp(-(0.3 ** 2 + 0.3 ** 2) / (2 * 1.5 ** 2)), rel=1e-5)
     assert np.unravel_index(h.argmax(), h.shape) == (10, 21)
+
+
+def test_match_inside_ignores_the_border_for_both_sides():
+    from stemlive.models.atom_locator import match_inside
+
+    truth = np.array([[10.0, 10.0], [20.0, 20.0], [1.0, 15.0], [18.0, 28.6]])  # the last two on the border
+    found = np.array([[10.1, 10.0], [0.4, 15.0], [29.5, 5.0], [15.0, 15.0]])  # border-hugging, border FP, inner FP
+    m = match_inside(found, truth, radius=1.0, shape=(30, 30), border=2.0)
+    assert m.truth_inside.tolist() == [True, True, False, False]
+    assert m.score.matched == 1 and m.false_positives == 1  # (29.5, 5) is on the border: not counted
+    assert m.score.precision == 0.5 and m.score.recall == 0.5

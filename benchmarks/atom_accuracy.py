@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     ap.add_argument("--contrast", nargs="+", default=["haadf", "abf"], choices=["haadf", "abf"])
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--results", type=Path, default=Path(".benchmarks/atom_accuracy.json"),
+    ap.add_argument("--results", type=Path, default=Path(".bench-cache/atom_accuracy.json"),
                     help="results so far (a rerun continues from here)")
     ap.add_argument("--out", type=Path, default=Path("docs/atoms_accuracy_vs_dose.png"))
     args = ap.parse_args(argv)

@@ -179,6 +179,7 @@ class Page:
             Div(text="<b>Virtual detectors</b> (scan grid)"),
             gridplot(vfigs, ncols=4, toolbar_location="right") if vfigs else Div()]
         self.built = True
+        self._histogram(derived)
 
     def _image_figure(self, key, title, unit, values, sigma, palette, symmetric, registry, extent, factor=None):
         sx, sy = extent

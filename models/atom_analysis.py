@@ -25,6 +25,10 @@ from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
 CONTRASTS = ("haadf", "abf")
 TILE = 512  # network tile edge for large images
 TILE_OVERLAP = 32  # context each tile sees beyond the part of it that is kept
+# columns closer than this in the image are resampled apart first: the network locates them
+# about twice as precisely at 8 px than at 5 px (demo scan, 0.49 Å/px: 6.2 -> 3.2 pm RMSE)
+PREFERRED_SPACING_PX = 8.0
+MAX_ZOOM = 3.0
 
 
 class LatticeScaleUnknown(ValueError):
@@ -107,20 +111,24 @@ class AtomFinder:
 
     # -- scale ---------------------------------------------------------------------------------
     def zoom_for(self, image: np.ndarray, sampling_A: float | None) -> tuple[float, float | None]:
-        """The resampling factor that brings the image into the trained range, and the measured
-        column spacing [px] (None when the sampling decided)."""
+        """The resampling factor that brings the image into the trained range (and closely
+        spaced columns apart), and the column spacing [px] measured from the image (None if none)."""
+        spacing = column_spacing_px(image)
         if sampling_A is not None:
             if not sampling_A > 0:
                 raise ValueError(f"sampling must be positive, got {sampling_A} Å/px")
             lo, hi = self.sampling_range
-            return sampling_A / float(np.clip(sampling_A, lo, hi)), None
-        spacing = column_spacing_px(image)
+            zoom = sampling_A / float(np.clip(sampling_A, lo, hi))
+            if spacing is not None and spacing * zoom < PREFERRED_SPACING_PX:
+                zoom = min(PREFERRED_SPACING_PX / spacing, MAX_ZOOM, sampling_A / lo)
+            return zoom, spacing
         if spacing is None:
             raise LatticeScaleUnknown(
                 "no lattice evident in the image's autocorrelation, so its scale cannot be estimated; "
                 "give the sampling (--sampling-A-per-px)")
         lo, hi = self.spacing_range
-        return float(np.clip(spacing, lo, hi)) / spacing, spacing
+        target = float(np.clip(spacing, max(lo, PREFERRED_SPACING_PX), hi))
+        return min(target / spacing, MAX_ZOOM) if target > spacing else target / spacing, spacing
 
     # -- network ---------------------------------------------------------------------------------
     def heatmap(self, image: np.ndarray) -> np.ndarray:

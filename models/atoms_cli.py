@@ -42,8 +42,8 @@ def run_find(args) -> int:
         finder.threshold = args.threshold
     found = finder.find(stack[0], args.sampling)
     write_csv(args.out, found, args.sampling)
-    how = (f"column spacing {found.spacing_px:.2f} px measured" if found.spacing_px is not None
-           else f"sampling {args.sampling:g} Å/px")
+    how = (f"sampling {args.sampling:g} Å/px" if args.sampling else
+           f"column spacing {found.spacing_px:.2f} px measured")
     zoom = f", resampled ×{found.zoom:.3g} for the network" if abs(found.zoom - 1) > 1e-6 else ""
     print(f"{len(found.positions_px)} columns ({args.contrast}, {how}{zoom}; model {finder.card.id}) -> {args.out}",
           file=sys.stderr)

@@ -358,6 +358,7 @@ class Page:
             f" — {st.get('frames_per_s', 0):.0f} frames/s"
             + (f" — delay to this browser {delay * 1e3:.0f} ms" if delay is not None else "")
             + (f" — atoms {len(snap.atoms['positions'])}" if len(snap.atoms["positions"]) else "")
+            + (f" ({st['atoms_waiting']} blocks waiting for their neighbours)" if st.get("atoms_waiting") else "")
             + f" — dropped: {st.get('blocks_dropped', 0)} blocks, {st.get('frames_dropped', 0)} frames"
             + (f" — {st['reason']}" if st.get("reason") else "") + conn)
 

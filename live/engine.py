@@ -231,6 +231,9 @@ class BlockEngine:
             return
         have = self._have.reshape(self.grid.scan_shape) | self._unscanned
         blocks = self.atoms.ready(have)
+        # complete blocks whose neighbours are not: the atom finder waits for them, and says so
+        waiting = int((self.state.done & ~self.atoms.analysed).sum()) - len(blocks)
+        self.state.update_status(atoms_waiting=max(0, waiting))
         if not blocks:
             return
         image = self.state.virtual[self.atoms.image_name]

@@ -22,6 +22,7 @@ from .helpers import free_port
 
 from .conftest import LIVE_SCAN as SCAN
 BLOCK = (8, 8)
+ABF_F1_MIN = 0.9  # every column incl. oxygen, in the demo's multislice ABF (README "Atom finding")
 EXACT_MAPS = ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_crystal_mrad", "center_px", "radius_px",
               "rotation_deg", "background", "in_range", "flags")
 
@@ -129,6 +130,17 @@ def test_replay_on_a_dask_cluster_equals_inline(scan, replayed, tmp_path):
         summary = replay(d / "frames.npy", settings(out, meta), executor="dask", scheduler=cluster.scheduler_address)
     assert summary.state == "complete"
     assert_same_maps(read_store(out), replayed)
+
+
+def test_replay_finds_abf_columns_with_oxygen(scan, tmp_path):
+    """--atoms abf: the ABF network on the virtual ABF image finds every column, oxygen included."""
+    d, meta, _, _ = scan
+    out = tmp_path / "abf.h5"
+    summary = replay(d / "frames.npy", settings(out, meta, atoms="abf"))
+    got = read_store(out)
+    assert got["atoms"]["contrast"] == "abf" and summary.atoms == len(got["atoms"]["positions"])
+    truth = compare_with_truth(out, d / "truth.h5")
+    assert truth["atoms_f1"] >= ABF_F1_MIN
 
 
 def test_reanalyse_gives_the_same_maps(replayed, tmp_path, scan):

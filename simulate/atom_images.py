@@ -57,6 +57,9 @@ class ImageRanges:
     abf_depth: tuple[float, float] = (0.1, 0.5)  # deepest dip over the background
     abf_broadening_A: tuple[float, float] = (0.1, 0.4)  # ABF dips are wider than the probe
     interface_probability: float = 0.25
+    # random crystals (rectangular cell, 1-4 columns of random composition): the network must tell
+    # columns by brightness, not by the lattices it has seen (2H-MoS2 [001] was missed without them)
+    random_lattice_probability: float = 0.0
     wedge: tuple[float, float] = (0.0, 0.7)  # thickness change across the field (fraction), wedge-shaped specimens
     vacancy_fraction: tuple[float, float] = (0.0, 0.05)
     jitter_px: tuple[float, float] = (0.0, 0.6)  # rms scan-line jitter
@@ -108,6 +111,35 @@ def _field_columns(rng, cs: ColumnSet, n: int, sampling: float, theta: float):
     return pos_A @ rot.T / sampling + (n - 1) / 2, index
 
 
+# cations heavy enough to stand out of the anions, as in the real structures (light cations such
+# as Mg next to S would make "cation-containing" a matter of chemistry, not of the image)
+RANDOM_CATIONS = ("Ti", "Ga", "Sr", "Y", "Zr", "Mo", "Ba", "La", "W", "Pb")
+RANDOM_ANIONS = ("N", "O", "S")
+
+
+def random_lattice(rng: np.random.Generator) -> ColumnSet:
+    """A made-up crystal in projection: a rectangular cell with 1-4 columns ≥ 1.4 Å apart, each of
+    1-3 atoms per repeat of a random cation, or of 1-2 N/O or one S (at least one cation column)."""
+    while True:
+        cell = (float(rng.uniform(2.6, 6.5)), float(rng.uniform(2.6, 6.5)))
+        n = int(rng.integers(1, 5))
+        frac = rng.random((n, 2))
+        pos = frac * cell
+        d = pos[:, None] - pos[None]
+        d -= np.round(d / cell) * cell  # periodic
+        dist = np.hypot(d[..., 0], d[..., 1]) + np.eye(n) * 99
+        if dist.min() >= 1.4:
+            break
+    comp = []
+    for k in range(n):
+        if k == 0 or rng.random() < 0.5:
+            comp.append({str(rng.choice(RANDOM_CATIONS)): int(rng.integers(1, 4))})
+        else:
+            el = str(rng.choice(RANDOM_ANIONS))
+            comp.append({el: 1 if el == "S" else int(rng.integers(1, 3))})
+    return ColumnSet(positions_A=pos, composition=tuple(comp), cell_A=cell, repeat_A=float(rng.uniform(3.0, 6.0)))
+
+
 def random_image(rng: np.random.Generator, r: ImageRanges = ImageRanges()) -> tuple[np.ndarray, ImageTruth]:
     """One image (float32 counts) and its truth."""
     if r.contrast not in CONTRASTS:
@@ -124,6 +156,9 @@ def random_image(rng: np.random.Generator, r: ImageRanges = ImageRanges()) -> tu
     pos_list, w_list, cat_list, labels = [], [], [], []
     for k, (material, zone) in enumerate(phases):
         cs = _columns(material, zone)
+        if rng.random() < r.random_lattice_probability:
+            cs = random_lattice(rng)
+            phases[k] = ("random", "-".join(cs.labels()))
         pos, index = _field_columns(rng, cs, n, sampling, theta + (rng.uniform(-0.2, 0.2) if k else 0.0))
         side = (pos - (n - 1) / 2) @ normal - offset
         keep = side < 0 if k == 0 and len(phases) > 1 else side >= 0 if k else np.ones(len(pos), bool)

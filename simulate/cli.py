@@ -96,6 +96,8 @@ def add_images_parser(ssub) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=256, help="image edge [px]")
     ap.add_argument("--contrast", choices=["haadf", "abf"], default="haadf")
+    ap.add_argument("--random-lattices", type=float, default=0.0, metavar="P",
+                    help="share of crystals replaced by made-up lattices of random composition (default 0)")
     ap.add_argument("--held-out", action="store_true",
                     help="only the structures and zones training never sees (BaTiO3 [110], 2H-MoS2 [001] and [100])")
     ap.set_defaults(func=run_images)
@@ -104,7 +106,7 @@ def add_images_parser(ssub) -> None:
 def run_images(args) -> int:
     from .atom_images import HELD_OUT_STRUCTURES, STRUCTURES, ImageRanges, write_images
 
-    ranges = ImageRanges(size_px=args.size, contrast=args.contrast,
+    ranges = ImageRanges(size_px=args.size, contrast=args.contrast, random_lattice_probability=args.random_lattices,
                          structures=HELD_OUT_STRUCTURES if args.held_out else STRUCTURES)
     out = write_images(args.out, args.n, args.seed, ranges)
     print(f"{args.n} images in {out}")

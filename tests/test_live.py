@@ -22,7 +22,7 @@ from .helpers import free_port
 
 from .conftest import LIVE_SCAN as SCAN
 BLOCK = (8, 8)
-ABF_F1_MIN = 0.9  # every column incl. oxygen, in the demo's multislice ABF (README "Atom finding")
+ABF_F1_MIN = 0.95  # every column incl. oxygen, in the demo's multislice ABF (README "Atom finding")
 EXACT_MAPS = ("thickness_nm", "thickness_sigma_nm", "tilt_mrad", "tilt_crystal_mrad", "center_px", "radius_px",
               "rotation_deg", "background", "in_range", "flags")
 

@@ -81,7 +81,10 @@ def paced_run_to_first_block(d, tmp_path):
                              "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
                              "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
                              "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
-                             "--executor", "inline"], stderr=subprocess.PIPE, text=True)
+                             "--executor", "inline"], stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background (`cmd &`) ignores SIGINT, and so
+                            # would the child: give it the default, as an interactive shell would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.monotonic()
     while time.monotonic() - t < 60:
         time.sleep(0.2)

@@ -236,8 +236,7 @@ class BlockEngine:
         self.state.update_status(atoms_waiting=max(0, waiting))
         if not blocks:
             return
-        image = self.state.virtual[self.atoms.image_name]
-        rows = self.atoms.analyse(np.nan_to_num(image, nan=float(np.nanmean(image))), blocks)
+        rows = self.atoms.analyse(self.state.virtual[self.atoms.image_name], blocks)
         seq = self.state.apply_atoms(rows, blocks)
         if self.store is not None:
             self.store.write_atoms(rows, self.atoms.analysed)

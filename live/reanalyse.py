@@ -49,7 +49,7 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
         image = old["virtual"][atoms.image_name]
         blocks = atoms.ready(np.isfinite(image))
         if blocks:
-            store.write_atoms(atoms.analyse(np.nan_to_num(image, nan=float(np.nanmean(image))), blocks), atoms.analysed)
+            store.write_atoms(atoms.analyse(image, blocks), atoms.analysed)
     engine.close("complete", reason)
     st = state.status
     return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),

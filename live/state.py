@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from ..models.atom_regions import AtomRows
 from .store import MAP_FIELDS, STORE_FLAGS, StoreLayout
 
 
@@ -28,9 +29,8 @@ class LiveState:
         self.status = {"state": "running", "frames_seen": 0, "frames_total": int(np.prod(layout.scan_shape)),
                        "blocks_done": 0, "blocks_total": ny * nx, "frames_per_s": 0.0,
                        "blocks_dropped": 0, "frames_dropped": 0, "started": time.time(), "reason": ""}
-        # the atom table (scan px), grown as blocks are analysed; blocks analysed on the block grid
-        self.atoms = {"positions": np.zeros((0, 2), np.float32), "confidence": np.zeros(0, np.float32),
-                      "intensity": np.zeros(0, np.float32), "block": np.zeros((0, 2), np.int32)}
+        # the atom table (scan px) as the batches found, joined only when the full state is asked for
+        self._atom_batches: list = []
         self.atoms_analysed = np.zeros((ny, nx), bool)
         self.seq = 0  # increases with every change; lets a subscriber see what it missed
 
@@ -58,12 +58,10 @@ class LiveState:
     def apply_atoms(self, rows, blocks: list[tuple[int, int]]) -> int:
         """Append found columns (an `AtomRows`) and mark their blocks analysed."""
         with self.lock:
-            for k, v in (("positions", rows.positions_px), ("confidence", rows.confidence),
-                         ("intensity", rows.intensity), ("block", rows.block)):
-                self.atoms[k] = np.concatenate([self.atoms[k], v])
+            self._atom_batches.append(rows)
             for i, j in blocks:
                 self.atoms_analysed[i, j] = True
-            self.status["atoms"] = len(self.atoms["positions"])
+            self.status["atoms"] = self.status.get("atoms", 0) + len(rows)
             self.seq += 1
             return self.seq
 
@@ -80,7 +78,9 @@ class LiveState:
             arrays["blocks/done"] = self.done.copy()
             arrays["blocks/partial"] = self.partial.copy()
             arrays["blocks/counts"] = self.counts.copy()
-            arrays.update({f"atoms/{k}": v.copy() for k, v in self.atoms.items()})
+            table = AtomRows.concat(self._atom_batches)
+            arrays.update({"atoms/positions": table.positions_px, "atoms/confidence": table.confidence,
+                           "atoms/intensity": table.intensity, "atoms/block": table.block})
             arrays["atoms/analysed"] = self.atoms_analysed.copy()
             header = {"type": "state", "seq": self.seq, "status": dict(self.status), "meta": self.meta,
                       "scan_shape": list(self.layout.scan_shape), "block_shape": list(self.layout.block_shape),

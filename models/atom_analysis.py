@@ -31,6 +31,21 @@ PREFERRED_SPACING_PX = 8.0
 MAX_ZOOM = 3.0
 
 
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Per image: zero mean, unit standard deviation (the networks' input contract, training and
+    inference alike: contrast and background vary between microscopes)."""
+    x = np.asarray(x, np.float32)
+    m = x.mean(axis=(-2, -1), keepdims=True)
+    s = x.std(axis=(-2, -1), keepdims=True)
+    return (x - m) / np.maximum(s, 1e-6)
+
+
+def network_input(image: np.ndarray, contrast: str) -> np.ndarray:
+    """What the network sees: the image normalised, ABF inverted (columns bright in both)."""
+    x = normalise(image)
+    return -x if contrast == "abf" else x
+
+
 class LatticeScaleUnknown(ValueError):
     """The image shows no lattice whose spacing could be measured, and no sampling was given."""
 
@@ -128,15 +143,12 @@ class AtomFinder:
                 "give the sampling (--sampling-A-per-px)")
         lo, hi = self.spacing_range
         target = float(np.clip(spacing, max(lo, PREFERRED_SPACING_PX), hi))
-        return min(target / spacing, MAX_ZOOM) if target > spacing else target / spacing, spacing
+        return min(target / spacing, MAX_ZOOM), spacing
 
     # -- network ---------------------------------------------------------------------------------
     def heatmap(self, image: np.ndarray) -> np.ndarray:
         """The network's "column here" map for an image already at a trained scale."""
-        x = np.asarray(image, np.float32)
-        x = (x - x.mean()) / max(float(x.std()), 1e-6)
-        if self.contrast == "abf":
-            x = -x  # columns are dark in ABF; the network sees them bright, as in training
+        x = network_input(image, self.contrast)
         h, w = x.shape
         if h <= TILE and w <= TILE:
             return self._run(x)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.atom_analysis import network_input  # the input contract, shared with the finder
+
 CROP = 128
 TARGET_SIGMA_PX = 1.5
 
@@ -48,7 +50,7 @@ class AtomData:
                    np.array([m["dose_e_per_A2"] for m in meta]), contrast)
 
 
-def column_spacing_px(positions: list) -> tuple[float, float]:
+def trained_spacing_range(positions: list) -> tuple[float, float]:
     """2nd-98th percentile of the median nearest-neighbour distance per image: the column spacing
     (in pixels) the network was trained on, which the finder checks an image against."""
     from scipy.spatial import cKDTree
@@ -72,20 +74,6 @@ def choose_threshold(heatmap, data: "AtomData", indices, thresholds=np.arange(0.
         if f1 > best[1]:
             best = (round(float(t), 2), float(f1))
     return best
-
-
-def network_input(image: np.ndarray, contrast: str) -> np.ndarray:
-    """What the network sees: the image normalised, ABF inverted (columns bright in both)."""
-    x = normalise(image)
-    return -x if contrast == "abf" else x
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Per image: zero mean, unit standard deviation (what the network sees)."""
-    x = np.asarray(x, np.float32)
-    m = x.mean(axis=(-2, -1), keepdims=True)
-    s = x.std(axis=(-2, -1), keepdims=True)
-    return (x - m) / np.maximum(s, 1e-6)
 
 
 def heatmap(shape: tuple[int, int], positions: np.ndarray, sigma: float = TARGET_SIGMA_PX) -> np.ndarray:
@@ -196,7 +184,7 @@ def train_atoms(images: Path, out_dir: Path, work_dir: Path, name: str = "atoms_
                   "normalisation": "per image: zero mean, unit standard deviation"
                                    + ("; ABF inverted (columns bright)" if data.contrast == "abf" else ""),
                   "sampling_A_per_px": [float(data.sampling_A.min()), float(data.sampling_A.max())],
-                  "column_spacing_px": list(column_spacing_px(data.positions))},
+                  "column_spacing_px": list(trained_spacing_range(data.positions))},
         "outputs": {"columns": f"map in [0, 1], a Gaussian (sigma {TARGET_SIGMA_PX} px) on every "
                                + ("cation-containing column" if data.contrast == "haadf" else "column, oxygen included")},
         "training": {"images": str(Path(images).name), "n_images": int(n), "held_out_images": int(n_val),

@@ -61,7 +61,8 @@ def test_train_atoms_tiny(tmp_path):
     import onnxruntime as ort
 
     from stemlive.simulate.atom_images import ImageRanges, write_images
-    from stemlive.simulate.train_atoms import heatmap, normalise, train_atoms
+    from stemlive.models.atom_analysis import normalise
+    from stemlive.simulate.train_atoms import heatmap, train_atoms
 
     imgs = write_images(tmp_path / "imgs.h5", 4, seed=2, ranges=ImageRanges(size_px=128), progress=False)
     card_path = train_atoms(imgs, tmp_path / "out", tmp_path / "work", steps=4, batch=2, width=4, holdout=0.25,

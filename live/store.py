@@ -59,9 +59,10 @@ class StoreLayout:
 
     @property
     def max_atoms(self) -> int:
-        """Rows pre-allocated for the atom table: the locator keeps peaks ≥ 3 px apart, so at
-        most one column per 9 scan pixels."""
-        return int(np.prod(self.scan_shape)) // 9 + 64
+        """Rows pre-allocated for the atom table: one column per 4 scan pixels, more than any
+        lattice the finder resolves (it enlarges images until columns are ~8 px apart, the
+        network's target peaks are 1.5 px wide); a table that fills up is marked truncated."""
+        return int(np.prod(self.scan_shape)) // 4 + 64
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -196,8 +197,10 @@ class ResultStore:
         with self._open() as f:
             g = f["atoms"]
             n0, n = int(g["count"][()]), len(rows)
-            if n0 + n > g["positions"].shape[0]:
-                raise RuntimeError(f"atom table full ({g['positions'].shape[0]} rows) in {self.path}")
+            if n0 + n > g["positions"].shape[0]:  # keep what fits and say so; the run goes on
+                n = g["positions"].shape[0] - n0
+                g.attrs["truncated"] = True
+                rows = type(rows)(*(getattr(rows, k)[:n] for k in ("positions_px", "confidence", "intensity", "block")))
             if n:
                 g["positions"][n0:n0 + n] = rows.positions_px
                 g["confidence"][n0:n0 + n] = rows.confidence

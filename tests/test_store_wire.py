@@ -183,3 +183,27 @@ def test_beyond_loopback_needs_a_token_and_the_token_guards_the_sockets():
         good.close()
         bad.close()
         pub.close()
+
+
+def test_atom_table_is_cut_at_finish_and_marked_when_full(tmp_path):
+    """Rows beyond the pre-allocation are not written (the run goes on) and the table says so."""
+    import h5py
+
+    from stemlive.models.atom_regions import AtomRows
+
+    layout = StoreLayout((8, 8), (4, 4), (5, 5), atoms="haadf")
+    store = ResultStore.create(tmp_path / "s.h5", layout, alpha_mrad=13.6, kv=200)
+    rows = AtomRows(np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(3, np.float32),
+                    np.full(3, 2.0, np.float32), np.zeros((3, 2), np.int32))
+    store.write_atoms(rows, np.eye(2, dtype=bool))
+    assert read_store(tmp_path / "s.h5")["atoms"]["positions"].shape == (3, 2)  # readable mid-run
+    n = layout.max_atoms
+    many = AtomRows(np.zeros((n, 2), np.float32), np.ones(n, np.float32), np.ones(n, np.float32),
+                    np.zeros((n, 2), np.int32))
+    store.write_atoms(many, np.ones((2, 2), bool))
+    store.finish()
+    r = read_store(tmp_path / "s.h5")
+    assert len(r["atoms"]["positions"]) == n and r["atoms"]["analysed"].all()
+    np.testing.assert_array_equal(r["atoms"]["positions"][:3], rows.positions_px)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["atoms"].attrs["truncated"] and f["atoms/positions"].shape == (n, 2)

@@ -262,7 +262,8 @@ class StoreFeed:
         status = {"state": a["state"], "blocks_done": int(r["blocks"]["done"].sum()),
                   "blocks_total": int(r["blocks"]["done"].size), "frames_seen": int(r["progress"][0]),
                   "frames_total": int(np.prod(a["scan_shape"])), "reason": a.get("reason", ""),
-                  "frames_per_s": 0.0, "blocks_dropped": 0, "frames_dropped": 0,
+                  "frames_per_s": 0.0, "blocks_dropped": int(a.get("blocks_dropped", 0)),
+                  "frames_dropped": int(a.get("frames_dropped", 0)),
                   "atoms": len(r["atoms"]["positions"]) if "atoms" in r else 0}
         meta = {"alpha_mrad": float(a["alpha_mrad"]), "kv": float(a["kv"]), "store": str(self.path),
                 "models": [m.get("id") for m in a["models"]], "mrad_per_px": float(a["mrad_per_px"]),

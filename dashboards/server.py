@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..live.security import is_loopback
+from ..live.security import check_token, is_loopback
 
 
 def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str | None = None):
@@ -18,6 +18,7 @@ def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str |
 
     from .app import make_document
 
+    check_token(token)
     loopback = is_loopback(f"tcp://{address}:1")
     if not loopback and not token:
         raise PermissionError(f"serving the dashboard on {address} needs an access token (--token or "

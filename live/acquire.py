@@ -3,10 +3,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .outputs import check_output
 from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled, run_pipeline
 
 DETECTORS = ("dectris", "merlin")
 FRAME_STACK = 128
+API_TIMEOUT_S = 10.0  # a detector's REST API answers in milliseconds; this long means it never will
+
+
+class FrameCount:
+    """Frames the detector connection has handed to LiberTEM so far: what the stall watchdog
+    watches (UDF results can be minutes apart on a slow scan with large partitions)."""
+
+    def __init__(self):
+        self.frames = 0
+
+    def __call__(self) -> int:
+        return self.frames
+
+
+class CountingStream:
+    """A detector connection's frame source (LiberTEM-live's ``get_conn_impl()``), counting frames."""
+
+    def __init__(self, impl, count: FrameCount):
+        self._impl, self._count = impl, count
+
+    def get_next_stack(self, *args, **kwargs):
+        stack = self._impl.get_next_stack(*args, **kwargs)
+        if stack is not None:
+            self._count.frames += len(stack)
+        return stack
+
+    def __getattr__(self, name):
+        return getattr(self._impl, name)
+
+
+class _CountingConnImpl:
+    """Stands in for ``conn.get_conn_impl`` on one connection object."""
+
+    def __init__(self, get_impl, count: FrameCount):
+        self._get_impl, self._count = get_impl, count
+
+    def __call__(self):
+        return CountingStream(self._get_impl(), self._count)
+
+
+def count_frames(conn) -> FrameCount:
+    """Count the frames ``conn`` delivers from now on."""
+    count = FrameCount()
+    conn.get_conn_impl = _CountingConnImpl(conn.get_conn_impl, count)
+    return count
 
 
 def frames_per_partition(scan_shape: tuple[int, int], block: tuple[int, int], cap: int = 4096) -> int:
@@ -32,10 +78,15 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
         raise ValueError("live data runs on the inline or pipelined executor only")
     if mode not in ("active", "passive"):
         raise ValueError(f"mode must be 'active' or 'passive', got {mode!r}")
+    if record is not None:  # raw frames are never written over anything
+        check_output(record, [settings.out], what="--record")
+    if detector == "dectris":
+        probe_rest_api(api_host, api_port)
     own = ctx is None
     if own:
-        ctx = LiveContext.make_with(executor, cpus=workers) if (workers and executor != "inline") \
-            else LiveContext.make_with(executor)
+        from .executors import make_executor
+
+        ctx = LiveContext(executor=make_executor(executor, workers))
     stuck = False
     conn = None
     try:
@@ -45,10 +96,11 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
             pending = conn.wait_for_acquisition(timeout=arm_timeout_s)
             if pending is None:
                 raise AcquisitionError(f"no acquisition was armed within {arm_timeout_s:.0f} s (passive mode)")
+        received = count_frames(conn)
         aq = ctx.make_acquisition(conn=conn, nav_shape=tuple(scan_shape), pending_aq=pending,
                                   frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
         return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record,
-                            analyzer=analyzer)
+                            analyzer=analyzer, received=received)
     except (StreamStalled, KeyboardInterrupt):
         stuck = True  # the receiver may be blocked in the detector library: closing it would block or fail
         raise
@@ -58,6 +110,29 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
                 conn.close()
             if own:
                 ctx.close()
+
+
+def probe_rest_api(host: str, port: int, timeout: float = API_TIMEOUT_S) -> None:
+    """Ask a DECTRIS detector's REST API for its version, with a timeout: LiberTEM-live's client
+    waits up to 24 h (and retries 50 times) on an endpoint that accepts and never answers."""
+    import http.client
+    import socket
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/detector/api/version/")
+        resp = conn.getresponse()
+        resp.read()
+    except (socket.timeout, TimeoutError):
+        raise AcquisitionError(f"the detector's REST API at {host}:{port} accepted the connection but did not "
+                               f"answer within {timeout:.0f} s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise AcquisitionError(f"cannot connect to the dectris detector's REST API at {host}:{port}: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise AcquisitionError(f"the server at {host}:{port} is not a DECTRIS detector REST API (GET "
+                               f"/detector/api/version/ answered {resp.status} {resp.reason})")
 
 
 def _connect(ctx, detector, api_host, api_port, data_host, data_port):

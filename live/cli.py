@@ -32,12 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .processes import end_children, install_signal_handlers
+
     args = build_parser().parse_args(argv)
+    install_signal_handlers()  # SIGTERM ends a command as Ctrl-C does
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        end_children()
+        print(f"{getattr(exc, 'reason', 'interrupted')}; rerun the same command to continue where it stopped",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError) as exc:  # incl. ModelMismatch
         print(f"stemlive {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled
+from .processes import end_children
+from .security import check_token
 
 
 def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
     """Options every acquisition run shares (the model choice, calibration, outputs)."""
-    ap.add_argument("--block", type=int, nargs=2, required=True, metavar=("BY", "BX"), help="scan block in frames")
-    ap.add_argument("--alpha-mrad", type=float, required=True, help="convergence semi-angle")
-    ap.add_argument("--kv", type=float, required=True, help="acceleration voltage")
-    ap.add_argument("--mrad-per-px", type=float, default=None, help="detector calibration")
-    ap.add_argument("--scan-step-nm", type=float, default=None,
+    ap.add_argument("--block", type=positive(int), nargs=2, required=True, metavar=("BY", "BX"),
+                    help="scan block in frames")
+    ap.add_argument("--alpha-mrad", type=positive(), required=True, help="convergence semi-angle")
+    ap.add_argument("--kv", type=positive(), required=True, help="acceleration voltage")
+    ap.add_argument("--mrad-per-px", type=positive(), default=None, help="detector calibration")
+    ap.add_argument("--scan-step-nm", type=positive(), default=None,
                     help="scan step (checks a block spans a unit cell; gives the atom finder its sampling)")
     ap.add_argument("--scan-rotation-deg", type=float, default=0.0, help="scan vs detector rotation (stored)")
     ap.add_argument("--center", type=float, nargs=2, default=None, metavar=("ROW", "COL"),
@@ -30,8 +34,6 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--token", default=os.environ.get("STEMLIVE_TOKEN"),
                     help="access token; required to publish on an address other than 127.0.0.1 "
                          "(default: $STEMLIVE_TOKEN)")
-    ap.add_argument("--stall-timeout", type=float, default=30.0,
-                    help="seconds without frames before the run is aborted (default 30)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--atoms", choices=("haadf", "abf", "off"), default="haadf",
                     help="find atomic columns in this virtual image, block by block (default haadf)")
@@ -39,13 +41,28 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
                     help="scan pixels of context around a block for atom finding (default 16)")
 
 
+def positive(kind=float):
+    """An argparse type: a finite number > 0 (a clear error for 0, negatives, nan, inf)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def settings_from(args) -> Settings:
+    check_token(args.token)
     return Settings(block=tuple(args.block), alpha_mrad=args.alpha_mrad, kv=args.kv, out=args.out,
                     mrad_per_px=args.mrad_per_px, scan_step_nm=args.scan_step_nm,
                     scan_rotation_deg=args.scan_rotation_deg, center_px=tuple(args.center) if args.center else None,
                     models_dir=args.models, backend=args.backend, overwrite=args.overwrite,
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
-                    stall_timeout_s=args.stall_timeout, progress=not args.quiet, token=args.token,
+                    stall_timeout_s=getattr(args, "stall_timeout", None), progress=not args.quiet, token=args.token,
                     atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin)
 
 
@@ -56,23 +73,32 @@ def add_parsers(sub) -> None:
     ap.add_argument("--api-port", type=int, required=True)
     ap.add_argument("--data-host", default=None, help="stream host (default: --api-host)")
     ap.add_argument("--data-port", type=int, required=True)
-    ap.add_argument("--scan-shape", type=int, nargs=2, required=True, metavar=("H", "W"))
+    ap.add_argument("--scan-shape", type=positive(int), nargs=2, required=True, metavar=("H", "W"))
     ap.add_argument("--mode", choices=("active", "passive"), default="active",
                     help="active: stemlive arms the detector; passive: wait for the microscope software to")
     ap.add_argument("--executor", choices=("inline", "pipelined"), default="pipelined")
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--record", type=Path, default=None, help="also keep the raw frames (.npy) for a replay")
-    ap.add_argument("--arm-timeout", type=float, default=60.0, help="passive mode: seconds to wait for an arm")
+    ap.add_argument("--workers", type=positive(int), default=None)
+    ap.add_argument("--record", type=Path, default=None,
+                    help="also keep the raw frames (.npy) for a replay (never replaces an existing file)")
+    ap.add_argument("--arm-timeout", type=positive(), default=60.0, help="passive mode: seconds to wait for an arm")
+    ap.add_argument("--stall-timeout", type=positive(), default=30.0,
+                    help="seconds without a frame from the detector before the run is aborted (default 30)")
     add_run_options(ap)
     ap.set_defaults(func=run_live)
 
     ap = sub.add_parser("replay", help="analyse a recorded dataset through the live path")
     ap.add_argument("input", type=Path, help="npy, raw, HDF5 (incl. DECTRIS master), MIB, ... (LiberTEM formats)")
-    ap.add_argument("--format", default=None, help="LiberTEM dataset type (default: detected)")
-    ap.add_argument("--scan-shape", type=int, nargs=2, default=None, metavar=("H", "W"))
-    ap.add_argument("--executor", choices=("inline", "pipelined", "dask"), default="inline")
-    ap.add_argument("--scheduler", default=None, help="tcp://host:port of an existing dask.distributed cluster")
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--format", default=None, help="LiberTEM dataset type (default: detected; .raw/.bin: raw)")
+    ap.add_argument("--scan-shape", type=positive(int), nargs=2, default=None, metavar=("H", "W"),
+                    help="scan shape; must hold exactly the file's frames")
+    ap.add_argument("--sig-shape", type=positive(int), nargs=2, default=None, metavar=("h", "w"),
+                    help="frame shape (raw files)")
+    ap.add_argument("--dtype", default=None, help="pixel type, e.g. uint16 or <f4 (raw files)")
+    ap.add_argument("--executor", choices=("inline", "pipelined", "dask"), default="inline",
+                    help="dask: a local cluster on 127.0.0.1 (or --scheduler)")
+    ap.add_argument("--scheduler", default=None,
+                    help="tcp://host:port of your own dask.distributed cluster (secure it: Dask runs pickles)")
+    ap.add_argument("--workers", type=positive(int), default=None)
     add_run_options(ap)
     ap.set_defaults(func=run_replay)
 
@@ -81,11 +107,12 @@ def add_parsers(sub) -> None:
     ap.add_argument("--out", type=Path, default=None, help="new store (default: STORE-reanalysed.h5)")
     ap.add_argument("--models", type=Path, default=None)
     ap.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the run succeeded)")
     ap.set_defaults(func=run_reanalyse)
 
 
 def report(summary: RunSummary) -> int:
+    """Print the run's summary; exit 0, or 1 when nothing useful came out (every block failed)."""
     print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames, "
           f"{summary.atoms} atomic columns in "
           f"{summary.wall_s:.1f} s -> {summary.out}")
@@ -94,29 +121,47 @@ def report(summary: RunSummary) -> int:
               f"result; block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
     if summary.reason:
         print(f"  note: {summary.reason}")
+    if summary.blocks_failed:
+        print(f"stemlive: {summary.blocks_failed} of {summary.blocks_done} blocks could not be analysed "
+              "(flag 'error' in /maps/flags):", file=sys.stderr)
+        for message, n in list(summary.failures.items())[:5]:
+            print(f"  {n} × {message}", file=sys.stderr)
+    if not summary.useful:
+        print("stemlive: nothing useful came out of this run: no block was analysed without an error",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _guarded(fn) -> int:
+    """Run ``fn``; every way out reports, ends child processes, and leaves an honest store."""
     try:
         return report(fn())
-    except KeyboardInterrupt:
-        exit_stuck("stemlive: interrupted (Ctrl-C); the result store is closed as aborted with every "
-                   "completed block", code=130)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (processes.Terminated)
+        reason = getattr(exc, "reason", "interrupted (Ctrl-C)")
+        exit_stuck(f"stemlive: {reason}; the result store {_where(exc)}is closed as aborted with every "
+                   "completed block", code=getattr(exc, "exit_code", 130))
     except StreamStalled as exc:
-        exit_stuck(f"stemlive: acquisition aborted: {exc}")
+        exit_stuck(f"stemlive: acquisition aborted: {exc} ({_where(exc)}kept as aborted)")
     except AcquisitionError as exc:
         print(f"stemlive: acquisition aborted: {exc}", file=sys.stderr)
         return 1
+    finally:
+        end_children()
+
+
+def _where(exc) -> str:
+    path = getattr(exc, "store_path", None)
+    return f"{path} " if path else ""
 
 
 def exit_stuck(message: str, code: int = 1) -> None:
-    """Report, then leave at once: a receiver thread blocked in the detector library would keep the
-    process alive (or crash it at interpreter shutdown).  The store is already closed (aborted)."""
-    import os
-
+    """Report, end every child process, then leave at once: a receiver thread blocked in the
+    detector library would keep the process alive (or crash it at interpreter shutdown).  The
+    store is already closed (aborted)."""
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    end_children()
     os._exit(code)
 
 
@@ -133,9 +178,11 @@ def run_live(args) -> int:
 def run_replay(args) -> int:
     from .replay import replay
 
+    raw = {k: v for k, v in (("sig_shape", tuple(args.sig_shape) if args.sig_shape else None),
+                             ("dtype", args.dtype)) if v is not None}
     return _guarded(lambda: replay(args.input, settings_from(args), executor=args.executor, scheduler=args.scheduler,
                                    scan_shape=tuple(args.scan_shape) if args.scan_shape else None, fmt=args.format,
-                                   workers=args.workers))
+                                   workers=args.workers, **raw))
 
 
 def run_reanalyse(args) -> int:

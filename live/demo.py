@@ -105,12 +105,13 @@ def run(args) -> int:
             summary = live(settings, detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
                            data_host="127.0.0.1", data_port=sim.data_port, scan_shape=data.shape[:2],
                            executor=args.executor)
-    except KeyboardInterrupt:
-        exit_stuck(f"stemlive demo: interrupted (Ctrl-C); partial results in {out} (state aborted)", code=130)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM
+        exit_stuck(f"stemlive demo: {getattr(exc, 'reason', 'interrupted')}; partial results in "
+                   f"{getattr(exc, 'store_path', out)} (state aborted)", code=getattr(exc, "exit_code", 130))
     except StreamStalled as exc:
-        exit_stuck(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})")
+        exit_stuck(f"stemlive demo: acquisition aborted: {exc} (partial results in {getattr(exc, 'store_path', out)})")
     except AcquisitionError as exc:
-        print(f"stemlive demo: acquisition aborted: {exc} (partial results in {out})", file=sys.stderr)
+        print(f"stemlive demo: acquisition aborted: {exc} (partial results in {getattr(exc, 'store_path', out)})", file=sys.stderr)
         return 1
     print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames, "
           f"{summary.atoms} atomic columns in "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import Counter
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class EngineStats:
     ingest_s: list = field(default_factory=list)  # time on_result took, per result
     block_delay_s: list = field(default_factory=list)  # block complete -> stored and published
     stored_at: dict = field(default_factory=dict)  # (i, j) -> time.perf_counter() when stored
+    failures: Counter = field(default_factory=Counter)  # analysis error -> blocks it struck
 
 
 class BlockEngine:
@@ -167,6 +169,7 @@ class BlockEngine:
         for lo in range(0, len(idx), self.batch):
             sl = slice(lo, lo + self.batch)
             estimates = self._estimates(idx[sl], sums[sl] / counts[sl, None, None])
+            self.stats.failures.update(e.error for e in estimates if e is not None and e.error is not None)
             part = self.partial[idx[sl, 0], idx[sl, 1]]
             rows = [estimate_row(e, p) for e, p in zip(estimates, part)]
             arrays = {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS}
@@ -263,6 +266,12 @@ class BlockEngine:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
 
     # -- end -------------------------------------------------------------------------------
+    def _dropped(self) -> dict:
+        """Frames the scan should have had but never arrived, and blocks never completed."""
+        seen = int(self.state.status.get("frames_seen", 0))
+        return {"frames_dropped": max(0, int(self.expected.sum()) - seen),
+                "blocks_dropped": int(((self.expected > 0) & ~self.state.done).sum())}
+
     def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0) -> None:
         """Analyse what is queued, then close the store with ``state`` and the reason."""
         self._queue.put(None)
@@ -275,8 +284,14 @@ class BlockEngine:
         missing = int((~self.state.done & (self.expected > 0)).sum())
         if state == "complete" and missing:
             state, reason = "aborted", f"{missing} blocks never completed"
-        status = self.state.update_status(state=state, reason=reason)
+        failed = sum(self.stats.failures.values())
+        useful = int(self.state.done.sum()) > failed
+        if failed:
+            self.state.update_status(blocks_failed=failed)
+        dropped = self._dropped()
+        if self.store is not None:
+            self.store.finish(state, reason, replace=useful, blocks_failed=failed, **dropped)
+            reason = self.store.reason
+        status = self.state.update_status(state=state, reason=reason, **dropped)
         if self.publisher is not None:
             self.publisher.status(status)
-        if self.store is not None:
-            self.store.finish(state, reason)

@@ -56,8 +56,8 @@ class Settings:
     rings: dict = field(default_factory=lambda: dict(DEFAULT_RINGS))
     pub: str | None = "tcp://127.0.0.1:5557"
     rep: str | None = "tcp://127.0.0.1:5558"
-    overwrite: bool = False
-    stall_timeout_s: float = 30.0  # no new frames for this long: the detector has stopped
+    overwrite: bool = False  # replace an existing store, only once this run has succeeded
+    stall_timeout_s: float | None = 30.0  # no frames received for this long: the detector stopped (None: no watchdog)
     token: str | None = None  # access token, needed to publish beyond 127.0.0.1
     progress: bool = True
     atoms: str | None = "haadf"  # find atomic columns in this virtual image (None: off)
@@ -82,6 +82,13 @@ class RunSummary:
     first_result_s: float = 0.0  # the first UDF result, after the acquisition started
     first_result_frames: int = 0  # frames in it
     atoms: int = 0  # atomic columns found
+    blocks_failed: int = 0  # analysed, but the analysis gave an error (kept in place, flag "error")
+    failures: dict = field(default_factory=dict)  # error message -> number of blocks
+
+    @property
+    def useful(self) -> bool:
+        """Something came out: at least one block analysed without an error."""
+        return self.blocks_done > self.blocks_failed
 
 
 def load_analyzer(settings: Settings):
@@ -142,8 +149,11 @@ def make_udfs(settings: Settings, record: Path | None = None) -> list:
 
 
 def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = None, source: str = "",
-                 analyzer=None, record: Path | None = None) -> RunSummary:
-    """Run one acquisition (or recorded dataset) to the end; the store is closed honestly either way."""
+                 analyzer=None, record: Path | None = None, received=None) -> RunSummary:
+    """Run one acquisition (or recorded dataset) to the end; the store is closed honestly either way.
+
+    ``received()``, when given, counts the frames the detector connection delivered: the stall
+    watchdog watches it (and the UDF results), so a slow but healthy stream is never aborted."""
     t0 = time.perf_counter()
     scan_shape = tuple(int(v) for v in dataset.shape.nav)
     sig_shape = tuple(int(v) for v in dataset.shape.sig)
@@ -158,35 +168,45 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings),
                          atoms=atoms.image_name if atoms else None)
     cards = [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
-    store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
-                               mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
-                               scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
-                               source=source, overwrite=settings.overwrite)
     meta = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
             "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
             "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings}
     state = LiveState(layout, meta)
+    # every server first: a run refused on its addresses writes nothing
     publisher = None
     if settings.pub and settings.rep:
         publisher = Publisher(state, settings.pub, settings.rep, token=settings.token)
         state.meta["pub"], state.meta["rep"] = publisher.pub_address, publisher.rep_address
+    try:
+        store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
+                                   mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
+                                   scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
+                                   source=source, overwrite=settings.overwrite)
+    except BaseException:
+        if publisher is not None:
+            publisher.close()
+        raise
     engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
                          mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
                          atoms=atoms)
     final, reason = "aborted", "not started"
     timing: dict = {}
     try:
-        _iterate(ctx, dataset, settings, engine, roi, grid, record, timing)
+        _iterate(ctx, dataset, settings, engine, roi, grid, record, timing, received)
         final, reason = "complete", ""
-    except KeyboardInterrupt:
-        final, reason = "aborted", "interrupted (Ctrl-C)"
-        raise
-    except AcquisitionError as exc:
-        final, reason = "aborted", str(exc)
-        raise
-    except Exception as exc:
-        final, reason = "aborted", f"{type(exc).__name__}: {exc}"
-        raise AcquisitionError(reason) from exc
+    except BaseException as exc:
+        final = "aborted"
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (processes.Terminated)
+            reason, err = getattr(exc, "reason", "interrupted (Ctrl-C)"), exc
+        elif isinstance(exc, AcquisitionError):
+            reason, err = str(exc), exc
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            err = AcquisitionError(reason)
+        err.store_path = store.path  # where this run's blocks are (beside --out when replacing it)
+        if err is exc:
+            raise
+        raise err from exc
     finally:
         engine.close(final, reason)
         if publisher is not None:
@@ -205,7 +225,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         block_delay_ms_p90=float(np.percentile(dly, 90)) if dly.size else 0.0,
         acquisition_s=timing.get("last", start) - start, block_stored_s=stored_times(engine, grid, start),
         first_result_s=timing.get("first", start) - start, first_result_frames=int(timing.get("first_frames", 0)),
-        atoms=int(st.get("atoms", 0)))
+        atoms=int(st.get("atoms", 0)), blocks_failed=sum(engine.stats.failures.values()),
+        failures=dict(engine.stats.failures.most_common()))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary
@@ -219,14 +240,14 @@ def stored_times(engine: BlockEngine, grid: BlockGrid, start: float | None) -> n
 
 
 def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: BlockGrid, record=None,
-             timing: dict | None = None) -> None:
-    """The acquisition loop, watched: no new result for ``stall_timeout_s`` is a stopped detector."""
+             timing: dict | None = None, received=None) -> None:
+    """The acquisition loop, watched: no frame received (and no result) for ``stall_timeout_s``
+    is a stopped detector."""
     from tqdm import tqdm
 
     total = int(np.prod(grid.scan_shape)) if roi is None else int(np.count_nonzero(roi))
     bar = tqdm(total=total, unit="frame", disable=not settings.progress, desc="frames", smoothing=0.1)
     box: dict = {}
-    last = [time.monotonic()]
     seen = [0]
     done = threading.Event()
 
@@ -244,7 +265,6 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
                                  res.damage.data)
                 n = int(np.count_nonzero(res.damage.data))
                 if n > seen[0]:
-                    last[0] = time.monotonic()
                     timing["last"] = time.perf_counter()
                     if "first" not in timing:
                         timing["first"], timing["first_frames"] = timing["last"], n
@@ -260,13 +280,31 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
 
     worker = threading.Thread(target=consume, name="stemlive-acquisition", daemon=True)
     worker.start()
+    watch = StallWatch(settings.stall_timeout_s, lambda: max(seen[0], received() if received else 0))
     try:
         while not done.wait(0.2):
-            if time.monotonic() - last[0] > settings.stall_timeout_s:
+            if watch.stalled():
                 raise StreamStalled(
-                    f"no frames for {settings.stall_timeout_s:.0f} s after {seen[0]} of {total}: "
+                    f"no frames for {settings.stall_timeout_s:.0f} s after {watch.progress} of {total}: "
                     "the detector stopped or the stream never started")
     finally:
         bar.close()
     if "error" in box:
         raise box["error"]
+
+
+class StallWatch:
+    """Progress that has not moved for ``timeout_s`` (None: never stalled)."""
+
+    def __init__(self, timeout_s: float | None, progress):
+        self.timeout_s, self._progress = timeout_s, progress
+        self.progress = progress()
+        self._moved = time.monotonic()
+
+    def stalled(self) -> bool:
+        if self.timeout_s is None:
+            return False
+        now = self._progress()
+        if now != self.progress:
+            self.progress, self._moved = now, time.monotonic()
+        return time.monotonic() - self._moved > self.timeout_s

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import BlockEngine
+from .outputs import check_output
 from .pipeline import RunSummary, Settings, load_analyzer, load_atom_stitcher
 from .state import LiveState
 from .store import ResultStore, StoreLayout, read_store
@@ -17,6 +18,7 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     import time
 
     t0 = time.perf_counter()
+    check_output(out, [src], overwrite=overwrite)
     old = read_store(src)
     a = old["attrs"]
     scan, block = tuple(int(v) for v in a["scan_shape"]), tuple(int(v) for v in a["block_shape"])
@@ -54,4 +56,5 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     st = state.status
     return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),
                       blocks_done=int(st["blocks_done"]), blocks_total=int(st["blocks_total"]),
-                      wall_s=time.perf_counter() - t0)
+                      wall_s=time.perf_counter() - t0, blocks_failed=sum(engine.stats.failures.values()),
+                      failures=dict(engine.stats.failures.most_common()))

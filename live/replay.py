@@ -5,27 +5,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .executors import make_executor
+from .outputs import check_output
 from .pipeline import RunSummary, Settings, run_pipeline
 
-EXECUTORS = ("inline", "pipelined", "dask")
-
-
 def make_context(executor: str = "inline", scheduler: str | None = None, workers: int | None = None):
-    """A LiberTEM Context: inline, pipelined (processes), or Dask (a local cluster, or the
-    existing dask.distributed cluster at ``scheduler`` via DaskJobExecutor.connect)."""
+    """A LiberTEM Context: inline, pipelined (processes), a local Dask cluster on 127.0.0.1, or the
+    existing dask.distributed cluster at ``scheduler`` (DaskJobExecutor.connect)."""
     from libertem.api import Context
 
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if scheduler is not None:
-        if executor != "dask":
-            raise ValueError("--scheduler needs --executor dask")
-        from libertem.executor.dask import DaskJobExecutor
-
-        return Context(executor=DaskJobExecutor.connect(scheduler))
-    if executor == "inline":
-        return Context.make_with("inline")
-    return Context.make_with(executor, cpus=workers) if workers else Context.make_with(executor)
+    return Context(executor=make_executor(executor, workers, scheduler))
 
 
 def open_dataset(ctx, path: str | Path, scan_shape: tuple[int, int] | None = None, fmt: str | None = None,
@@ -37,17 +26,37 @@ def open_dataset(ctx, path: str | Path, scan_shape: tuple[int, int] | None = Non
         raise FileNotFoundError(f"{path} does not exist")
     kw = dict(options)
     if scan_shape is not None:
-        kw["nav_shape"] = tuple(scan_shape)
+        scan_shape = check_scan_shape(scan_shape)
+        kw["nav_shape"] = scan_shape
     if fmt is None:
-        fmt = "npy" if path.suffix == ".npy" else "auto"
+        fmt = {".npy": "npy", ".raw": "raw", ".bin": "raw"}.get(path.suffix.lower(), "auto")
         if path.suffix in (".h5", ".hdf5", ".nxs") and "ds_path" not in kw:
             master = dectris_data_path(path)
             if master is not None:
                 fmt, kw["ds_path"] = "hdf5", master
+    if fmt == "raw":
+        missing = [opt for key, opt in (("nav_shape", "--scan-shape"), ("sig_shape", "--sig-shape"),
+                                        ("dtype", "--dtype")) if kw.get(key) is None]
+        if missing:
+            raise ValueError(f"{path}: a raw file says nothing about its layout; give {', '.join(missing)}")
     try:
-        return ctx.load(fmt, path=str(path), **kw)
+        ds = ctx.load(fmt, path=str(path), **kw)
     except Exception as exc:
         raise ValueError(f"LiberTEM cannot open {path} as {fmt}: {exc}") from exc
+    frames = int(getattr(ds.meta, "image_count", 0) or 0)
+    if scan_shape is not None and frames and frames != int(np.prod(scan_shape)):
+        raise ValueError(f"--scan-shape {scan_shape[0]} {scan_shape[1]} holds {int(np.prod(scan_shape))} frames, "
+                         f"{path} has {frames}: replaying part of a file (or padding it) would report a "
+                         "wrong scan as complete")
+    return ds
+
+
+def check_scan_shape(scan_shape) -> tuple[int, int]:
+    """A 2D scan shape of positive sizes, or a ValueError saying what is wrong."""
+    shape = tuple(int(v) for v in scan_shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"the scan shape must be two positive sizes (H W), got {' '.join(map(str, shape))}")
+    return shape
 
 
 def dectris_data_path(path: Path) -> str | None:
@@ -71,6 +80,9 @@ def dectris_data_path(path: Path) -> str | None:
 def replay(path: str | Path, settings: Settings, *, executor: str = "inline", scheduler: str | None = None,
            scan_shape: tuple[int, int] | None = None, fmt: str | None = None, workers: int | None = None,
            ctx=None, **options) -> RunSummary:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    check_output(settings.out, [path], overwrite=settings.overwrite)  # before any work: a refusal costs nothing
     own = ctx is None
     ctx = ctx or make_context(executor, scheduler, workers)
     try:

@@ -26,8 +26,22 @@ def is_loopback(address: str) -> bool:
         return False  # an interface name or a host name: not loopback
 
 
+MIN_TOKEN_CHARS = 16  # ~96 bits from a random URL-safe token: not guessable over a network
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a guessable access token (it derives the encryption keys and signs dashboard sessions)."""
+    if token is None:
+        return
+    if len(token) < MIN_TOKEN_CHARS or len(set(token)) < 6:
+        raise ValueError(f"the access token is too weak ({len(token)} characters, {len(set(token))} distinct): "
+                         f"use at least {MIN_TOKEN_CHARS} random characters, e.g. from "
+                         "`python -c \"import secrets; print(secrets.token_urlsafe(24))\"`")
+
+
 def check_bind(address: str, token: str | None) -> None:
-    """Refuse to bind beyond loopback without an access token."""
+    """Refuse to bind beyond loopback without an access token, and any weak token."""
+    check_token(token)
     if not is_loopback(address) and not token:
         raise PermissionError(f"binding {address} exposes the results beyond this machine: give an access token "
                               "(--token, or STEMLIVE_TOKEN) or bind 127.0.0.1")

@@ -51,7 +51,8 @@ def _export_with_libertem(path: Path, scan_shape, cache: Path | None) -> np.ndar
 
     from .replay import open_dataset
 
-    cache = cache or _cache_dir()
+    cache = Path(cache) if cache else _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_mtime_ns}:{scan_shape}".encode()).hexdigest()[:12]
     out = cache / f"{path.stem}-{key}.npy"
     if not out.exists():
@@ -74,7 +75,8 @@ def _cache_dir() -> Path:
 def dump_for(data: np.ndarray, source: Path, encoding: str = "bslz4", cache: Path | None = None,
              progress: bool = True) -> Path:
     """The stream dump of ``data`` in the cache (written once per source file and encoding)."""
-    cache = cache or _cache_dir()
+    cache = Path(cache) if cache else _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
     st = Path(source).stat()
     key = hashlib.sha256(json.dumps([str(Path(source).resolve()), st.st_size, st.st_mtime_ns, encoding,
                                      list(data.shape), str(data.dtype)]).encode()).hexdigest()[:16]

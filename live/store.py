@@ -11,6 +11,7 @@ wrote -- every completed block is in the file either way.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..models.pacbed_analysis import FLAGS, PacbedEstimate
+from .outputs import beside, check_output, replacing
 
 STORE_SCHEMA = 1
 STORE_FLAGS = FLAGS + ("error", "partial")  # bit i of /maps/flags = STORE_FLAGS[i]
@@ -86,25 +88,30 @@ def flag_names(bits: int) -> list[str]:
 class ResultStore:
     """Writer of one acquisition's results.  Use :meth:`create`, then write, then :meth:`finish`."""
 
-    def __init__(self, path: Path, layout: StoreLayout):
-        self.path = Path(path)
+    def __init__(self, path: Path, layout: StoreLayout, final_path: Path | None = None):
+        self.path = Path(path)  # where this run writes
+        self.final_path = Path(final_path or path)  # where the store ends up when the run succeeds
         self.layout = layout
         self.state = "running"
+        self.reason = ""
 
     @classmethod
     def create(cls, path: str | Path, layout: StoreLayout, *, alpha_mrad: float, kv: float,
                mrad_per_px: float | None = None, scan_step_nm: float | None = None,
                scan_rotation_deg: float = 0.0, models: Sequence[dict] = (), rings: dict | None = None,
                source: str = "", overwrite: bool = False) -> "ResultStore":
-        """Create and pre-allocate the file (refuses to replace an existing one unless ``overwrite``)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; choose another --out or remove it")
+        """Create and pre-allocate the file.
+
+        An existing file is replaced only with ``overwrite``, and not now: this run writes beside
+        it (``R.incomplete.h5``) and :meth:`finish` renames that over it when the run succeeded,
+        so a run that fails leaves the earlier store as it was.
+        """
+        final = check_output(path, overwrite=overwrite)
+        path = beside(final, "incomplete") if final.exists() else final
         path.parent.mkdir(parents=True, exist_ok=True)
         ny, nx = layout.grid_shape
         sy, sx = layout.scan_shape
-        tmp = path.with_name(path.name + ".creating")
-        with h5py.File(tmp, "w", locking=False) as f:
+        with replacing(path, "creating") as tmp, h5py.File(tmp, "w", locking=False) as f:
             a = f.attrs
             a["schema"] = STORE_SCHEMA
             a["scan_shape"] = np.asarray(layout.scan_shape, np.int64)
@@ -145,8 +152,7 @@ class ResultStore:
                 g.create_dataset("analysed", data=np.zeros((ny, nx), bool))
             # frames seen, blocks done, unix time of the last write: a reader can tell a stalled run
             f.create_dataset("progress", data=np.array([0.0, 0.0, time.time()]))
-        tmp.replace(path)
-        return cls(path, layout)
+        return cls(path, layout, final)
 
     def _open(self):
         return h5py.File(self.path, "r+", locking=False)
@@ -210,13 +216,20 @@ class ResultStore:
             g["count"][()] = n0 + n
             f.flush()
 
-    def finish(self, state: str = "complete", reason: str = "") -> None:
+    def finish(self, state: str = "complete", reason: str = "", replace: bool = True, **counts: int) -> None:
         """Close the acquisition: ``state`` complete or aborted (with the reason); the atom
-        table is cut to the columns found."""
+        table is cut to the columns found; ``counts`` (frames_dropped, blocks_dropped, blocks_failed)
+        become attributes.  A complete store written beside the one it replaces
+        is renamed over it (unless ``replace`` is False: nothing useful came out); otherwise it
+        stays beside, and the reason says so."""
         if state not in STATES[1:]:
             raise ValueError(f"final state must be 'complete' or 'aborted', not {state!r}")
         if self.state != "running":
             return
+        replacing = self.path != self.final_path
+        if replacing and not (state == "complete" and replace):
+            reason = (f"{reason}; " if reason else "") + (f"{self.final_path} was left as it was, this run's "
+                                                          f"results are in {self.path}")
         with self._open() as f:
             if "atoms" in f:
                 g = f["atoms"]
@@ -228,8 +241,14 @@ class ResultStore:
             f.attrs["state"] = state
             f.attrs["reason"] = reason
             f.attrs["finished"] = _now()
+            for name, value in counts.items():
+                f.attrs[name] = int(value)
             f.flush()
         self.state = state
+        self.reason = reason
+        if replacing and state == "complete" and replace:
+            os.replace(self.path, self.final_path)
+            self.path = self.final_path
 
 
 def estimate_row(est: PacbedEstimate | None, partial: bool) -> dict:
@@ -252,7 +271,15 @@ def estimate_row(est: PacbedEstimate | None, partial: bool) -> dict:
 def read_store(path: str | Path) -> dict:
     """Everything in a store as numpy arrays and attributes (for the dashboard, reanalyse, tests)."""
     out: dict = {"maps": {}, "virtual": {}, "blocks": {}}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path} is not an HDF5 file (a stemlive result store is)")
     with h5py.File(path, "r", locking=False) as f:
+        missing = [k for k in ("scan_shape", "block_shape", "models", "rings", "flag_names") if k not in f.attrs]
+        missing += [g for g in ("maps", "virtual", "blocks", "progress") if g not in f]
+        if missing:
+            raise ValueError(f"{path} is not a stemlive result store (it lacks {', '.join(missing)})")
         attrs = dict(f.attrs)
         for k in ("models", "rings", "flag_names"):
             attrs[k] = json.loads(attrs[k])

@@ -81,7 +81,7 @@ def test_dashboard_binds_loopback_and_needs_a_token_beyond(tmp_path):
     feed = StoreFeed(tmp_path / "r.h5")
     with pytest.raises(PermissionError, match="access token"):
         make_server(feed, port=0, address="0.0.0.0")
-    server, url = serve_in_thread(feed, port=0, address="0.0.0.0", token="s3cret")
+    server, url = serve_in_thread(feed, port=0, address="0.0.0.0", token="s3cret-Qx7vL2pN9wKd")
     port = server.port
     with pytest.raises(urllib.error.HTTPError) as err:  # no signed session id: refused
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)

@@ -163,12 +163,12 @@ def test_beyond_loopback_needs_a_token_and_the_token_guards_the_sockets():
     state = LiveState(LAYOUT, {"alpha_mrad": 13.6})
     with pytest.raises(PermissionError, match="access token"):
         Publisher(state, "tcp://0.0.0.0:0", "tcp://127.0.0.1:0")
-    pub = Publisher(state, "tcp://0.0.0.0:0", "tcp://0.0.0.0:0", token="s3cret")
+    pub = Publisher(state, "tcp://0.0.0.0:0", "tcp://0.0.0.0:0", token="s3cret-Qx7vL2pN9wKd")
     rep_port = pub.rep_address.rsplit(":", 1)[1]
     ctx = zmq.Context.instance()
     good, bad = ctx.socket(zmq.REQ), ctx.socket(zmq.REQ)
     try:
-        secure_client(good, "s3cret")
+        secure_client(good, "s3cret-Qx7vL2pN9wKd")
         secure_client(bad, "wrong")
         for s in (good, bad):
             s.setsockopt(zmq.RCVTIMEO, 3000)

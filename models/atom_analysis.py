@@ -29,6 +29,17 @@ TILE_OVERLAP = 32  # context each tile sees beyond the part of it that is kept
 # about twice as precisely at 8 px than at 5 px (demo scan, 0.49 Å/px: 6.2 -> 3.2 pm RMSE)
 PREFERRED_SPACING_PX = 8.0
 MAX_ZOOM = 3.0
+# the network runs on the resampled image: beyond this it needs GBs and minutes, and a sampling
+# that asks for it is almost always a unit slip (nm or pm for Å)
+MAX_WORK_PX = 8192 * 8192
+MIN_WORK_SIDE = 8
+# strongest spatial frequency (3×3 bins summed, in units of the white-noise floor) that shot noise
+# alone reaches: ≤ 43 in 2·10⁴ noise images of 8²-512² px (Poisson 0.05-100 counts/px, Gaussian,
+# with and without a ramp); held-out HAADF images score ≥ 80 at 10² e/Å².  ABF images that score
+# below it (most at 10², some at 10³ e/Å²) get the network's F1 by chance: the same as on a copy
+# of the image with its pixels shuffled (benchmarks/atom_accuracy.py images, 0.1-0.25 both ways)
+NOISE_PEAK = 50.0
+GAMMA9_MEDIAN = 8.669  # median of a sum of 9 unit exponentials: a white-noise 3×3 bin sum
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -88,10 +99,35 @@ def column_spacing_px(image: np.ndarray, smooth_px: float = 1.0, min_height: flo
     return float(r[peaks].min())
 
 
+def structure_score(image: np.ndarray) -> float:
+    """How far the image's strongest spatial frequency stands above white noise.
+
+    Shot noise is white: each frequency's power is exponential around one flat floor.  Columns,
+    a lattice or any other structure put power into a few frequencies (and their neighbours:
+    finite images leak), far above it.  Returns the largest sum of power over 3×3 neighbouring
+    frequencies in units of the floor (estimated from the median of those sums, which holds up
+    even for tiny or nearly empty images); pure noise stays below :data:`NOISE_PEAK`.  A fitted
+    plane is removed first so uneven illumination does not count as structure.
+    """
+    x = np.asarray(image, np.float64)
+    rr, cc = np.indices(x.shape, dtype=np.float64)
+    a = np.column_stack([rr.ravel(), cc.ravel(), np.ones(x.size)])
+    coef, *_ = np.linalg.lstsq(a, x.ravel(), rcond=None)
+    x = x - (a @ coef).reshape(x.shape)
+    p = np.abs(np.fft.fft2(x)) ** 2
+    p[0, 0] = np.median(p)
+    s3 = ndimage.uniform_filter(p, 3, mode="wrap") * 9
+    floor = float(np.median(s3)) / GAMMA9_MEDIAN  # steadier than the median of p itself
+    if floor <= 0:
+        return float("inf") if s3.max() > 0 else 0.0
+    return float(s3.max() / floor)
+
+
 @dataclass
 class FoundColumns(Columns):
     zoom: float = 1.0  # the image was resampled by this factor for the network
     spacing_px: float | None = None  # the measured column spacing, when it was measured
+    note: str | None = None  # why no columns were looked for (e.g. the image is noise only)
 
 
 class AtomFinder:
@@ -130,12 +166,12 @@ class AtomFinder:
         spaced columns apart), and the column spacing [px] measured from the image (None if none)."""
         spacing = column_spacing_px(image)
         if sampling_A is not None:
-            if not sampling_A > 0:
-                raise ValueError(f"sampling must be positive, got {sampling_A} Å/px")
+            check_sampling(sampling_A)
             lo, hi = self.sampling_range
             zoom = sampling_A / float(np.clip(sampling_A, lo, hi))
             if spacing is not None and spacing * zoom < PREFERRED_SPACING_PX:
                 zoom = min(PREFERRED_SPACING_PX / spacing, MAX_ZOOM, sampling_A / lo)
+            self._check_work_size(image.shape, zoom, sampling_A)
             return zoom, spacing
         if spacing is None:
             raise LatticeScaleUnknown(
@@ -144,6 +180,18 @@ class AtomFinder:
         lo, hi = self.spacing_range
         target = float(np.clip(spacing, max(lo, PREFERRED_SPACING_PX), hi))
         return min(target / spacing, MAX_ZOOM), spacing
+
+    def _check_work_size(self, shape: tuple[int, int], zoom: float, sampling_A: float) -> None:
+        """Refuse a sampling that would resample the image to an absurd size (a unit slip, most
+        likely), naming the trained range and the size it would take."""
+        lo, hi = self.sampling_range
+        side = [(n - 1) * zoom + 1 for n in shape]
+        if side[0] * side[1] <= MAX_WORK_PX and min(side) >= MIN_WORK_SIDE:
+            return
+        raise ValueError(
+            f"sampling {sampling_A:g} Å/px is outside the network's trained range {lo:.2f}-{hi:.2f} Å/px: "
+            f"the {shape[0]}×{shape[1]} image would be resampled ×{zoom:.3g} to {_px(side[0])}×{_px(side[1])} px "
+            f"(allowed: {MIN_WORK_SIDE} px to {MAX_WORK_PX / 1e6:.0f} megapixels); is the sampling in Å per pixel?")
 
     # -- network ---------------------------------------------------------------------------------
     def heatmap(self, image: np.ndarray) -> np.ndarray:
@@ -172,8 +220,16 @@ class AtomFinder:
         return y[pad[0][0]:pad[0][0] + h, pad[1][0]:pad[1][0] + w]
 
     # -- the whole finder ----------------------------------------------------------------------
-    def find(self, image: np.ndarray, sampling_A: float | None = None) -> FoundColumns:
-        """Columns of a 2D image; positions in the input's pixels."""
+    def find(self, image: np.ndarray, sampling_A: float | None = None, *,
+             require_structure: bool = False) -> FoundColumns:
+        """Columns of a 2D image; positions in the input's pixels.
+
+        ``require_structure``: return no columns (and a ``note``) when the image is
+        indistinguishable from shot noise (:func:`structure_score`).  The network answers "column
+        here" somewhere in any image, noise included, so for a whole image this is what a
+        microscopist expects: no columns, not a lattice of guesses.  A block window of a
+        low-dose scan is too small to tell its lattice from noise, so the live path leaves it off.
+        """
         image = np.asarray(image)
         if image.ndim != 2:
             raise ValueError(f"expected one image (H×W), got shape {image.shape}")
@@ -186,12 +242,28 @@ class AtomFinder:
             raise ValueError(f"the image ({image.shape[0]}×{image.shape[1]}) is too small to find columns in")
         image = image.astype(np.float64)
         zoom, spacing = self.zoom_for(image, sampling_A)
+        if require_structure and spacing is None:
+            score = structure_score(image)
+            if score < NOISE_PEAK:
+                return FoundColumns(np.zeros((0, 2)), np.zeros(0), np.zeros(0), zoom=zoom, note=(
+                    f"the image shows no structure above its noise (strongest spatial frequency {score:.0f}× "
+                    f"the noise floor; shot noise alone stays below {NOISE_PEAK:.0f}): no columns to locate"))
         work = resample(image, zoom)
         heat = self.heatmap(work)
         min_distance = max(1, int(round(0.4 * self.spacing_range[0])))
         found = locate(heat, None, self.threshold, min_distance_px=min_distance)
         pos = found.positions_px / zoom
         return FoundColumns(pos, found.confidence, integrate(image, pos, integration_radius(pos)), zoom=zoom, spacing_px=spacing)
+
+
+def _px(n: float) -> str:
+    return f"{n:.0f}" if n < 1e7 else f"{n:.2g}"
+
+
+def check_sampling(sampling_A: float) -> None:
+    """A pixel size must be a finite positive number of Å."""
+    if not (np.isfinite(sampling_A) and sampling_A > 0):
+        raise ValueError(f"sampling must be a finite positive number of Å per pixel, got {sampling_A}")
 
 
 def integration_radius(positions: np.ndarray) -> float:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import math
 import sys
 from pathlib import Path
 
@@ -16,32 +16,63 @@ def add_parsers(sub) -> None:
                         description="Columns with sub-pixel positions (row, col; pixel centres at integer indices), "
                                     "the network's confidence and the image's intensity around each. Without "
                                     "--sampling-A-per-px the column spacing is measured from the image; an image "
-                                    "with no evident lattice is refused.")
+                                    "with no evident lattice is refused. With it, an image that shows nothing "
+                                    "above its shot noise gives no columns and a warning.")
     f.add_argument("image", type=Path)
-    f.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    f.add_argument("--out", type=Path, required=True, help="CSV file to write (never the input)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only once the columns were found)")
     f.add_argument("--sampling-A-per-px", type=float, default=None, dest="sampling",
                    help="pixel size [Å]; adds row_A, col_A to the CSV")
     f.add_argument("--contrast", choices=["haadf", "abf"], default="haadf",
                    help="haadf: cation-containing columns (bright); abf: every column incl. oxygen (dark)")
     f.add_argument("--models", type=Path, default=None, help="directory of model cards (default: the shipped models)")
     f.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
-    f.add_argument("--threshold", type=float, default=None, help="confidence a column needs (default: the card's)")
+    f.add_argument("--threshold", type=float, default=None,
+                   help="confidence a column needs, in (0, 1) (default: the card's)")
     f.set_defaults(func=run_find)
 
 
+def check_arguments(args) -> None:
+    """Numbers the finder cannot use are usage errors before anything is read or loaded."""
+    from .atom_analysis import check_sampling
+
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0 < args.threshold < 1):
+        raise ValueError(f"--threshold {args.threshold}: the network's confidence lies in (0, 1); "
+                         "give a number between them, e.g. 0.5")
+    if args.sampling is not None:
+        try:
+            check_sampling(args.sampling)
+        except ValueError as exc:
+            raise ValueError(f"--sampling-A-per-px: {exc}") from None
+
+
 def run_find(args) -> int:
+    """Find the columns and write the CSV.
+
+    With the sampling given, an image that is only noise gives an empty CSV and a warning: the
+    scale is known, so "no columns" is the true answer (vacuum, amorphous film, a blank frame), as
+    a microscopist reads such an image, and a script over many images should not stop there.
+    Without the sampling such an image is refused (exit 2): its scale cannot be told."""
+    from ..live.outputs import replacing
     from .atom_analysis import AtomFinder
     from .cards import SHIPPED_DIR
+    from .cli import prepare_output
     from .readers import read_patterns
 
+    check_arguments(args)
+    prepare_output(args.out, [args.image], args.overwrite)
     stack = read_patterns(args.image)
     if len(stack) != 1:
         raise ValueError(f"{args.image} holds {len(stack)} images; `stemlive atoms find` takes one")
     finder = AtomFinder.shipped(args.contrast, args.models or SHIPPED_DIR, backend=args.backend)
     if args.threshold is not None:
         finder.threshold = args.threshold
-    found = finder.find(stack[0], args.sampling)
-    write_csv(args.out, found, args.sampling)
+    found = finder.find(stack[0], args.sampling, require_structure=True)
+    with replacing(args.out) as tmp:
+        write_csv(tmp, found, args.sampling)
+    if found.note:
+        print(f"stemlive atoms find: warning: {args.image}: {found.note}", file=sys.stderr)
     how = (f"sampling {args.sampling:g} Å/px" if args.sampling else
            f"column spacing {found.spacing_px:.2f} px measured")
     zoom = f", resampled ×{found.zoom:.3g} for the network" if abs(found.zoom - 1) > 1e-6 else ""
@@ -51,12 +82,10 @@ def run_find(args) -> int:
 
 
 def write_csv(path: Path, found, sampling_A: float | None) -> None:
-    """The CSV contract: header, then row_px,col_px,confidence,intensity[,row_A,col_A]; atomic write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The CSV contract: header, then row_px,col_px,confidence,intensity[,row_A,col_A].
+    Written where it is told: callers replace files through ``live.outputs.replacing``."""
     header = ["row_px", "col_px", "confidence", "intensity"] + (["row_A", "col_A"] if sampling_A else [])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         for (r, c), conf, inten in zip(found.positions_px, found.confidence, found.intensity):
@@ -64,7 +93,6 @@ def write_csv(path: Path, found, sampling_A: float | None) -> None:
             if sampling_A:
                 row += [f"{r * sampling_A:.4f}", f"{c * sampling_A:.4f}"]
             w.writerow(row)
-    os.replace(tmp, path)
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 METHODS = ("network", "lsf", "hybrid")
 EXIT_ALL, EXIT_NONE, EXIT_USAGE, EXIT_SOME = 0, 1, 2, 3
@@ -18,7 +22,9 @@ def add_parsers(sub) -> None:
     a.add_argument("input", type=Path, metavar="INPUT")
     a.add_argument("--alpha-mrad", type=float, required=True, help="probe convergence semi-angle [mrad]")
     a.add_argument("--kv", type=float, required=True, help="acceleration voltage [kV]")
-    a.add_argument("--out", type=Path, required=True, help="result JSON")
+    a.add_argument("--out", type=Path, required=True, help="result JSON (never one of the inputs)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only once the analysis succeeded)")
     a.add_argument("--method", choices=METHODS, default="network",
                    help="network (default); lsf: least-squares library search; hybrid: network, then LSF "
                         "within ±3 nm and ±1 mrad (lsf and hybrid need --library)")
@@ -38,7 +44,49 @@ def add_parsers(sub) -> None:
     en.set_defaults(func=run_export_engines)
 
 
+def prepare_output(out: Path, inputs, overwrite: bool, what: str = "--out") -> Path:
+    """The project's output rule (live/outputs.py), then a probe that the file can be written, all
+    before any model is loaded or any data analysed: a refusal costs nothing and writes nothing."""
+    from ..live.outputs import check_output
+
+    out = check_output(out, inputs, overwrite=overwrite, what=what)
+    where = out.absolute().parent
+    while not where.exists():  # replacing() creates the missing folders below it
+        where = where.parent
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what} {out}: cannot write in {where} ({exc.strerror or exc})") from None
+    return out
+
+
+def strict_json(value):
+    """``value`` with every non-finite float as None and numpy scalars as Python numbers: OUT.json
+    must parse with any JSON reader (NaN and Infinity are not JSON)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_frames(patterns, path: Path) -> None:
+    """Frames too small for any zero disk are a property of the file: a usage error, not N failures."""
+    from .coarse_align import MIN_PATTERN_PX
+
+    h, w = patterns.shape[1:]
+    if min(h, w) < MIN_PATTERN_PX:
+        raise ValueError(f"{path}: patterns of {h}×{w} px are too small to hold a zero disk "
+                         f"(need ≥ {MIN_PATTERN_PX}×{MIN_PATTERN_PX})")
+
+
 def run_analyze(args) -> int:
+    from ..live.outputs import replacing
     from .cards import SHIPPED_DIR
     from .pacbed_analysis import PacbedAnalyzer
     from .readers import read_patterns
@@ -46,7 +94,9 @@ def run_analyze(args) -> int:
     if args.method in ("lsf", "hybrid") and args.library is None:
         print(f"stemlive pacbed analyze: error: --method {args.method} needs --library PATH", file=sys.stderr)
         return EXIT_USAGE
+    prepare_output(args.out, [args.input, args.library], args.overwrite)
     patterns = read_patterns(args.input)
+    check_frames(patterns, args.input)
     models_dir = args.models or SHIPPED_DIR
     models: list[dict] = []
     if args.method == "lsf":
@@ -65,9 +115,9 @@ def run_analyze(args) -> int:
            "patterns": [r.to_json() for r in results]}
     if args.method != "network":
         doc["library"] = str(args.library)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(args.out)
+    text = json.dumps(strict_json(doc), indent=1, allow_nan=False)
+    with replacing(args.out) as tmp:
+        tmp.write_text(text)
     failed = [i for i, r in enumerate(results) if r.error]
     for i in failed[:10]:
         print(f"pattern {i}: {results[i].error}", file=sys.stderr)

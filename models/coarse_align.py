@@ -90,19 +90,72 @@ def _edge_circle(arr: np.ndarray, center: tuple[float, float], radius: float, ra
     return cy, cx, cr
 
 
+MIN_PATTERN_PX = 16  # smaller frames cannot hold a zero disk the networks could measure
+
+
 def validate_pattern(pattern: np.ndarray) -> np.ndarray:
-    """A 2D float array or a clear error naming the problem."""
+    """A 2D float64 array or a clear error naming the problem."""
     arr = np.asarray(pattern)
     if arr.ndim != 2:
         raise ValueError(f"a pattern must be 2D (H×W), got shape {arr.shape}")
-    if arr.size == 0 or min(arr.shape) < 16:
-        raise ValueError(f"pattern of shape {arr.shape} is too small to contain a zero disk (need ≥ 16×16)")
+    if arr.size == 0 or min(arr.shape) < MIN_PATTERN_PX:
+        raise ValueError(f"pattern of shape {arr.shape} is too small to contain a zero disk "
+                         f"(need ≥ {MIN_PATTERN_PX}×{MIN_PATTERN_PX})")
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError("pattern contains NaN or infinite values")
-    if np.ptp(arr) <= 0:
-        raise ValueError("pattern is constant (empty frame?)")
+    intensity_scale(arr)
     return arr
+
+
+def intensity_scale(arr: np.ndarray) -> float:
+    """The pattern's largest |value|, by which it is divided before anything goes to float32 (so
+    neither 1e39 nor 1e-40 counts overflow or vanish), or a ValueError when the pattern holds no
+    usable intensity.  ``arr``: finite float64."""
+    peak = float(np.abs(arr).max())
+    if peak == 0 or arr.max() == arr.min():
+        raise ValueError(f"pattern is constant (every pixel {arr.flat[0]:g}: an empty frame?)")
+    total = float((arr / peak).sum())
+    if total <= 0:
+        raise ValueError(f"pattern's total intensity is ≤ 0 ({total * peak:.3g}): a diffraction pattern counts "
+                         "electrons, so this looks negated or over-subtracted; give the recorded intensities")
+    return peak
+
+
+def scaled_stack(stack: np.ndarray, chunk_px: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(N, H, W) patterns divided by their :func:`intensity_scale` in float64, then float32.
+
+    Returns (scaled float32 stack, the scales (N,), an error or None per pattern); a bad pattern
+    (non-finite, constant, total ≤ 0) is left as zeros and does not affect the others.  Works in
+    chunks of ``chunk_px`` pixels so a long stack needs no full float64 copy.
+    """
+    n = len(stack)
+    out = np.zeros(stack.shape, np.float32)
+    scales = np.ones(n)
+    errors: list[str | None] = [None] * n
+    step = max(1, chunk_px // max(1, stack[0].size))
+    for a in range(0, n, step):
+        c = np.array(stack[a:a + step], np.float64)
+        ok = np.isfinite(c).all(axis=(1, 2))
+        c[~ok] = 0.0
+        peak = np.abs(c).max(axis=(1, 2))
+        ok &= c.max(axis=(1, 2)) > c.min(axis=(1, 2))
+        c[ok] /= peak[ok][:, None, None]
+        ok &= c.sum(axis=(1, 2)) > 0
+        out[a:a + step][ok] = c[ok]
+        scales[a:a + step][ok] = peak[ok]
+        for k in np.flatnonzero(~ok):
+            errors[a + k] = _problem(stack[a + k])
+    return out, scales, errors
+
+
+def _problem(pattern: np.ndarray) -> str:
+    """Why :func:`validate_pattern` refuses ``pattern`` (called only for refused ones)."""
+    try:
+        validate_pattern(pattern)
+    except ValueError as exc:
+        return str(exc)
+    return "pattern holds no usable intensity"
 
 
 def coarse_disk(pattern: np.ndarray) -> CoarseDisk:

@@ -20,7 +20,8 @@ import numpy as np
 from . import canonical
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, find_cards, select, verify
-from .coarse_align import coarse_disk, coarse_disks_fast, validate_pattern
+from .coarse_align import (MIN_PATTERN_PX, coarse_disk, coarse_disks_fast, intensity_scale, scaled_stack,
+                           validate_pattern)
 from .pacbed_estimate import estimate, top_classes
 
 ALIGN_TASK, THICKNESS_TILT_TASK = "pacbed-align", "pacbed-thickness-tilt"
@@ -75,6 +76,14 @@ def crop_window(pattern: np.ndarray, center: tuple[float, float], radius: float)
         cen = ((cen[0] - off) / b, (cen[1] - off) / b)
         radius = radius / b
     return win, cen, radius
+
+
+def _checked_disk(arr: np.ndarray):
+    """:func:`coarse_disk`, refusing a disk too small for the networks."""
+    d = coarse_disk(arr)
+    if d.radius_px < 2:
+        raise ValueError(f"zero disk too small to analyse (radius {d.radius_px:.1f} px)")
+    return d
 
 
 def canonical_crop(pattern: np.ndarray, center, radius: float, rotation: float) -> np.ndarray:
@@ -173,43 +182,72 @@ class PacbedAnalyzer:
     def align_patterns(self, patterns) -> list[tuple[float, float, float, float] | str]:
         """(row, col, radius, rotation) per pattern, or the reason it cannot be aligned."""
         results: list = []
-        good, arrays, states = self._coarse(patterns, results)
+        good, arrays, states, _ = self._coarse(patterns, results)
         self._align(arrays, states)
         for i, s in zip(good, states):
             results[i] = tuple(s)
         return [r.error if isinstance(r, PacbedEstimate) else r for r in results]
 
     def _coarse(self, patterns, results: list):
-        """Validate and coarsely locate every pattern.  Returns (indices of the good ones, their
-        arrays (a stack when the input is one), their (row, col, radius, rotation) states)."""
-        if isinstance(patterns, np.ndarray) and patterns.ndim == 3 and len(patterns):
-            stack = patterns.astype(np.float32, copy=False)
-            finite = np.isfinite(stack).all(axis=(1, 2))
-            if finite.all() and min(stack.shape[1:]) >= 16:
-                centres, radii, ok = coarse_disks_fast(stack)
-                if ok.all():
-                    results.extend(PacbedEstimate() for _ in range(len(stack)))
-                    return list(range(len(stack))), stack, [[*c, r, 0.0] for c, r in zip(centres, radii)]
-        good, arrays, states = [], [], []
+        """Validate, scale and coarsely locate every pattern.
+
+        Each pattern is divided by its largest |value| in float64 before it becomes float32, so
+        the intensity scale of the input never matters (1e39 would overflow float32, 1e-40 would
+        vanish in the networks' normalisation).  Returns (indices of the good ones, their scaled
+        arrays (a stack when the input is one), their (row, col, radius, rotation) states, the
+        scales that undo the division)."""
+        if isinstance(patterns, np.ndarray) and patterns.ndim == 3 and len(patterns) \
+                and min(patterns.shape[1:]) >= MIN_PATTERN_PX:
+            return self._coarse_stack(patterns, results)
+        good, arrays, states, scales = [], [], [], []
         for p in patterns:
             try:
                 arr = validate_pattern(p)
-                d = coarse_disk(arr)
-                if d.radius_px < 2:
-                    raise ValueError(f"zero disk too small to analyse (radius {d.radius_px:.1f} px)")
-                good.append(len(results))
-                arrays.append(arr.astype(np.float32))
-                states.append([d.center_px[0], d.center_px[1], d.radius_px, 0.0])
-                results.append(PacbedEstimate())
+                scale = intensity_scale(arr)
+                arr = (arr / scale).astype(np.float32)
+                d = _checked_disk(arr)
             except ValueError as exc:
                 results.append(PacbedEstimate(error=str(exc)))
-        return good, arrays, states
+                continue
+            good.append(len(results))
+            arrays.append(arr)
+            states.append([d.center_px[0], d.center_px[1], d.radius_px, 0.0])
+            scales.append(scale)
+            results.append(PacbedEstimate())
+        return good, arrays, states, scales
+
+    def _coarse_stack(self, patterns: np.ndarray, results: list):
+        """:meth:`_coarse` for an (N, H, W) stack: vectorised scaling and disk finding; a frame the
+        fast finder finds implausible goes to :func:`coarse_disk`, a bad frame keeps its place
+        with its error and the others go on."""
+        stack, scales, errors = scaled_stack(patterns)
+        results.extend(PacbedEstimate(error=e) for e in errors)
+        good = [i for i, e in enumerate(errors) if e is None]
+        if not good:
+            return [], stack[:0], [], []
+        everything = len(good) == len(stack)
+        centres, radii, ok = coarse_disks_fast(stack if everything else stack[good])
+        keep, states = [], []
+        for k, i in enumerate(good):
+            if ok[k]:
+                keep.append(i)
+                states.append([*centres[k], radii[k], 0.0])
+                continue
+            try:
+                d = _checked_disk(stack[i])
+            except ValueError as exc:
+                results[i] = PacbedEstimate(error=str(exc))
+                continue
+            keep.append(i)
+            states.append([d.center_px[0], d.center_px[1], d.radius_px, 0.0])
+        arrays = stack if len(keep) == len(stack) else stack[keep]  # no copy of a clean stack
+        return keep, arrays, states, [float(scales[i]) for i in keep]
 
     # -- the whole analysis ------------------------------------------------------------------
     def analyze(self, patterns) -> list[PacbedEstimate]:
         """Analyse raw patterns (an (N, H, W) array or a list of 2D arrays of any size)."""
         results: list[PacbedEstimate] = []
-        good, arrays, states = self._coarse(patterns, results)
+        good, arrays, states, scales = self._coarse(patterns, results)
         if not good:
             return results
         coarse = [list(st) for st in states]  # a plain disk (vacuum) is better located by these
@@ -240,7 +278,7 @@ class PacbedAnalyzer:
                 tilt_mrad=(float(tilt_d[0]), float(tilt_d[1])),
                 tilt_sigma_mrad=(float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))),
                 tilt_crystal_mrad=(float(tilt_c[0]), float(tilt_c[1])),
-                background=float(out["background_units_of_mean"][k] * means[k] / scale),
+                background=float(out["background_units_of_mean"][k] * means[k] / scale * scales[k]),
                 in_range=bool(in_range), flags=flags, thickness_classes=classes[k])
         return results
 

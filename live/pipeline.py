@@ -19,6 +19,7 @@ import numpy as np
 from ..udf import BlockGrid, BlockPacbedUDF, VirtualDetectorUDF
 from ..udf.radial_bins import DEFAULT_RINGS
 from .engine import BlockEngine
+from .processes import signals_deferred
 from .publisher import Publisher
 from .state import LiveState
 from .store import ResultStore, StoreLayout
@@ -186,12 +187,13 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         if publisher is not None:
             publisher.close()
         raise
-    engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
-                         mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
-                         atoms=atoms)
     final, reason = "aborted", "not started"
     timing: dict = {}
-    try:
+    engine = None
+    try:  # from the store's creation on, every way out closes it honestly
+        engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
+                             mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
+                             atoms=atoms)
         _iterate(ctx, dataset, settings, engine, roi, grid, record, timing, received)
         final, reason = "complete", ""
     except BaseException as exc:
@@ -208,10 +210,14 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
             raise
         raise err from exc
     finally:
-        engine.close(final, reason)
-        if publisher is not None:
-            time.sleep(0.05)  # let the last status message leave
-            publisher.close()
+        with signals_deferred():  # a signal now must not leave the store "running"
+            if engine is not None:
+                engine.close(final, reason)
+            else:
+                store.finish(final, reason)
+            if publisher is not None:
+                time.sleep(0.05)  # let the last status message leave
+                publisher.close()
     st = state.status
     ing = np.asarray(engine.stats.ingest_s) * 1e3
     dly = np.asarray(engine.stats.block_delay_s) * 1e3

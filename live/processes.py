@@ -10,8 +10,10 @@ too); Dask's worker processes already watch their nanny the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import signal
 import threading
 
@@ -34,8 +36,28 @@ class Terminated(KeyboardInterrupt):
         return "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else f"terminated ({signal.Signals(self.signum).name})"
 
 
+_deferring = {"depth": 0, "pending": None}
+
+
 def _raise_terminated(signum, frame):
+    if _deferring["depth"]:
+        _deferring["pending"] = signum  # raised when the protected step is done
+        return
     raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Let a closing step (finishing the store) run to its end: a SIGINT/SIGTERM that lands
+    meanwhile is raised as :class:`Terminated` right after it."""
+    _deferring["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferring["depth"] -= 1
+        pending, _deferring["pending"] = _deferring["pending"], None
+        if pending is not None and not _deferring["depth"] and sys.exc_info()[0] is None:
+            raise Terminated(pending)
 
 
 def install_signal_handlers() -> None:

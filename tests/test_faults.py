@@ -68,12 +68,12 @@ def test_detector_that_stops_mid_scan(live_scan, tmp_path):
 
 
 
-def paced_run_to_first_block(d, tmp_path):
+def paced_run_to_first_block(d, tmp_path, *extra, executor="inline", dwell_us=5000):
     """`stemlive sim-detector` (paced, own process group) and `stemlive live` against it, returned
     once the first block row is in the store: (simulator, live process)."""
     api, data_port = free_port(), free_port()
     sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
-                            "--dwell-us", "5000", "--api-port", str(api), "--data-port", str(data_port),
+                            "--dwell-us", str(dwell_us), "--api-port", str(api), "--data-port", str(data_port),
                             "--cache", str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert "simulated DECTRIS detector" in sim.stdout.readline()
     proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
@@ -81,19 +81,21 @@ def paced_run_to_first_block(d, tmp_path):
                              "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
                              "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
                              "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
-                             "--executor", "inline"], stderr=subprocess.PIPE, text=True,
+                             "--executor", executor, *extra], stderr=subprocess.PIPE, text=True,
                             # a test run started in the background (`cmd &`) ignores SIGINT, and so
                             # would the child: give it the default, as an interactive shell would
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.monotonic()
-    while time.monotonic() - t < 60:
+    while time.monotonic() - t < 180 and proc.poll() is None:
         time.sleep(0.2)
         try:
             if read_store(tmp_path / "r.h5")["blocks"]["done"].any():
-                break
-        except (OSError, KeyError):
+                return sim, proc
+        except (OSError, KeyError, ValueError):
             pass
-    return sim, proc
+    kill_group(sim)
+    proc.kill()
+    raise AssertionError(f"no block stored within {time.monotonic() - t:.0f} s: {proc.communicate()[1][-2000:]}")
 
 
 def kill_group(proc) -> None:
@@ -147,3 +149,115 @@ def test_ctrl_c_leaves_an_honest_store(live_scan, tmp_path):
     r = read_store(tmp_path / "r.h5")
     assert r["attrs"]["state"] == "aborted" and "Ctrl-C" in r["attrs"]["reason"]
     assert 0 < r["blocks"]["done"].sum() < 24
+
+
+def assert_no_survivors(pids: list[int], within: float = 15.0) -> None:
+    """None of these processes (a run's workers, resource tracker, ...) is alive after ``within`` s."""
+    import psutil
+
+    t = time.monotonic()
+    alive = pids
+    while time.monotonic() - t < within:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.2)
+    cmds = []
+    for p in alive:
+        try:
+            cmds.append(" ".join(psutil.Process(p).cmdline())[:120])
+        except psutil.Error:
+            pass
+    raise AssertionError(f"{len(alive)} processes outlived stemlive: {cmds}")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL", "stall"])
+def test_every_abort_ends_the_whole_process_tree(live_scan, tmp_path, how):
+    """Pipelined executor: Ctrl-C, SIGTERM, SIGKILL of `stemlive live`, or the detector dying
+    mid-scan -- no worker or resource tracker outlives it; SIGINT/SIGTERM leave an honest store."""
+    import psutil
+
+    sim, proc = paced_run_to_first_block(live_scan[0], tmp_path, "--workers", "2", executor="pipelined",
+                                         dwell_us=20000)
+    try:
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(children) >= 2, "the pipelined workers should be running"
+        if how == "stall":
+            kill_group(sim)
+        else:
+            proc.send_signal(getattr(signal, how))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            kill_group(sim)
+    assert_no_survivors(children)
+    if how == "SIGKILL":
+        return
+    code = {"SIGINT": 130, "SIGTERM": 143, "stall": 1}[how]
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    r = read_store(tmp_path / "r.h5")
+    reason = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "stall": "no frames for 6 s"}[how]
+    assert r["attrs"]["state"] == "aborted" and reason in r["attrs"]["reason"], (r["attrs"]["state"], err[-3000:])
+    assert 0 < r["blocks"]["done"].sum() < 24
+
+
+def test_a_slow_healthy_stream_is_never_aborted(live_scan, tmp_path):
+    """One block spanning the whole scan: no UDF result until the end, while frames arrive at
+    200/s.  The watchdog counts frames received, so a 3 s stall timeout never fires."""
+    api, data_port = free_port(), free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector",
+                            str(live_scan[0] / "frames.npy"), "--dwell-us", "5000", "--api-port", str(api),
+                            "--data-port", str(data_port), "--cache", str(tmp_path / "new" / "cache")],
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "simulated DECTRIS detector" in sim.stdout.readline()  # and --cache NEWDIR was created
+        out = tmp_path / "slow.h5"
+        res = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
+                              "--api-port", str(api), "--data-port", str(data_port), "--scan-shape", "32", "48",
+                              "--block", "32", "48", "--alpha-mrad", "13.6", "--kv", "200", "--mrad-per-px", "3.06",
+                              "--out", str(out), "--stall-timeout", "3", "--no-publish", "--quiet",
+                              "--executor", "inline", "--atoms", "off"], capture_output=True, text=True, timeout=120)
+    finally:
+        kill_group(sim)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "complete: 1/1 blocks, 1536 frames" in res.stdout
+
+
+def test_a_detector_api_that_never_answers(tmp_path):
+    """A REST endpoint that accepts the connection and never answers: a clear error in bounded time."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        res, took, out = run_live(tmp_path, srv.getsockname()[1], free_port(), timeout=90)
+    finally:
+        srv.close()
+    assert res.returncode == 1 and "did not answer within" in res.stderr, res.stderr[-2000:]
+    assert took < 40 and not out.exists()
+
+
+def test_record_never_replaces_a_file(tmp_path):
+    rec = tmp_path / "p.npy"
+    rec.write_bytes(b"raw frames of an earlier acquisition")
+    res, _, out = run_live(tmp_path, free_port(), free_port(), "--record", str(rec))
+    assert res.returncode == 2 and "--record" in res.stderr and "exists" in res.stderr, res.stderr[-2000:]
+    assert rec.read_bytes() == b"raw frames of an earlier acquisition" and not out.exists()
+
+
+def test_an_aborted_overwrite_keeps_the_earlier_store(live_scan, tmp_path):
+    """--overwrite and the detector stops mid-scan: the earlier store is as it was; this run's
+    blocks are beside it (r.incomplete.h5, aborted); the dropped frames and blocks are counted."""
+    _, _, data, _ = live_scan
+    out = tmp_path / "r.h5"
+    out.write_bytes(b"an earlier result")
+    with FaultyDetector(data, "stops", at=AT) as det:
+        res, took, _ = run_live(tmp_path, det.api_port, det.data_port, "--overwrite")
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert out.read_bytes() == b"an earlier result"
+    assert "r.incomplete.h5" in res.stderr
+    assert_aborted_keeping_blocks(tmp_path / "r.incomplete.h5", 12, "left as it was")
+    r = read_store(tmp_path / "r.incomplete.h5")
+    assert r["attrs"]["frames_dropped"] == 32 * 48 - int(r["progress"][0]) > 0
+    assert r["attrs"]["blocks_dropped"] == 24 - r["blocks"]["done"].sum()

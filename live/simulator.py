@@ -117,11 +117,21 @@ def _port_safe_sim(path: Path, port: int, zmqport: int, dwelltime: int | None):
             headers = self.zmq_replay.read_headers()
             self.zmq_replay.daemon = True
             self.api_server = multiprocessing.Process(
-                target=lsim.run_api, daemon=True,
+                target=_run_api_with_parent, daemon=True,
                 kwargs={"port": port, "headers": headers, "arm_event": arm_event, "trigger_event": trigger_event,
                         "listen_event": self.api_listen_event, "port_value": self.api_port})
 
     return PortSafeDectrisSim()
+
+
+def _run_api_with_parent(**kwargs) -> None:
+    """LiberTEM-live's REST API process, gone with the simulator even if that is SIGKILLed."""
+    from libertem_live.detectors.dectris import sim as lsim
+
+    from .processes import exit_with_parent
+
+    exit_with_parent()
+    lsim.run_api(**kwargs)
 
 
 def _check_free(port: int) -> None:

@@ -261,3 +261,20 @@ def test_an_aborted_overwrite_keeps_the_earlier_store(live_scan, tmp_path):
     r = read_store(tmp_path / "r.incomplete.h5")
     assert r["attrs"]["frames_dropped"] == 32 * 48 - int(r["progress"][0]) > 0
     assert r["attrs"]["blocks_dropped"] == 24 - r["blocks"]["done"].sum()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_the_simulator_leaves_no_process_behind(live_scan, tmp_path, sig):
+    import psutil
+
+    sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(live_scan[0] / "frames.npy"),
+                            "--api-port", "0", "--data-port", "0", "--cache", str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "simulated DECTRIS detector" in sim.stdout.readline()
+    children = [c.pid for c in psutil.Process(sim.pid).children(recursive=True)]
+    assert children, "the REST API runs in a child process"
+    sim.send_signal(getattr(signal, sig))
+    sim.communicate(timeout=30)
+    assert_no_survivors(children)
+    if sig == "SIGTERM":
+        assert sim.returncode == 0

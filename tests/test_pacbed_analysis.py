@@ -26,7 +26,7 @@ def analyze_cli(tmp_path, arr, *extra, models=None):
     src = tmp_path / "in.npy"
     np.save(src, arr)
     out = tmp_path / "out.json"
-    args = ["pacbed", "analyze", str(src), "--alpha-mrad", "13.6", "--kv", "200", "--out", str(out), *extra]
+    args = ["pacbed", "analyze", str(src), "--alpha-mrad", "13.6", "--kv", "200", "--out", str(out), "--overwrite", *extra]
     if models is not None:
         args += ["--models", str(models)]
     rc = main(args)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import canonical
-from .coarse_align import coarse_disk, validate_pattern
+from .coarse_align import coarse_disk, intensity_scale, validate_pattern
 from .pacbed_analysis import PacbedEstimate, canonical_crop, wrap45
 
 ROTATIONS = np.arange(-45.0, 45.0, 3.0)
@@ -195,7 +195,10 @@ class LsfAnalyzer:
 
     # -- public ------------------------------------------------------------------------------
     def analyze_one(self, pattern: np.ndarray) -> PacbedEstimate:
-        arr = validate_pattern(pattern).astype(np.float32)
+        arr, scale = _scaled(pattern)
+        return _unscaled(self._analyze_scaled(arr), scale)
+
+    def _analyze_scaled(self, arr: np.ndarray) -> PacbedEstimate:
         d = coarse_disk(arr)
         geoms = [(d.center_px[0], d.center_px[1], d.radius_px * s, float(rot)) for rot in ROTATIONS for s in SCALES]
         crops = _bin2(self._crops(arr, geoms, [(1, 1)]))
@@ -227,7 +230,11 @@ class LsfAnalyzer:
             if e.error:
                 out.append(e)
                 continue
-            arr = validate_pattern(p).astype(np.float32)
+            try:
+                arr, scale = _scaled(p)
+            except ValueError as exc:
+                out.append(replace(e, error=str(exc)))
+                continue
             tilt_c = np.asarray(e.tilt_crystal_mrad)
             flip = (1 if tilt_c[0] >= 0 else -1, 1 if tilt_c[1] >= 0 else -1)
             mask = self._near_mask(tilt_c, e.thickness_nm, dt_nm, dtilt_mrad)
@@ -235,7 +242,20 @@ class LsfAnalyzer:
                 out.append(replace(e, flags=e.flags + ["hybrid-outside-library"]))
                 continue
             geom = self._refine_geometry(arr, (*e.center_px, e.radius_px, e.rotation_deg), flip, mask)
-            r = self._finish(arr, geom, flip, mask)
+            r = _unscaled(self._finish(arr, geom, flip, mask), scale)
             out.append(replace(r, flags=sorted(set(e.flags) | set(r.flags)), in_range=e.in_range and r.in_range,
                                thickness_classes=e.thickness_classes))
         return out
+
+
+def _scaled(pattern: np.ndarray) -> tuple[np.ndarray, float]:
+    """The pattern divided by its intensity scale in float64, as float32 (no overflow, no
+    underflow whatever the export's units), and that scale."""
+    arr = validate_pattern(pattern)
+    scale = intensity_scale(arr)
+    return (arr / scale).astype(np.float32), scale
+
+
+def _unscaled(est: PacbedEstimate, scale: float) -> PacbedEstimate:
+    """Back to the input's units (only the background carries them)."""
+    return est if est.background is None else replace(est, background=float(est.background) * scale)

@@ -48,3 +48,23 @@ def test_hybrid_stays_within_the_window(lsf, lib):
 def test_refuses_a_library_for_another_setting(quadrant_library):
     with pytest.raises(ValueError, match="library is for 200 kV, 13.6 mrad"):
         LsfAnalyzer(quadrant_library, 300, 13.6)
+
+
+def test_intensity_scale_does_not_matter_and_degenerate_patterns_fail(lsf, lib):
+    """The LSF and the hybrid read patterns in float64 units of their peak: ×1e39 (past float32)
+    and ×1e-40 (below it) give the same answer, the background in the input's units."""
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(3.0, (1.0, 0.0)), a, (100, 120), 15.0, (48.3, 61.7), 12.0).astype(np.float64)
+    raw = raw + 0.05 * raw.mean()
+    ref = lsf.analyze_one(raw)
+    for k in (1e39, 1e-40):
+        r = lsf.analyze_one(raw * k)
+        assert r.thickness_nm == pytest.approx(ref.thickness_nm, abs=1e-3)
+        assert np.allclose(r.tilt_crystal_mrad, ref.tilt_crystal_mrad, atol=1e-3)
+        assert r.background == pytest.approx(ref.background * k, rel=1e-3)
+    (bad,) = lsf.analyze([-raw])
+    assert bad.error and "≤ 0" in bad.error
+    start = PacbedEstimate(center_px=(48.3, 61.7), radius_px=15.0, rotation_deg=12.0, thickness_nm=3.0,
+                           tilt_crystal_mrad=(1.0, 0.0), flags=[], in_range=True)
+    (r,) = lsf.refine([raw * 1e39], [start])
+    assert r.error is None and r.thickness_nm == pytest.approx(3.0, abs=0.5)

@@ -19,7 +19,9 @@ def probe_intensity(kv: float, alpha_mrad: float, sampling_A: float, extent_A: f
     """Probe intensity on a periodic grid with the probe at pixel (0, 0), normalised to sum 1."""
     import abtem
 
-    probe = abtem.Probe(energy=kv * 1e3, semiangle_cutoff=alpha_mrad, sampling=sampling_A, extent=extent_A,
+    # the grid by its pixel count: abTEM rounds extent / sampling up, and 96 · s / s can be 96.0000001
+    gpts = int(round(extent_A / sampling_A))
+    probe = abtem.Probe(energy=kv * 1e3, semiangle_cutoff=alpha_mrad, gpts=gpts, extent=extent_A,
                         defocus=defocus_A, Cs=cs_A)
     waves = probe.build(scan=[[0.0, 0.0]]).compute()
     intensity = np.abs(np.asarray(waves.array)) ** 2

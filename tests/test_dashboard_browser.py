@@ -49,7 +49,7 @@ def test_dashboard_live(live_scan, tmp_path):
     procs = []
     drivers = []
     try:
-        sim = stemlive("sim-detector", str(d / "frames.npy"), "--dwell-us", "6000", "--api-port", str(api),
+        sim = stemlive("sim-detector", str(d / "frames.npy"), "--dwell-us", "10000", "--api-port", str(api),
                        "--data-port", str(data), "--cache", str(tmp_path), stdout=subprocess.PIPE, text=True)
         procs.append(sim)
         assert "simulated DECTRIS detector" in sim.stdout.readline()

@@ -1,0 +1,72 @@
+"""The library check: a compact (principal-component) library and the re-fit of a pattern against it."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from stemlive.models.compact_library import CompactLibrary, build_compact
+from stemlive.models.pacbed_analysis import PacbedEstimate
+from stemlive.models.pacbed_check import LibraryCheck
+from stemlive.simulate.library import PacbedLibrary
+
+from .helpers import place
+
+
+@pytest.fixture(scope="module")
+def lib(quadrant_library):
+    return PacbedLibrary.load(quadrant_library)
+
+
+@pytest.fixture(scope="module")
+def compact(quadrant_library, tmp_path_factory):
+    c = build_compact(quadrant_library)
+    path = tmp_path_factory.mktemp("compact") / "c.h5"
+    c.save(path)
+    return CompactLibrary.load(path)
+
+
+def test_compact_library_reconstructs_every_entry(compact, quadrant_library):
+    from stemlive.models.compact_library import canonical_library
+
+    full, tilts, thick = canonical_library(PacbedLibrary.load(quadrant_library))
+    win = compact.window
+    t, k = np.indices(compact.coef.shape[:2]).reshape(2, -1)
+    rec = compact.patterns(t, k)[:, win] * compact.entry_norm[t, k, None] + compact.entry_mean[t, k, None]
+    orig = full.reshape(-1, full.shape[-1])[:, win]
+    err = np.linalg.norm(rec - orig, axis=1) / np.linalg.norm(orig - orig.mean(axis=1, keepdims=True), axis=1)
+    assert err.max() < 5e-3 and compact.attrs["max_relative_error"] < 5e-3
+    assert np.allclose(compact.tilt_mrad, tilts) and np.allclose(compact.thickness_nm, thick)
+
+
+# the tiny test library (2×2 cells, 1-4 nm) barely changes with tilt at 2 nm: blur only where it does
+@pytest.mark.parametrize("thickness,tilt,rotation,blur", [(3.0, (1.0, 0.0), 12.0, 0.0), (2.0, (-1.0, 2.0), -30.0, 0.0),
+                                                          (4.0, (0.0, -1.0), 0.0, 2.0), (3.0, (1.0, 1.0), 20.0, 1.0)])
+def test_check_recovers_thickness_tilt_geometry_and_background(compact, lib, thickness, tilt, rotation, blur):
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(thickness, tilt), a, (100, 120), 15.0, (48.3, 61.7), rotation)
+    if blur:
+        raw = ndimage.gaussian_filter(raw, blur * 15.0 / 12.1)
+    bg = 0.05 * raw.mean()
+    raw = raw + bg
+    start = PacbedEstimate(center_px=(48.9, 61.2), radius_px=15.4, rotation_deg=rotation + 1.0, thickness_nm=1.0,
+                           tilt_crystal_mrad=(0.0, 0.0), flags=[], in_range=True)
+    out = LibraryCheck(compact).check(raw, start)
+    e = out.estimate
+    assert e.thickness_nm == pytest.approx(thickness, abs=0.5)  # a parabola through a 1 nm grid
+    assert np.allclose(e.tilt_crystal_mrad, tilt, atol=0.3), e
+    assert abs(((e.rotation_deg - rotation) + 45) % 90 - 45) < (0.5 if blur < 2 else 1.0)
+    assert np.hypot(e.center_px[0] - 48.3, e.center_px[1] - 61.7) < 0.3 and e.radius_px == pytest.approx(15, rel=0.01)
+    assert e.background == pytest.approx(bg, rel=0.3)  # blur near the window's edge: approximate
+    assert out.fit_quality < 0.02 and "model-mismatch" not in e.flags
+    assert abs(out.blur_px - blur) <= 0.8
+
+
+def test_a_pattern_the_library_does_not_hold_is_flagged(compact, lib):
+    rng = np.random.default_rng(0)
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(3.0, (1.0, 0.0)), a, (100, 120), 15.0, (48.3, 61.7), 0.0)
+    yy, xx = np.indices(raw.shape)
+    rings = raw.mean() * (1 + np.cos(np.hypot(yy - 48.3, xx - 61.7) / 2.0))  # no crystal gives this
+    raw = np.where(np.hypot(yy - 48.3, xx - 61.7) < 15, raw, rings) + rng.random(raw.shape) * raw.mean()
+    start = PacbedEstimate(center_px=(48.3, 61.7), radius_px=15.0, rotation_deg=0.0, flags=[], in_range=True)
+    out = LibraryCheck(compact).check(raw, start)
+    assert "model-mismatch" in out.estimate.flags and out.fit_quality > 0.08 and not out.estimate.in_range

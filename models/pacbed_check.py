@@ -63,9 +63,10 @@ def _flip(x: np.ndarray, s0: int, s1: int) -> np.ndarray:
 class LibraryCheck:
     """Fits patterns against a `CompactLibrary` (one kV and α)."""
 
-    def __init__(self, library: CompactLibrary, blurs_px=BLURS_PX, rounds: int = 3, gauss_newton_steps: int = 3):
+    def __init__(self, library: CompactLibrary, blurs_px=BLURS_PX, rounds: int = 3, gauss_newton_steps: int = 3,
+                 analytic: bool = False):
         self.lib = library
-        self.rounds, self.steps = rounds, gauss_newton_steps
+        self.rounds, self.steps, self.analytic = rounds, gauss_newton_steps, analytic
         self.win = canonical.window_mask(WINDOW_ALPHA)
         self.blurs = tuple(float(b) for b in blurs_px)
         P = canonical.PIXELS
@@ -83,10 +84,12 @@ class LibraryCheck:
             sq = np.einsum("er,rs,es->e", coef, gram.astype(np.float32), coef)
             self.ub.append(ub)
             self.norm2.append(np.maximum(sq - n_win * mean**2, 1e-12))  # |BŜ − mean|²
+        self.norm2 = np.stack(self.norm2)  # (B, E)
         self.shape = library.coef.shape[:2]
         c = (P - 1) / 2
         rr = np.hypot(*np.indices((P, P)) - c)[self.win] / canonical.ALPHA_PX
         self.outside = rr > 1.1  # window pixels beyond the zero disk (units of α)
+        self.u0, self.u1 = np.indices((P, P)) - c  # canonical coordinates of each pixel
 
     # -- scoring -----------------------------------------------------------------------------
     def _vector(self, crop: np.ndarray) -> tuple[np.ndarray, float]:
@@ -95,14 +98,23 @@ class LibraryCheck:
         return vt.astype(np.float32), float(vt @ vt)
 
     def chi2_all(self, crop: np.ndarray) -> np.ndarray:
-        """χ² of the best a, b for every (flip, blur, tilt, thickness): (F, B, T, K)."""
-        out = np.empty((len(FLIPS), len(self.blurs), *self.shape), np.float64)
-        for f, flip in enumerate(FLIPS):
-            vt, n2 = self._vector(_flip(crop, *flip))
-            for b, (ub, norm2) in enumerate(zip(self.ub, self.norm2)):
-                dots = self.coef @ (ub @ vt)
-                out[f, b] = (n2 - dots.astype(np.float64) ** 2 / norm2).reshape(self.shape)
-        return out
+        """χ² of the best a, b for every (flip, blur, tilt, thickness): (F, B, T, K).
+
+        One matrix product for everything: the crop's mirror images projected on each blurred
+        basis, (R, B·F), then the library's coefficients times that."""
+        vs = [self._vector(_flip(crop, *flip)) for flip in FLIPS]
+        V = np.stack([v for v, _ in vs], axis=1)  # (M, F)
+        n2 = np.array([n for _, n in vs])
+        proj = np.concatenate([ub @ V for ub in self.ub], axis=1)  # (R, B·F), blur-major
+        dots = (self.coef @ proj).astype(np.float64).reshape(-1, len(self.blurs), len(FLIPS))  # (E, B, F)
+        chi = n2[None, None, :] - dots**2 / self.norm2.T[:, :, None]
+        return chi.transpose(2, 1, 0).reshape(len(FLIPS), len(self.blurs), *self.shape)
+
+    def chi2_one(self, crop: np.ndarray, f: int, b: int) -> np.ndarray:
+        """χ² of every (tilt, thickness) for one mirror and one blur: (T, K)."""
+        vt, n2 = self._vector(_flip(crop, *FLIPS[f]))
+        dots = (self.coef @ (self.ub[b] @ vt)).astype(np.float64)
+        return (n2 - dots**2 / self.norm2[b]).reshape(self.shape)
 
     def model(self, flip_i: int, blur_i: int, ti: int, ki: int) -> np.ndarray:
         """The blurred library pattern (unit scale, window pixels) of one entry."""
@@ -111,23 +123,43 @@ class LibraryCheck:
     # -- geometry ----------------------------------------------------------------------------
     def refine_geometry(self, pattern: np.ndarray, geom, flip, m: np.ndarray, steps: int | None = None):
         """Gauss-Newton on (row, col, ln radius, rotation) with scale and background, the model
-        ``m`` fixed: each step linearises the crop by finite differences (4 extra crops)."""
+        ``m`` fixed.  The first steps take the crop's derivatives from its own gradient in the
+        canonical frame (chain rule through the sampling grid x = c + s·R(−θ)·u and the s²
+        intensity factor: one crop a step); the last takes them by finite differences, which
+        the interpolation does not bias (it converges to the χ² minimum, not near it)."""
         r, c, rad, rot = geom
         ones = np.ones_like(m)
-        for _ in range(steps or self.steps):
-            px = rad / canonical.ALPHA_PX  # raw px per canonical px
-            h = (0.25 * px, 0.25 * px, 0.005, 0.25)
-            base = self._crop(pattern, (r, c, rad, rot), flip)
-            cols = []
-            for k, dk in enumerate(h):
-                g = [r, c, math.log(rad), rot]
-                g[k] += dk
-                cols.append((self._crop(pattern, (g[0], g[1], math.exp(g[2]), g[3]), flip) - base) / dk)
+        n = steps or self.steps
+        for step in range(n):
+            s = rad / canonical.ALPHA_PX  # raw px per canonical px
+            v = canonical_crop(pattern, (r, c), rad, rot).astype(np.float64)
+            base = _flip(v, *flip)[self.win]
+            if step < n - 1 and self.analytic:
+                cols = [_flip(d, *flip)[self.win] for d in self._analytic_derivatives(v, s, rot)]
+            else:
+                cols = self._finite_derivatives(pattern, (r, c, rad, rot), flip, base)
             A = np.column_stack(cols + [-m, -ones])
             x, *_ = np.linalg.lstsq(A, -base, rcond=None)
-            d = np.clip(x[:4], [-2 * px, -2 * px, -0.05, -2.0], [2 * px, 2 * px, 0.05, 2.0])
+            d = np.clip(x[:4], [-2 * s, -2 * s, -0.05, -2.0], [2 * s, 2 * s, 0.05, 2.0])
             r, c, rad, rot = r + d[0], c + d[1], rad * math.exp(d[2]), wrap45(rot + d[3])
         return (r, c, rad, rot)
+
+    def _analytic_derivatives(self, v: np.ndarray, s: float, rot: float) -> list[np.ndarray]:
+        """∂v/∂(row, col, ln s, θ [deg]) of a canonical crop ``v`` from its gradient."""
+        g0, g1 = np.gradient(v)
+        rm = canonical.rotation_matrix(-rot)
+        return [(rm[0, 0] * g0 + rm[0, 1] * g1) / s, (rm[1, 0] * g0 + rm[1, 1] * g1) / s,
+                2 * v + g0 * self.u0 + g1 * self.u1, -(g0 * -self.u1 + g1 * self.u0) * (math.pi / 180)]
+
+    def _finite_derivatives(self, pattern, geom, flip, base) -> list[np.ndarray]:
+        r, c, rad, rot = geom
+        px = rad / canonical.ALPHA_PX
+        cols = []
+        for k, dk in enumerate((0.25 * px, 0.25 * px, 0.005, 0.25)):
+            g = [r, c, math.log(rad), rot]
+            g[k] += dk
+            cols.append((self._crop(pattern, (g[0], g[1], math.exp(g[2]), g[3]), flip) - base) / dk)
+        return cols
 
     def _crop(self, pattern, geom, flip) -> np.ndarray:
         r, c, rad, rot = geom
@@ -137,13 +169,14 @@ class LibraryCheck:
     def check(self, pattern: np.ndarray, estimate: PacbedEstimate) -> CheckOutcome:
         """Re-fit one raw pattern (same units as given to the networks) from the networks' estimate."""
         geom = (*estimate.center_px, estimate.radius_px, estimate.rotation_deg)
-        for _ in range(self.rounds):  # best entry at this geometry, then the geometry for that entry
-            crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
-            chi = self.chi2_all(crop)
-            f, b, ti, ki = np.unravel_index(int(np.argmin(chi)), chi.shape)
-            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.model(f, b, ti, ki))
         crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
-        chi = self.chi2_all(crop)
+        f, b, ti, ki = np.unravel_index(int(np.argmin(self.chi2_all(crop))), (len(FLIPS), len(self.blurs), *self.shape))
+        for _ in range(self.rounds):  # the geometry for the best entry, then the best entry there
+            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.model(f, b, ti, ki))
+            crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
+            f, b, ti, ki = np.unravel_index(int(np.argmin(self.chi2_all(crop))),
+                                            (len(FLIPS), len(self.blurs), *self.shape))
+        chi = self.chi2_all(crop)  # everything again at the final geometry: best, runner-up, σ
         f, b, ti, ki = np.unravel_index(int(np.argmin(chi)), chi.shape)
         return self._outcome(crop, chi, (f, b, ti, ki), geom, estimate)
 
@@ -154,10 +187,16 @@ class LibraryCheck:
         best_chi = float(chi[best])
         noise = max(best_chi / dof, 1e-30)
         thick = self.lib.thickness_nm
-        t, t_sig = _parabola_axis(chi[f, b, ti, :] / noise, thick, ki)
+        v = _flip(crop, *FLIPS[f])[self.win].astype(np.float64)
+        here = self.model(f, b, ti, ki).astype(np.float64)
+        t, t_sig = self._between(v, here, noise, [(ti, k) for k in (ki - 1, ki + 1)], thick[ki],
+                                 [thick[k] if 0 <= k < len(thick) else None for k in (ki - 1, ki + 1)], f, b)
         tilt, tilt_sig = np.empty(2), np.empty(2)
         for ax in (0, 1):
-            tilt[ax], tilt_sig[ax] = self._tilt_axis(chi[f, b, :, ki] / noise, ti, ax)
+            nbrs = self._tilt_neighbours(ti, ax)
+            tilt[ax], tilt_sig[ax] = self._between(
+                v, here, noise, [(j, ki) for j in nbrs], self.lib.tilt_mrad[ti, ax],
+                [self.lib.tilt_mrad[j, ax] if j is not None else None for j in nbrs], f, b)
         tilt_c = tilt * np.array(FLIPS[f], float)
         tilt_d = canonical.rotation_matrix(-geom[3]) @ tilt_c
         far = np.abs(thick - thick[ki]) >= ALT_MIN_NM
@@ -200,12 +239,41 @@ class LibraryCheck:
         vo = v[out] - v[out].mean()
         return float(resid[out] @ resid[out]) / max(float(vo @ vo), 1e-30)
 
-    def _tilt_axis(self, chi_t: np.ndarray, ti: int, ax: int) -> tuple[float, float]:
+    def _tilt_neighbours(self, ti: int, ax: int) -> list:
+        """The library tilts just below and above ``ti`` along axis ``ax`` (None at the edge)."""
         tilts = self.lib.tilt_mrad
         line = np.flatnonzero(np.isclose(tilts[:, 1 - ax], tilts[ti, 1 - ax]))
         line = line[np.argsort(tilts[line, ax])]
         pos = int(np.flatnonzero(line == ti)[0])
-        return _parabola_axis(chi_t[line], tilts[line, ax], pos)
+        return [int(line[pos - 1]) if pos > 0 else None, int(line[pos + 1]) if pos < len(line) - 1 else None]
+
+    def _between(self, v, here, noise, entries, x0, xs, f, b) -> tuple[float, float]:
+        """Sub-grid value along one library axis: the pattern is taken as the linear interpolation
+        between the best entry and a neighbour, v ≈ a·(m₀ + w·(m₁ − m₀)) + c, solved exactly (the
+        fit is linear in a, a·w and c) on each side; σ where χ² rises by the noise (Δχ² = 1)."""
+        best = (float(x0), float(np.median(np.abs(np.diff([x for x in xs if x is not None] + [x0])))) or 1.0)
+        best_res = np.inf
+        for (j, k), x1 in zip(entries, xs):
+            if x1 is None or not (0 <= j < self.shape[0] and 0 <= k < self.shape[1]):
+                continue
+            d = self.model(f, b, j, k).astype(np.float64) - here
+            A = np.column_stack([here, d, np.ones_like(here)])
+            sol, *_ = np.linalg.lstsq(A, v, rcond=None)
+            a, aw = sol[0], sol[1]
+            if abs(a) < 1e-30:
+                continue
+            w = aw / a
+            if not 0 <= w <= 1:
+                continue
+            res = float(np.sum((v - A @ sol) ** 2))
+            if res < best_res:
+                # σ of w: the noise over the part of d the other unknowns cannot absorb, scaled by a
+                q, _ = np.linalg.qr(np.column_stack([here, np.ones_like(here)]))
+                d_perp = d - q @ (q.T @ d)
+                sig_w = math.sqrt(noise) / max(abs(a) * float(np.linalg.norm(d_perp)), 1e-30)
+                best_res = res
+                best = (float(x0 + w * (x1 - x0)), float(abs(x1 - x0) * sig_w))
+        return best
 
 
 def _parabola_axis(chi: np.ndarray, grid: np.ndarray, i: int) -> tuple[float, float]:

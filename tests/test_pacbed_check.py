@@ -52,7 +52,8 @@ def test_check_recovers_thickness_tilt_geometry_and_background(compact, lib, thi
     out = LibraryCheck(compact).check(raw, start)
     e = out.estimate
     assert e.thickness_nm == pytest.approx(thickness, abs=0.5)  # a parabola through a 1 nm grid
-    assert np.allclose(e.tilt_crystal_mrad, tilt, atol=0.3), e
+    # a 1 mrad grid that at ≤ 4 nm barely changes the pattern: sub-grid values within a third of a step
+    assert np.allclose(e.tilt_crystal_mrad, tilt, atol=0.35), e
     assert abs(((e.rotation_deg - rotation) + 45) % 90 - 45) < (0.5 if blur < 2 else 1.0)
     assert np.hypot(e.center_px[0] - 48.3, e.center_px[1] - 61.7) < 0.3 and e.radius_px == pytest.approx(15, rel=0.01)
     assert e.background == pytest.approx(bg, rel=0.3)  # blur near the window's edge: approximate

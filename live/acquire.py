@@ -82,6 +82,7 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
         check_output(record, [settings.out], what="--record")
     if detector == "dectris":
         probe_rest_api(api_host, api_port)
+    analyzer = load_models(settings, scan_shape, analyzer)  # before connecting: see load_models
     own = ctx is None
     if own:
         from .executors import make_executor
@@ -110,6 +111,30 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
                 conn.close()
             if own:
                 ctx.close()
+
+
+def load_models(settings: Settings, scan_shape: tuple[int, int], analyzer=None):
+    """Load the networks before the detector is connected or armed.
+
+    A model's first load on a GPU builds its TensorRT engine, which takes minutes; in passive
+    mode someone else arms the detector, so a build after connecting loses the start of the
+    scan.  The PACBED analyser loaded here goes to the pipeline; the atom network is loaded here
+    only where an engine may need building (a CUDA device, a backend other than onnxruntime) and
+    released at once -- the pipeline then loads it from the engine cache in milliseconds."""
+    import warnings
+
+    from ..models.backends.tensorrt import cuda_device
+    from ..udf import BlockGrid
+    from .pipeline import load_analyzer, load_atom_stitcher
+
+    analyzer = analyzer if analyzer is not None else load_analyzer(settings)
+    if settings.atoms and settings.backend != "onnxruntime" and cuda_device() is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pipeline's own load says "atom finding off" once
+            stitcher = load_atom_stitcher(settings, BlockGrid(tuple(scan_shape), settings.block))
+        if stitcher is not None:
+            stitcher.finder.backend.close()
+    return analyzer
 
 
 def probe_rest_api(host: str, port: int, timeout: float = API_TIMEOUT_S) -> None:

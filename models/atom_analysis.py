@@ -68,10 +68,14 @@ def atom_task(contrast: str) -> str:
 
 
 def atom_engine_settings(base=None):
-    """TensorRT settings for the atom networks: free image size, small batches (whole images)."""
+    """TensorRT settings for the atom networks (``base``'s precision and workspace kept): whole
+    images one at a time (up to 4 in a batch); any edge from :data:`MIN_WORK_SIDE` (the smallest
+    image the finder runs) to 2·:data:`TILE`, tuned for :data:`TILE`, the edge large images are
+    tiled at -- every input :meth:`AtomFinder.heatmap` makes lies inside this profile."""
     from .backends.tensorrt import EngineSettings
 
-    return replace(base or EngineSettings(), min_batch=1, opt_batch=1, max_batch=4)
+    return replace(base or EngineSettings(), min_batch=1, opt_batch=1, max_batch=4,
+                   min_edge=MIN_WORK_SIDE, opt_edge=TILE, max_edge=2 * TILE)
 
 
 def column_spacing_px(image: np.ndarray, smooth_px: float = 1.0, min_height: float = 0.2) -> float | None:
@@ -146,8 +150,7 @@ class AtomFinder:
         if backend in ("auto", "tensorrt"):
             options["settings"] = atom_engine_settings()
         self.backend = load_backend(card.onnx_path, backend, **options)
-        if hasattr(self.backend, "metadata"):
-            verify(card, self.backend.metadata())
+        verify(card, self.backend.metadata())  # every backend: the card id and contract in the file
 
     @classmethod
     def shipped(cls, contrast: str = "haadf", models_dir: str | Path = SHIPPED_DIR, **kw) -> "AtomFinder":

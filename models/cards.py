@@ -2,8 +2,10 @@
 
 The card is authoritative.  The ONNX file carries the card's id and input contract in its
 ``metadata_props`` so a stray file identifies itself; loading refuses a card whose sha256 or
-contract disagrees with its ONNX file, naming the file.  Models for an acquisition are chosen by
-task, kV and convergence angle within stated tolerances, or refused with the list available.
+contract disagrees with its ONNX file, naming the file; the metadata is read from the file's
+protobuf directly (:func:`onnx_metadata`), so the check runs on every backend.  Models for an
+acquisition are chosen by task, kV and convergence angle within stated tolerances, or refused
+with the list available.
 """
 from __future__ import annotations
 
@@ -96,6 +98,65 @@ def verify(card: ModelCard, metadata: dict[str, str] | None = None) -> Path:
         if metadata.get(META_INPUT) != card.input_contract():
             raise ModelMismatch(f"{onnx_path}: input contract in the file differs from {card.path.name}")
     return onnx_path
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A protobuf varint at ``pos``: (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ModelMismatch("truncated or malformed protobuf varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, value) of one protobuf message's top-level fields; nested
+    messages come back as bytes, unparsed (a 2 MB model's graph is skipped, not decoded)."""
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:  # 3/4: proto2 groups, which ONNX never uses
+            raise ModelMismatch(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ModelMismatch("truncated protobuf message")
+        yield number, wire, value
+
+
+_MODEL_METADATA_PROPS, _ENTRY_KEY, _ENTRY_VALUE = 14, 1, 2  # onnx.proto: ModelProto, StringStringEntryProto
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read from its protobuf wire format directly.
+
+    Every backend can then check a model against its card (TensorRT has no way to report them,
+    and the onnx package is a development dependency only).  Only the top level of the ModelProto
+    is walked; the graph is skipped by its length prefix."""
+    path = Path(path)
+    props: dict[str, str] = {}
+    try:
+        for number, wire, value in _fields(path.read_bytes()):
+            if number != _MODEL_METADATA_PROPS or wire != 2:
+                continue
+            entry = {n: v for n, w, v in _fields(value) if w == 2 and n in (_ENTRY_KEY, _ENTRY_VALUE)}
+            props[bytes(entry.get(_ENTRY_KEY, b"")).decode()] = bytes(entry.get(_ENTRY_VALUE, b"")).decode()
+    except (ModelMismatch, UnicodeDecodeError) as exc:
+        raise ModelMismatch(f"{path} is not a readable ONNX file: {exc}") from None
+    return props
 
 
 def find_cards(directory: str | Path = SHIPPED_DIR, task: str | None = None) -> list[ModelCard]:

@@ -33,14 +33,24 @@ def add_parsers(sub) -> None:
     a.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     a.set_defaults(func=run_analyze)
 
+    from argparse import BooleanOptionalAction
+
     e = sub.add_parser("export", help="build GPU engines for the shipped models")
     esub = e.add_subparsers(dest="what", required=True)
     en = esub.add_parser("engines", help="build (once, on the target GPU) the TensorRT engine of every model",
                          description="Needs a CUDA GPU and the tensorrt extra. Engines are cached by ONNX sha256, "
-                                     "build settings, TensorRT version and GPU; a rebuilt model gets a new engine.")
+                                     "build settings, TensorRT version, CUDA major version and GPU; a rebuilt model "
+                                     "gets a new engine. The settings used are recorded in a manifest beside each "
+                                     "engine, and every later load of that model on that GPU uses them (no rebuild "
+                                     "after a detector is armed). Exit status: 0 all built or cached, 3 some "
+                                     "failed, 1 none (e.g. no GPU).")
     en.add_argument("--models", type=Path, default=None, help="directory of model cards (default: shipped)")
-    en.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
-    en.add_argument("--max-batch", type=int, default=256)
+    en.add_argument("--fp16", action=BooleanOptionalAction, default=None,
+                    help="allow FP16 kernels (default: off, results as ONNX Runtime's to FP32/TF32 rounding)")
+    en.add_argument("--max-batch", type=int, default=None,
+                    help="largest PACBED batch the engine takes (default 256; larger batches are split); the "
+                         "atom networks take whole images, up to 4 at a time")
+    en.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
     en.set_defaults(func=run_export_engines)
 
 
@@ -128,22 +138,41 @@ def run_analyze(args) -> int:
 
 
 def run_export_engines(args) -> int:
-    from .backends.base import BackendUnavailable
-    from .backends.tensorrt import EngineSettings, ensure_engine
-    from .atom_analysis import atom_engine_settings
-    from .cards import SHIPPED_DIR, find_cards, verify
+    """Build or find every card's engine with the settings runtime loads will use, and record
+    them in the engine manifest; a card that fails does not stop the others."""
+    from dataclasses import replace
 
-    settings = EngineSettings(fp16=args.fp16, max_batch=args.max_batch)
+    from .backends.base import BackendUnavailable
+    from .backends.tensorrt import EngineSettings, export_engine, settings_for_task
+    from .cards import SHIPPED_DIR, find_cards, onnx_metadata, verify
+
+    base = EngineSettings()
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            print(f"stemlive export engines: error: --max-batch must be ≥ 1, got {args.max_batch}", file=sys.stderr)
+            return EXIT_USAGE
+        base = base.with_max_batch(args.max_batch)
+    if args.fp16 is not None:
+        base = replace(base, fp16=args.fp16)
     cards = find_cards(args.models or SHIPPED_DIR)
     if not cards:
         print(f"stemlive export engines: no model cards in {args.models or SHIPPED_DIR}", file=sys.stderr)
         return EXIT_NONE
+    failed = 0
     for card in cards:
+        settings = settings_for_task(card.task, base)
         try:
-            path, built = ensure_engine(verify(card), atom_engine_settings(settings) if card.task.startswith("atoms-")
-                                        else settings)
+            onnx_path = verify(card, onnx_metadata(card.onnx_path))
+            path, built = export_engine(onnx_path, settings, device=args.device)
         except BackendUnavailable as exc:
             print(f"stemlive export engines: {exc}; engines are built on the GPU that runs them", file=sys.stderr)
             return EXIT_NONE
-        print(f"{card.id}: {'built' if built else 'cached'} {path}")
-    return EXIT_ALL
+        except Exception as exc:  # noqa: BLE001 -- one model's parse/build error must not hide the others
+            failed += 1
+            print(f"{card.id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        print(f"{card.id}: {'built' if built else 'cached'} {path} "
+              f"(fp16 {'on' if settings.fp16 else 'off'}, batch ≤ {settings.max_batch})")
+    if not failed:
+        return EXIT_ALL
+    return EXIT_NONE if failed == len(cards) else EXIT_SOME

@@ -124,10 +124,13 @@ class PacbedAnalyzer:
 
     @staticmethod
     def _load(card: ModelCard, backend: str, threads: int | None):
+        """The card's network behind ``backend``, checked against the card twice: the file's
+        sha256 before loading, the card id and input contract in its metadata after (on every
+        backend, TensorRT included).  TensorRT takes the default engine settings for this task
+        unless `stemlive export engines` recorded others."""
         verify(card)
         b = load_backend(card.onnx_path, backend, threads=threads)
-        if hasattr(b, "metadata"):
-            verify(card, b.metadata())
+        verify(card, b.metadata())
         return b
 
     @classmethod

@@ -1,4 +1,5 @@
 """Inference backends and model cards (a tiny hand-made ONNX graph; no torch needed)."""
+import dataclasses
 import json
 import logging
 import sys
@@ -122,18 +123,92 @@ def test_auto_falls_back_to_cpu_with_a_warning(model, caplog):
 
 def test_engine_cache_key_covers_every_dependency(model, tmp_path):
     gpu = trt_backend.GpuInfo("NVIDIA H100", (9, 0))
+    plat = trt_backend.Platform("10.8.0.43", 12, gpu)
     s = trt_backend.EngineSettings()
-    base = trt_backend.engine_cache_key("abc", s, "10.3.0", gpu)
+    base = trt_backend.engine_cache_key("abc", s, plat)
     variants = [
-        trt_backend.engine_cache_key("abd", s, "10.3.0", gpu),
-        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(fp16=False), "10.3.0", gpu),
-        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(max_batch=128), "10.3.0", gpu),
-        trt_backend.engine_cache_key("abc", s, "10.4.0", gpu),
-        trt_backend.engine_cache_key("abc", s, "10.3.0", trt_backend.GpuInfo("NVIDIA A100", (9, 0))),
-        trt_backend.engine_cache_key("abc", s, "10.3.0", trt_backend.GpuInfo("NVIDIA H100", (8, 0))),
+        trt_backend.engine_cache_key("abd", s, plat),
+        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(fp16=True), plat),
+        trt_backend.engine_cache_key("abc", trt_backend.EngineSettings(max_batch=128), plat),
+        trt_backend.engine_cache_key("abc", s, trt_backend.Platform("10.9.0.34", 12, gpu)),
+        trt_backend.engine_cache_key("abc", s, trt_backend.Platform("10.8.0.43", 13, gpu)),
+        trt_backend.engine_cache_key("abc", s, trt_backend.Platform("10.8.0.43", 12, trt_backend.GpuInfo("NVIDIA A100", (9, 0)))),
+        trt_backend.engine_cache_key("abc", s, trt_backend.Platform("10.8.0.43", 12, trt_backend.GpuInfo("NVIDIA H100", (8, 0)))),
     ]
-    assert len({base, *variants}) == 7
-    assert base == trt_backend.engine_cache_key("abc", s, "10.3.0", gpu)  # stable
+    assert len({base, *variants}) == 8
+    assert base == trt_backend.engine_cache_key("abc", s, plat)  # stable
+    # the driver version and device index do not change an engine: no rebuild after a driver update
+    same = trt_backend.Platform("10.8.0.43", 12, trt_backend.GpuInfo("NVIDIA H100", (9, 0), 3, 13000))
+    assert trt_backend.engine_cache_key("abc", s, same) == base
     onnx_path = cards.load_card(model).onnx_path
-    p = trt_backend.engine_path(onnx_path, s, "10.3.0", gpu, tmp_path)
+    p = trt_backend.engine_path(onnx_path, s, plat, tmp_path)
     assert p.parent == tmp_path and p.name.startswith("tiny-") and p.suffix == ".engine"
+    m = trt_backend.manifest_path(onnx_path, plat, tmp_path)
+    assert m.parent == tmp_path and m.name.endswith(".manifest.json") and m != p
+
+
+def test_engine_settings_are_validated():
+    s = trt_backend.EngineSettings()
+    assert s.with_max_batch(16) == trt_backend.EngineSettings(opt_batch=16, max_batch=16)
+    assert trt_backend.EngineSettings.from_dict(dataclasses.asdict(s)) == s
+    for bad in ({"max_batch": 0}, {"opt_batch": 300}, {"fp16": 1}, {"min_edge": 2048}, {"workspace_mb": True}):
+        with pytest.raises(ValueError):
+            trt_backend.EngineSettings(**bad)
+    with pytest.raises(ValueError, match="exactly the fields"):
+        trt_backend.EngineSettings.from_dict({**dataclasses.asdict(s), "int8": True})
+
+
+def test_tensorrt_versions_and_drivers_are_checked_by_name():
+    trt_backend.check_tensorrt_version("10.8.0.43")
+    trt_backend.check_tensorrt_version("10.13.3.9")
+    for bad in ("11.0.0.1", "9.3.0", "ten"):
+        with pytest.raises(BackendUnavailable):
+            trt_backend.check_tensorrt_version(bad)
+    old = trt_backend.GpuInfo("GPU", (8, 6), 0, 12040)  # an r550 driver: CUDA 12.4
+    trt_backend.check_driver(old, 12, "tensorrt-cu12")
+    with pytest.raises(BackendUnavailable, match=r"driver supports CUDA 12\.4.*CUDA 13\.0 \(r580 or newer\).*"
+                                                 r"stemlive\[tensorrt\] \(CUDA 12, driver r535\+\)"):
+        trt_backend.check_driver(old, 13, "tensorrt-cu13")
+    with pytest.raises(BackendUnavailable, match="CUDA 11"):
+        trt_backend.check_driver(old, 11, "tensorrt-cu11")
+    assert trt_backend.cuda_version(12080) == "12.8" and trt_backend.cuda_version(13000) == "13.0"
+
+
+def test_installed_tensorrt_cuda_from_package_metadata(monkeypatch):
+    from importlib import metadata
+
+    assert trt_backend.installed_tensorrt_cuda() is None  # no TensorRT wheels here
+    present = {"tensorrt-cu13-libs"}
+
+    def version(name):
+        if name in present:
+            return "10.13.3.9"
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert trt_backend.installed_tensorrt_cuda() == 13
+    present.add("tensorrt-cu12")
+    with pytest.raises(BackendUnavailable, match="CUDA 12 and 13 are installed together"):
+        trt_backend.installed_tensorrt_cuda()
+
+
+def test_onnx_metadata_without_onnx_or_a_session(model, tmp_path):
+    card = cards.load_card(model)
+    meta = cards.onnx_metadata(card.onnx_path)
+    assert meta == OnnxRuntimeBackend.load(card.onnx_path).metadata() and meta[cards.META_ID] == "tiny-1"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x0a\xff")  # field 1, then a length whose varint never ends
+    with pytest.raises(cards.ModelMismatch, match="bad.onnx is not a readable ONNX file"):
+        cards.onnx_metadata(bad)
+
+
+def test_backends_close_and_work_as_context_managers(model):
+    with OnnxRuntimeBackend.load(cards.load_card(model).onnx_path) as be:
+        be(np.zeros((1, 1, 4, 4), np.float32))
+    be.close()  # again: harmless
+
+
+def test_missing_model_file_is_not_a_gpu_problem(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backend(tmp_path / "none.onnx", "auto")
+    assert "GPU inference" not in caplog.text

@@ -36,6 +36,24 @@ class Backend(ABC):
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a validated batch."""
 
+    def metadata(self) -> dict[str, str]:
+        """The ONNX file's ``metadata_props`` (card id and input contract), read from the file this
+        backend was loaded from, so the model-card check runs whatever the runtime (a TensorRT
+        engine carries no ONNX metadata)."""
+        from ..cards import onnx_metadata
+
+        return onnx_metadata(self.path)
+
+    def close(self) -> None:
+        """Release what the runtime holds outside Python's memory (device buffers, streams); the
+        backend cannot run afterwards.  Nothing to release by default."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.asarray(batch)
         if batch.ndim != len(self.input_shape) + 1 or any(

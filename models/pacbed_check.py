@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from . import canonical
 from .compact_library import WINDOW_ALPHA, CompactLibrary
-from .pacbed_analysis import PacbedEstimate, canonical_crop, wrap45
+from .pacbed_analysis import PacbedEstimate, canonical_crop, crop_window, wrap45
 
 FLIPS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1) in the crystal frame
 BLURS_PX = (0.0, 0.8, 1.6, 2.4)  # canonical px (α = 12.1 px): 0-0.2 α
@@ -64,7 +64,7 @@ class LibraryCheck:
     """Fits patterns against a `CompactLibrary` (one kV and α)."""
 
     def __init__(self, library: CompactLibrary, blurs_px=BLURS_PX, rounds: int = 3, gauss_newton_steps: int = 3,
-                 analytic: bool = False):
+                 analytic: bool = True):
         self.lib = library
         self.rounds, self.steps, self.analytic = rounds, gauss_newton_steps, analytic
         self.win = canonical.window_mask(WINDOW_ALPHA)
@@ -89,7 +89,6 @@ class LibraryCheck:
         c = (P - 1) / 2
         rr = np.hypot(*np.indices((P, P)) - c)[self.win] / canonical.ALPHA_PX
         self.outside = rr > 1.1  # window pixels beyond the zero disk (units of α)
-        self.u0, self.u1 = np.indices((P, P)) - c  # canonical coordinates of each pixel
 
     # -- scoring -----------------------------------------------------------------------------
     def _vector(self, crop: np.ndarray) -> tuple[np.ndarray, float]:
@@ -132,24 +131,18 @@ class LibraryCheck:
         n = steps or self.steps
         for step in range(n):
             s = rad / canonical.ALPHA_PX  # raw px per canonical px
-            v = canonical_crop(pattern, (r, c), rad, rot).astype(np.float64)
-            base = _flip(v, *flip)[self.win]
             if step < n - 1 and self.analytic:
-                cols = [_flip(d, *flip)[self.win] for d in self._analytic_derivatives(v, s, rot)]
+                v, derivs = _crop_with_derivatives(pattern, (r, c, rad, rot))
+                base = _flip(v, *flip)[self.win]
+                cols = [_flip(d, *flip)[self.win] for d in derivs]
             else:
+                base = self._crop(pattern, (r, c, rad, rot), flip)
                 cols = self._finite_derivatives(pattern, (r, c, rad, rot), flip, base)
             A = np.column_stack(cols + [-m, -ones])
             x, *_ = np.linalg.lstsq(A, -base, rcond=None)
             d = np.clip(x[:4], [-2 * s, -2 * s, -0.05, -2.0], [2 * s, 2 * s, 0.05, 2.0])
             r, c, rad, rot = r + d[0], c + d[1], rad * math.exp(d[2]), wrap45(rot + d[3])
         return (r, c, rad, rot)
-
-    def _analytic_derivatives(self, v: np.ndarray, s: float, rot: float) -> list[np.ndarray]:
-        """∂v/∂(row, col, ln s, θ [deg]) of a canonical crop ``v`` from its gradient."""
-        g0, g1 = np.gradient(v)
-        rm = canonical.rotation_matrix(-rot)
-        return [(rm[0, 0] * g0 + rm[0, 1] * g1) / s, (rm[1, 0] * g0 + rm[1, 1] * g1) / s,
-                2 * v + g0 * self.u0 + g1 * self.u1, -(g0 * -self.u1 + g1 * self.u0) * (math.pi / 180)]
 
     def _finite_derivatives(self, pattern, geom, flip, base) -> list[np.ndarray]:
         r, c, rad, rot = geom
@@ -274,6 +267,27 @@ class LibraryCheck:
                 best_res = res
                 best = (float(x0 + w * (x1 - x0)), float(abs(x1 - x0) * sig_w))
         return best
+
+
+def _crop_with_derivatives(pattern: np.ndarray, geom) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The canonical crop (as `canonical_crop`) and its derivatives with respect to the centre
+    (raw px), ln radius and rotation (degrees), from the raw window's gradient sampled on the
+    same grid: x = c + s·R(−θ)·u, so ∂x/∂ln s = x − c and ∂x/∂θ = (o₁, −o₀) for o = x − c; the
+    crop carries the factor s², whence the 2v."""
+    r, c, rad, rot = geom
+    win, cen, rad_w = crop_window(pattern, (r, c), rad)
+    binning = rad / rad_w
+    scale = rad_w / canonical.ALPHA_PX
+    src = np.asarray(win, np.float32)
+    if scale > 1.5:
+        src = ndimage.gaussian_filter(src, 0.42 * scale)
+    grid = canonical.sample_grid(cen, rad_w, rot)
+    k = np.float32(scale**2)
+    v = ndimage.map_coordinates(src, grid, order=1, mode="constant").astype(np.float64) * k
+    g0 = ndimage.map_coordinates(np.gradient(src, axis=0), grid, order=1, mode="constant").astype(np.float64) * k
+    g1 = ndimage.map_coordinates(np.gradient(src, axis=1), grid, order=1, mode="constant").astype(np.float64) * k
+    o0, o1 = grid[0] - cen[0], grid[1] - cen[1]
+    return v, [g0 / binning, g1 / binning, 2 * v + g0 * o0 + g1 * o1, (g0 * o1 - g1 * o0) * (math.pi / 180)]
 
 
 def _parabola_axis(chi: np.ndarray, grid: np.ndarray, i: int) -> tuple[float, float]:

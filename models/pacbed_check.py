@@ -122,10 +122,9 @@ class LibraryCheck:
     # -- geometry ----------------------------------------------------------------------------
     def refine_geometry(self, pattern: np.ndarray, geom, flip, m: np.ndarray, steps: int | None = None):
         """Gauss-Newton on (row, col, ln radius, rotation) with scale and background, the model
-        ``m`` fixed.  The first steps take the crop's derivatives from its own gradient in the
-        canonical frame (chain rule through the sampling grid x = c + s·R(−θ)·u and the s²
-        intensity factor: one crop a step); the last takes them by finite differences, which
-        the interpolation does not bias (it converges to the χ² minimum, not near it)."""
+        ``m`` fixed.  The first steps take the crop's derivatives from the raw window's gradient
+        sampled on the crop's grid (`_crop_with_derivatives`); the last takes them by finite
+        differences, which converge to the χ² minimum of the interpolated crop itself."""
         r, c, rad, rot = geom
         ones = np.ones_like(m)
         n = steps or self.steps

@@ -58,6 +58,19 @@ def to_canonical_stack(stack: np.ndarray, centers: np.ndarray, radii: np.ndarray
     return out * (np.asarray(radii, np.float32) / np.float32(ALPHA_PX))[:, None, None] ** 2
 
 
+MIRRORS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1): the crystal's mirrors on [001]
+
+
+def mirror(x: np.ndarray, s0: int, s1: int) -> np.ndarray:
+    """A canonical crop mirrored along axis 0 (``s0`` < 0) and/or axis 1: the pattern of the
+    tilt with those components' signs flipped, on a zone with these mirrors."""
+    if s0 < 0:
+        x = x[..., ::-1, :]
+    if s1 < 0:
+        x = x[..., :, ::-1]
+    return x
+
+
 def window_mask(radius_alpha: float) -> np.ndarray:
     """The disk of canonical pixels within ``radius_alpha`` α of the centre.
 

@@ -32,15 +32,10 @@ from .pacbed_analysis import PacbedEstimate, canonical_crop, wrap45
 
 ROTATIONS = np.arange(-45.0, 45.0, 3.0)
 SCALES = np.array([0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15])
-FLIPS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1)
+FLIPS = canonical.MIRRORS
 
 
-def _flip(x: np.ndarray, s0: int, s1: int) -> np.ndarray:
-    if s0 < 0:
-        x = x[..., ::-1, :]
-    if s1 < 0:
-        x = x[..., :, ::-1]
-    return x
+_flip = canonical.mirror
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from . import canonical
 from .compact_library import WINDOW_ALPHA, CompactLibrary
 from .pacbed_analysis import PacbedEstimate, canonical_crop, crop_window, wrap45
 
-FLIPS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1) in the crystal frame
+FLIPS = canonical.MIRRORS
 BLURS_PX = (0.0, 0.8, 1.6, 2.4)  # canonical px (α = 12.1 px): 0-0.2 α
 ALT_MIN_NM = 3.0
 AMBIGUOUS_DELTA = 25.0  # Δχ² in units of the best residual per pixel (5 "σ")
@@ -52,12 +52,7 @@ class CheckOutcome:
     blur_px: float
 
 
-def _flip(x: np.ndarray, s0: int, s1: int) -> np.ndarray:
-    if s0 < 0:
-        x = x[..., ::-1, :]
-    if s1 < 0:
-        x = x[..., :, ::-1]
-    return x
+_flip = canonical.mirror
 
 
 class LibraryCheck:

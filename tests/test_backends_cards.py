@@ -33,18 +33,23 @@ def tiny_onnx(path):
     return path
 
 
-@pytest.fixture
-def model(tmp_path):
-    onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
-    data = {"id": "tiny-1", "task": "pacbed-thickness-tilt", "onnx_file": "tiny.onnx",
+def write_tiny_card(directory, task: str = "pacbed-thickness-tilt"):
+    """A tiny model and its card (input (N, 1, 4, 4); outputs y = 2·relu(x), s = sum): the card's path."""
+    onnx_path = tiny_onnx(directory / "tiny.onnx")
+    data = {"id": "tiny-1", "task": task, "onnx_file": "tiny.onnx",
             "input": {"shape": [1, 4, 4], "normalisation": "none"}, "outputs": {"y": "a.u.", "s": "a.u."},
             "training": {"kv": 200.0, "alpha_mrad": 13.6, "material": "SrTiO3", "zone": "[001]"},
             "validation": {}}
     cards.write_metadata(onnx_path, data)
     data["onnx_sha256"] = cards.sha256_of(onnx_path)
-    card_path = tmp_path / "tiny.json"
+    card_path = directory / "tiny.json"
     card_path.write_text(json.dumps(data))
     return card_path
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_tiny_card(tmp_path)
 
 
 def test_onnxruntime_runs_and_checks_input(model):

@@ -41,7 +41,7 @@ from stemlive.models.backends import BackendUnavailable, OnnxRuntimeBackend, loa
 from stemlive.models.backends import tensorrt as trt_backend
 from stemlive.models.cards import SHIPPED_DIR, find_cards
 
-from .test_backends_cards import tiny_onnx
+from .test_backends_cards import write_tiny_card
 
 ROOT = Path(__file__).resolve().parent.parent
 MAGIC = b"FAKE-TRT-ENGINE\n"
@@ -491,15 +491,7 @@ def fake_gpu(monkeypatch, tmp_path):
 @pytest.fixture
 def tiny(tmp_path):
     """A tiny model and its card (input (N, 1, 4, 4); outputs y = 2·relu(x), s = sum)."""
-    onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
-    data = {"id": "tiny-1", "task": "pacbed-align", "onnx_file": "tiny.onnx",
-            "input": {"shape": [1, 4, 4], "normalisation": "none"}, "outputs": {"y": "a.u.", "s": "a.u."},
-            "training": {"kv": 200.0, "alpha_mrad": 13.6, "material": "SrTiO3", "zone": "[001]"},
-            "validation": {}}
-    cards.write_metadata(onnx_path, data)
-    data["onnx_sha256"] = cards.sha256_of(onnx_path)
-    (tmp_path / "tiny.json").write_text(json.dumps(data))
-    return cards.load_card(tmp_path / "tiny.json")
+    return cards.load_card(write_tiny_card(tmp_path, "pacbed-align"))
 
 
 def shipped(task_prefix: str):

@@ -48,6 +48,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dose", type=float, nargs="+", default=list(DOSES))
     ap.add_argument("--all-tilts", action="store_true", help="the check's library includes the held-out tilts")
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
+    ap.add_argument("--rank", type=int, default=None, help="compact library rank (default: by tolerance)")
+    ap.add_argument("--rounds", type=int, default=3, help="score / refine-geometry rounds")
+    ap.add_argument("--blurs", type=float, nargs="+", default=None, help="blur σ list [canonical px]")
     args = ap.parse_args(argv)
     path = library_for(args.alpha)
     lib = PacbedLibrary.load(path)
@@ -58,10 +61,10 @@ def main(argv=None) -> None:
         lib = PacbedLibrary(lib.patterns[keep], lib.thickness_nm, lib.tilt_mrad[keep], lib.mrad_per_px, lib.kv,
                             lib.alpha_mrad, lib.attrs)
         print(f"check library: {keep.sum()} of {len(keep)} tilts (held-out orbits {held} left out)")
-    compact = build_compact(lib)
+    compact = build_compact(lib, rank=args.rank)
     print(f"compact library: rank {compact.attrs['rank']}, worst reconstruction "
           f"{compact.attrs['max_relative_error']:.1e}, built in {time.perf_counter() - t0:.0f} s")
-    check = LibraryCheck(compact)
+    check = LibraryCheck(compact, rounds=args.rounds, **({"blurs_px": args.blurs} if args.blurs else {}))
     analyzer = PacbedAnalyzer.for_acquisition(200, args.alpha, args.models, backend="onnxruntime")
     rows = []
     for dose in args.dose:

@@ -71,3 +71,14 @@ def test_a_pattern_the_library_does_not_hold_is_flagged(compact, lib):
     start = PacbedEstimate(center_px=(48.3, 61.7), radius_px=15.0, rotation_deg=0.0, flags=[], in_range=True)
     out = LibraryCheck(compact).check(raw, start)
     assert "model-mismatch" in out.estimate.flags and out.fit_quality > 0.08 and not out.estimate.in_range
+
+
+def test_compact_library_command(quadrant_library, tmp_path):
+    from stemlive.live.cli import main
+
+    out = tmp_path / "c.h5"
+    assert main(["simulate", "compact-library", str(quadrant_library), "--out", str(out)]) == 0
+    c = CompactLibrary.load(out)
+    assert c.attrs["max_relative_error"] <= 2e-3 and c.attrs["source_sha256"]
+    assert main(["simulate", "compact-library", str(quadrant_library), "--out", str(quadrant_library)]) == 2
+    assert main(["simulate", "compact-library", str(quadrant_library), "--out", str(out)]) == 2  # exists

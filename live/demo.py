@@ -4,7 +4,8 @@ It composes (or reuses from the cache) the synthetic SrTiO3 [001] wedge scan wit
 region, serves it through the DECTRIS detector simulator (REST + ZMQ, LiberTEM-live's
 DectrisSim), acquires it with LiberTEM-live's real `dectris` connection, analyses each
 completed scan block with the shipped networks, writes the result store, publishes the blocks
-on ZMQ, and compares the maps with the scan's ground truth.  The dashboard joins with issue 5.
+on ZMQ, serves the dashboard, and compares the maps with the scan's ground truth (printed and
+written beside the store as ``*.vs-truth.json``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 PLAN = """stemlive demo
-  1. compose (or reuse) a synthetic 4D-STEM scan: SrTiO3 [001], 200 kV, 13.6 mrad, a thickness
-     wedge with a bowl-shaped bent region, Poisson noise
+  1. compose (or reuse) a synthetic 4D-STEM scan: SrTiO3 [001], 200 kV, 13.6 mrad, 97² px frames
+     at 1.28 mrad/px, a FIB wedge (terraces ~3.9 nm apart) with a bowl-shaped bent region, Poisson noise
   2. serve it as a DECTRIS detector (SIMPLON REST API + ZMQ stream, bslz4)
   3. acquire it live with LiberTEM-live; per scan block: PACBED networks, virtual BF/ABF/ADF/HAADF
   4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}) + the dashboard (unless --headless)
@@ -56,17 +57,24 @@ def concrete(address: str) -> str:
         return f"tcp://{host}:{sock.getsockname()[1]}"
 
 
-def demo_scan(cache: Path | None = None, scan_shape: tuple[int, int] | None = None, progress: bool = True) -> Path:
-    """Build (or reuse) the demo scan in the cache; returns its directory."""
+def demo_scan(cache: Path | None = None, scan_shape: tuple[int, int] | None = None, progress: bool = True,
+              formats: tuple[str, ...] = ("npy", "h5")) -> Path:
+    """Build (or reuse) the demo scan in the cache; returns its directory.
+
+    The scan is ScanParams' default: the FIB wedge's terraces and the bent region, frames from
+    the shipped 97-px library (sampled as a PACBED recording is)."""
     from ..simulate.cli import default_cache_dir
     from ..simulate.scan import ScanParams, write_scan
-    from ..simulate.scan_cli import SHIPPED_LIBRARY
+    from ..simulate.scan_cli import DEMO_LIBRARY
 
+    if not DEMO_LIBRARY.exists():
+        raise FileNotFoundError(f"the demo library {DEMO_LIBRARY} is missing; rebuild it with `make demo-library`")
     p = ScanParams() if scan_shape is None else ScanParams(scan_shape=tuple(scan_shape))
     root = Path(cache) if cache else default_cache_dir() / "scans"
-    out = root / f"demo-{p.key(SHIPPED_LIBRARY)}"
-    if not (out / "params.json").exists():
-        write_scan(SHIPPED_LIBRARY, p, out, progress=progress)
+    out = root / f"demo-{p.key(DEMO_LIBRARY)}"
+    wanted = [out / "params.json"] + [out / f"frames.{f}" for f in formats]
+    if not all(f.exists() for f in wanted):
+        write_scan(DEMO_LIBRARY, p, out, formats=formats, progress=progress)
     return out
 
 
@@ -87,7 +95,7 @@ def run(args) -> int:
         _, url = serve_in_thread(feed, args.port)
         print(f"dashboard: {url}", flush=True)
     t = time.perf_counter()
-    scan_dir = demo_scan(args.cache, args.scan_shape)
+    scan_dir = demo_scan(args.cache, args.scan_shape, formats=("npy",))  # the stream is made from frames.npy
     meta = json.loads((scan_dir / "params.json").read_text())
     data = input_array(scan_dir)
     print(f"scan ready in {time.perf_counter() - t:.1f} s: {scan_dir}")
@@ -118,7 +126,7 @@ def run(args) -> int:
           f"{summary.wall_s:.1f} s ({summary.frames / summary.wall_s:.0f} frames/s) -> {out}")
     print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median per result; "
           f"block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
-    compare_with_truth(out, scan_dir / "truth.h5")
+    compare_with_truth(out, scan_dir / "truth.h5", json_out=Path(out).with_suffix(".vs-truth.json"))
     if feed is not None and not args.exit_when_done:
         from ..dashboards.feed import StoreFeed
 
@@ -138,31 +146,79 @@ def _serve_store_until_interrupted(live_feed, store_feed) -> None:
         pass
 
 
-def compare_with_truth(store: Path, truth: Path) -> dict:
-    """Block means of the ground truth against the store's maps; prints and returns the summary."""
+# flags that tell the user not to trust a block's thickness (a gross miss carrying one of them,
+# or σ > 5 nm, is not silent); names a store does not know simply never match
+DISTRUST_FLAGS = ("ambiguous", "model-mismatch", "low-confidence", "vacuum", "not-on-zone",
+                  "thickness-at-range-edge", "partial-field")
+
+
+def compare_with_truth(store: Path, truth: Path, json_out: Path | None = None) -> dict:
+    """The store's block maps against the scan's truth (block means); printed, returned, and
+    written to ``json_out`` if given, with the same numbers.
+
+    Over whole blocks (done, not partial): thickness within ±2 nm and its median miss; tilt
+    within ±0.5 mrad (both components) and the median of the larger component's miss; both at
+    once (the demo's target: ≥ 95 %); blocks without an estimate count as misses.  Gross
+    misses are > 10 nm off; a silent one has σ ≤ 5 nm and none of DISTRUST_FLAGS (target: none).
+    Blocks across a terrace edge hold two thicknesses; their share of the misses is reported.
+    """
     import h5py
 
     from .store import read_store
 
     res = read_store(store)
+    maps = res["maps"]
     by, bx = (int(v) for v in res["attrs"]["block_shape"])
     with h5py.File(truth, "r") as f:
         thick, tilt = f["thickness_nm"][()], f["tilt_mrad"][()]
-    ny, nx = res["maps"]["thickness_nm"].shape
+    ny, nx = maps["thickness_nm"].shape
     full = res["blocks"]["done"] & ~res["blocks"]["partial"]
-    t_true = thick[:ny * by, :nx * bx].reshape(ny, by, nx, bx).mean(axis=(1, 3))
+    blocks = thick[:ny * by, :nx * bx].reshape(ny, by, nx, bx)
+    t_true = blocks.mean(axis=(1, 3))
+    edge = (blocks.max(axis=(1, 3)) - blocks.min(axis=(1, 3)) > 0.1)[full]
     tilt_true = tilt[:ny * by, :nx * bx].reshape(ny, by, nx, bx, 2).mean(axis=(1, 3))
-    dt = np.abs(res["maps"]["thickness_nm"] - t_true)[full]
-    dtilt = np.abs(res["maps"]["tilt_mrad"] - tilt_true)[full]
-    out = {"blocks": int(full.sum()), "thickness_median_err_nm": float(np.nanmedian(dt)),
-           "thickness_within_2nm": float(np.nanmean(dt <= 2)), "tilt_median_err_mrad": float(np.nanmedian(dtilt)),
-           "tilt_within_0.5mrad": float(np.nanmean(dtilt <= 0.5))}
-    print(f"  vs ground truth ({out['blocks']} whole blocks): thickness error median "
-          f"{out['thickness_median_err_nm']:.1f} nm, within ±2 nm {out['thickness_within_2nm']:.0%}; tilt error "
-          f"median {out['tilt_median_err_mrad']:.2f} mrad, within ±0.5 mrad {out['tilt_within_0.5mrad']:.0%}")
+    dt = np.abs(maps["thickness_nm"] - t_true)[full]
+    dtilt = np.abs(maps["tilt_mrad"] - tilt_true).max(axis=-1)[full]
+    sigma = maps["thickness_sigma_nm"][full]
+    names = list(res["attrs"]["flag_names"])
+    distrust = sum(1 << i for i, n in enumerate(names) if n in DISTRUST_FLAGS)
+    flagged = (maps["flags"][full].astype(np.int64) & distrust) != 0
+    t_ok, tilt_ok = dt <= 2, dtilt <= 0.5  # NaN (no estimate) compares False: a miss
+    gross = dt > 10
+    n = int(full.sum())
+    out = {"blocks": n, "blocks_across_terrace_edge": int(edge.sum()),
+           "blocks_without_estimate": int(np.count_nonzero(~np.isfinite(dt))),
+           "thickness_median_err_nm": _nanmedian(dt), "thickness_within_2nm": _frac(t_ok),
+           "thickness_within_2nm_one_terrace": _frac(t_ok[~edge]),
+           "thickness_within_2nm_across_edge": _frac(t_ok[edge]),
+           "tilt_median_err_mrad": _nanmedian(dtilt), "tilt_within_0.5mrad": _frac(tilt_ok),
+           "within_2nm_and_0.5mrad": _frac(t_ok & tilt_ok), "gross_misses": int(gross.sum()),
+           "silent_gross_misses": int(np.count_nonzero(gross & (sigma <= 5) & ~flagged))}
+    print(f"  vs ground truth ({n} whole blocks, {out['blocks_across_terrace_edge']} across a terrace edge, "
+          f"{out['blocks_without_estimate']} without an estimate):\n"
+          f"    thickness error median {out['thickness_median_err_nm']:.1f} nm, within ±2 nm "
+          f"{out['thickness_within_2nm']:.0%} (on one terrace {out['thickness_within_2nm_one_terrace']:.0%}, "
+          f"across an edge {out['thickness_within_2nm_across_edge']:.0%})\n"
+          f"    tilt error median {out['tilt_median_err_mrad']:.2f} mrad (larger component), within ±0.5 mrad "
+          f"{out['tilt_within_0.5mrad']:.0%}\n"
+          f"    both within ±2 nm and ±0.5 mrad: {out['within_2nm_and_0.5mrad']:.0%} of blocks (target ≥ 95 %)\n"
+          f"    gross misses (> 10 nm): {out['gross_misses']}, of them silent (σ ≤ 5 nm, no flag): "
+          f"{out['silent_gross_misses']} (target 0)")
     if "atoms" in res:
         out.update(compare_atoms(res, truth))
+    if json_out is not None:
+        strict = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in out.items()}
+        Path(json_out).write_text(json.dumps(strict, indent=2))
     return out
+
+
+def _frac(ok: np.ndarray) -> float:
+    """Fraction of True; NaN (null in the JSON) when there are no such blocks."""
+    return float(np.mean(ok)) if ok.size else float("nan")
+
+
+def _nanmedian(x: np.ndarray) -> float:
+    return float(np.nanmedian(x)) if np.isfinite(x).any() else float("nan")
 
 
 def compare_atoms(res: dict, truth: Path) -> dict:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from stemlive.simulate.library import PacbedLibrary
-from stemlive.simulate.scan import ScanParams, compose_frames, thickness_field, tilt_field, write_scan
+from stemlive.simulate.scan import (ScanParams, compose_frames, pack_library, terrace_edges, thickness_field,
+                                    tilt_field, write_scan)
 
-SMALL = dict(scan_shape=(24, 32), thickness_nm=(2.5, 7.5), bowl_tilt_mrad=1.2, bowl_radius=0.25)
+SMALL = dict(scan_shape=(24, 32), thickness_nm=(2.5, 7.5), thickness_steps=0, bowl_tilt_mrad=1.2, bowl_radius=0.25)
 
 
 def test_ground_truth_fields_match_request():
@@ -24,8 +25,66 @@ def test_ground_truth_fields_match_request():
     d = tilt - np.array([0.1, -0.2])
     assert d[r, c + 6, 1] > 0.5 and d[r, c - 6, 1] < -0.5  # radial, pointing away from the centre
     assert d[r + 6, c, 0] > 0.5 and abs(d[r + 6, c, 1]) < 0.15
-    stepped = thickness_field(ScanParams(**SMALL, thickness_steps=3))
+    stepped = thickness_field(ScanParams(**dict(SMALL, thickness_steps=3, terrace_jitter=0.0)))
     assert len(np.unique(stepped)) == 3
+
+
+def test_terraces_are_irregular_and_sit_on_library_planes():
+    """A FIB wedge: n flat terraces, edges moved by up to ±jitter/2 of the mean width, levels on
+    the library's exit planes; the same specimen for any noise seed's dose."""
+    p = ScanParams(scan_shape=(8, 240), thickness_nm=(10.0, 55.0), thickness_steps=12, terrace_jitter=0.4)
+    edges = terrace_edges(p)
+    regular = np.arange(1, 12) * 20.0
+    assert len(edges) == 11 and np.all(np.diff(edges) > 0)
+    assert np.all(np.abs(edges - regular) <= 0.2 * 20 + 1e-9) and np.abs(edges - regular).max() > 1.0
+    planes = 7.81 + 3.905 * np.arange(13)
+    t = thickness_field(p, planes)
+    levels = np.unique(t)
+    assert len(levels) == 12 and np.all(np.isin(levels, planes))
+    assert np.all(np.diff(t[0]) >= 0) and (t == t[:1]).all()  # steps up along axis 1 only
+    widths = np.diff(np.flatnonzero(np.diff(t[0])))
+    assert widths.min() >= 20 * 0.6 - 1 and widths.max() <= 20 * 1.4 + 1 and widths.std() > 1
+    other_dose = ScanParams(**{**p.__dict__, "dose": 1e3})
+    assert np.array_equal(thickness_field(p, planes), thickness_field(other_dose, planes))
+    with pytest.raises(ValueError, match="terrace_jitter"):
+        thickness_field(ScanParams(thickness_steps=4, terrace_jitter=1.0))
+
+
+def test_terrace_frames_are_library_patterns(position_library):
+    """On a terrace the frames are the library's CBEDs at that plane, not a blend of two."""
+    lib = PacbedLibrary.load(position_library, positions=True)
+    p = ScanParams(**dict(SMALL, thickness_steps=3, terrace_jitter=0.3, bowl_tilt_mrad=0.0), dose=1e6,
+                   psf_sigma_px=0.0, inelastic_mfp_nm=1e9, dtype="uint32")
+    t = thickness_field(p, lib.thickness_nm)
+    assert np.all(np.isin(np.unique(t), lib.thickness_nm))
+    frames = compose_frames(lib, p, progress=False)
+    ref = lib.positions_for_tilt(lib.tilt_index((0.0, 0.0)))
+    for c in (0, 15, 31):
+        it = int(np.flatnonzero(lib.thickness_nm == t[0, c])[0])
+        mu = ref[it, 0, c % 8] * p.dose
+        assert np.mean((frames[0, c] - mu) ** 2 / np.maximum(mu, 1.0)) < 1.5  # only Poisson noise
+
+
+def test_thickness_outside_library_is_refused(position_library):
+    lib = PacbedLibrary.load(position_library, positions=True)
+    with pytest.raises(ValueError, match="thickness field spans"):
+        compose_frames(lib, ScanParams(**dict(SMALL, thickness_nm=(2.5, 50.0))), progress=False)
+
+
+def test_packed_library_reads_the_same_within_its_rounding(position_library, tmp_path):
+    """The shippable copy: PacbedLibrary reads it unchanged, every value within 5 significant bits
+    (below float16's normal range, 6e-5 of the probe, within half its step of 2^-18)."""
+    out = pack_library(position_library, tmp_path / "packed.h5")
+    a = PacbedLibrary.load(position_library, positions=True)
+    b = PacbedLibrary.load(out, positions=True)
+    assert out.stat().st_size < position_library.stat().st_size
+    np.testing.assert_array_equal(a.patterns, b.patterns)
+    np.testing.assert_array_equal(a.tilt_mrad, b.tilt_mrad)
+    assert a.attrs["params"] == b.attrs["params"] and b.attrs["position_patterns_significant_bits"] == 5
+    x, y = a.position_patterns.astype(np.float32), b.position_patterns.astype(np.float32)
+    assert np.all(np.abs(y - x) <= 2.0 ** -5 * np.abs(x) + 2.0 ** -19)
+    with pytest.raises(ValueError, match="beside its input"):
+        pack_library(out, out)
 
 
 def test_frames_follow_the_library(position_library):

@@ -197,8 +197,8 @@ def compare_with_truth(store: Path, truth: Path, json_out: Path | None = None) -
     print(f"  vs ground truth ({n} whole blocks, {out['blocks_across_terrace_edge']} across a terrace edge, "
           f"{out['blocks_without_estimate']} without an estimate):\n"
           f"    thickness error median {out['thickness_median_err_nm']:.1f} nm, within ±2 nm "
-          f"{out['thickness_within_2nm']:.0%} (on one terrace {out['thickness_within_2nm_one_terrace']:.0%}, "
-          f"across an edge {out['thickness_within_2nm_across_edge']:.0%})\n"
+          f"{out['thickness_within_2nm']:.0%} (on one terrace {_pct(out['thickness_within_2nm_one_terrace'])}, "
+          f"across an edge {_pct(out['thickness_within_2nm_across_edge'])})\n"
           f"    tilt error median {out['tilt_median_err_mrad']:.2f} mrad (larger component), within ±0.5 mrad "
           f"{out['tilt_within_0.5mrad']:.0%}\n"
           f"    both within ±2 nm and ±0.5 mrad: {out['within_2nm_and_0.5mrad']:.0%} of blocks (target ≥ 95 %)\n"
@@ -215,6 +215,10 @@ def compare_with_truth(store: Path, truth: Path, json_out: Path | None = None) -
 def _frac(ok: np.ndarray) -> float:
     """Fraction of True; NaN (null in the JSON) when there are no such blocks."""
     return float(np.mean(ok)) if ok.size else float("nan")
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.0%}"
 
 
 def _nanmedian(x: np.ndarray) -> float:

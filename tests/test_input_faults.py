@@ -194,13 +194,28 @@ def write(kind, path):
         return path.with_suffix(".tif")
     elif kind == "directory":
         path.with_suffix(".npy").mkdir()
+    elif kind in ("colour-png", "truncated-png", "empty-jpg", "text-jpg"):
+        from PIL import Image
+
+        out = path.with_suffix("." + kind.split("-")[1])
+        g = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+        if kind == "colour-png":
+            Image.fromarray(np.dstack([g, g[::-1], g.T])).save(out)
+        elif kind == "truncated-png":
+            Image.fromarray(g).save(out)
+            out.write_bytes(out.read_bytes()[:len(out.read_bytes()) // 2])
+        else:
+            out.write_text("" if kind == "empty-jpg" else "row,col\n1,2\n")
+        return out
     return path.with_suffix(".tif" if "tif" in kind else ".npy")
 
 
 BAD_FILES = [("empty-npy", "empty (0 bytes)"), ("text-npy", "not a .npy file (no NumPy header"),
              ("truncated-npy", "truncated"), ("complex", "is complex"), ("strings", "not numeric"),
              ("4d", "4 dimensions"), ("1x1", "too small"), ("empty-tif", "not a readable TIFF"),
-             ("rgb-tif", "colour"), ("missing", "does not exist"), ("directory", "is a directory")]
+             ("rgb-tif", "colour"), ("missing", "does not exist"), ("directory", "is a directory"),
+             ("colour-png", "a colour image"), ("truncated-png", "not a readable PNG image"),
+             ("empty-jpg", "empty (0 bytes), not a JPG image"), ("text-jpg", "not a readable JPG image")]
 
 
 @pytest.mark.parametrize("command", ["pacbed", "atoms"])

@@ -145,6 +145,81 @@ def test_damaged_files_get_a_named_error(tmp_path):
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(ValueError, match=name):
             read_patterns(tmp_path / name)
-    with pytest.raises(ValueError, match="unknown file type '.png'"):
-        (tmp_path / "x.png").write_bytes(b"")
-        read_patterns(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="unknown file type '.bmp'"):
+        (tmp_path / "x.bmp").write_bytes(b"")
+        read_patterns(tmp_path / "x.bmp")
+    for name, blob in (("bad.png", b"\x89PNG\r\n\x1a\nnonsense"), ("bad.jpg", b"\xff\xd8\xffnonsense")):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{name}: not a readable"):
+            read_patterns(tmp_path / name)
+
+
+# -- PNG and JPEG exports ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["png8", "png16", "jpg", "rgb-png", "rgba-jpeg-grey"])
+def test_png_and_jpeg_read_as_greyscale(raw_patterns, tmp_path, kind):
+    from PIL import Image
+
+    from stemlive.models.readers import read_patterns
+
+    p16 = raw_patterns[0]
+    p8 = np.round(p16 / p16.max() * 255).astype(np.uint8)
+    if kind == "png16":
+        Image.fromarray(p16).save(path := tmp_path / "p.png")
+        want = p16
+    elif kind == "png8":
+        Image.fromarray(p8).save(path := tmp_path / "p.png")
+        want = p8
+    elif kind == "jpg":
+        Image.fromarray(p8).save(path := tmp_path / "p.jpg", quality=95)
+        want = p8
+    elif kind == "rgb-png":  # grey stored as colour: read as the grey value
+        Image.fromarray(np.dstack([p8] * 3)).save(path := tmp_path / "p.png")
+        want = p8
+    else:  # an opaque alpha channel is ignored; JPEG's colour rounding stays within the grey rule
+        Image.fromarray(np.dstack([p8] * 3 + [np.full_like(p8, 255)])).save(tmp_path / "q.png")
+        Image.open(tmp_path / "q.png").convert("RGB").save(path := tmp_path / "p.jpeg", quality=90)
+        want = p8
+    got = read_patterns(path)
+    assert got.shape == (1, 96, 128) and got.dtype == want.dtype
+    tol = 0 if path.suffix == ".png" else 12  # JPEG is lossy
+    assert np.abs(got[0].astype(int) - want.astype(int)).max() <= tol
+
+
+@pytest.mark.parametrize("kind,msg", [("colour", "a colour image"), ("transparent", "transparent pixels"),
+                                      ("bilevel", "1-bit"), ("empty", r"empty \(0 bytes\)"),
+                                      ("truncated", "not a readable PNG image")])
+def test_png_that_is_no_greyscale_pattern_is_refused_by_name(tmp_path, kind, msg):
+    from PIL import Image
+
+    from stemlive.models.readers import read_patterns
+
+    g = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    path = tmp_path / f"{kind}.png"
+    if kind == "colour":
+        Image.fromarray(np.dstack([g, g[::-1], g])).save(path)
+    elif kind == "transparent":
+        Image.fromarray(np.dstack([g, g, g, g])).save(path)
+    elif kind == "bilevel":
+        Image.fromarray(g > 100).save(path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        Image.fromarray(g).save(path)
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=f"{kind}.png: .*{msg}"):
+        read_patterns(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_pacbed_analyze_reads_png_and_jpeg(tiny_models, raw_patterns, tmp_path, suffix):
+    """`stemlive pacbed analyze x.png` (the path a user's export takes)."""
+    from PIL import Image
+
+    img = raw_patterns[0] if suffix == ".png" else np.round(raw_patterns[0] / raw_patterns[0].max() * 255).astype(np.uint8)
+    Image.fromarray(img).save(src := tmp_path / f"x{suffix}")
+    out = tmp_path / "o.json"
+    rc = main(["pacbed", "analyze", str(src), "--alpha-mrad", "13.6", "--kv", "200", "--out", str(out),
+               "--models", str(tiny_models)])
+    doc = json.loads(out.read_text())
+    assert rc == 0 and len(doc["patterns"]) == 1 and doc["patterns"][0].get("error") is None
+    assert np.hypot(*np.subtract(doc["patterns"][0]["center_px"], (50, 60))) < 6

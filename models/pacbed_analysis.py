@@ -6,6 +6,11 @@
     (the seed's converged background subtraction)  →  estimates with σ from the class
     probabilities, flags, and the tilt in both the detector and the crystal frame.
 
+Crops carry which of their pixels lie on the recorded frame (canonical.valid_pixels); every
+normalisation uses those only.  A frame that shows less than the thickness/tilt network was
+trained to read (``min_field_alpha`` from the disk centre to the nearest edge) gets the flag
+``partial-field``, its geometry, and no thickness or tilt (NaN), never a guess.
+
 Everything runs batched through one inference backend per network (ONNX Runtime on the CPU,
 TensorRT on a GPU).  A pattern that cannot be analysed keeps its place with an ``error``.
 """
@@ -26,7 +31,8 @@ from .pacbed_estimate import estimate, top_classes
 
 ALIGN_TASK, THICKNESS_TILT_TASK = "pacbed-align", "pacbed-thickness-tilt"
 # every flag an estimate can carry (stores keep them as bits in this order)
-FLAGS = ("vacuum", "not-on-zone", "thickness-at-range-edge", "low-confidence", "saturated")
+FLAGS = ("vacuum", "not-on-zone", "thickness-at-range-edge", "low-confidence", "saturated", "partial-field")
+RAW_FLAGS = ("vacuum", "saturated")  # read from the raw frame, not from the thickness/tilt network
 
 
 @dataclass
@@ -48,13 +54,19 @@ class PacbedEstimate:
     error: str | None = None
 
     def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
+        """Plain JSON values: tuples as lists, NaN (no estimate, e.g. ``partial-field``) as None."""
+        d = {k: _plain(getattr(self, k)) for k in self.__dataclass_fields__}
         if self.error is None:
             d.pop("error")
         return d
+
+
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def crop_window(pattern: np.ndarray, center: tuple[float, float], radius: float) -> tuple[np.ndarray, tuple[float, float], float]:
@@ -91,6 +103,18 @@ def canonical_crop(pattern: np.ndarray, center, radius: float, rotation: float) 
     return canonical.to_canonical(win, cen, rad, rotation)
 
 
+def canonical_crop_valid(pattern: np.ndarray, center, radius: float, rotation: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`canonical_crop` and which of its pixels lie on the recorded frame."""
+    win, cen, rad = crop_window(pattern, center, radius)
+    return canonical.to_canonical(win, cen, rad, rotation), canonical.valid_pixels(win.shape, cen, rad, rotation)
+
+
+def field_alpha(shape: tuple[int, ...], center, radius: float) -> float:
+    """±α the frame shows along the shortest direction from the disk centre to its edge pixels."""
+    (r, c), (h, w) = center, shape[-2:]
+    return min(r, h - 1 - r, c, w - 1 - c) / radius
+
+
 def wrap45(deg: float) -> float:
     """Into (−45°, 45°]: the [001] pattern repeats every 90°."""
     return -((-deg + 45) % 90 - 45)
@@ -104,8 +128,11 @@ class PacbedAnalyzer:
     """The two networks of one acquisition setting (kV, α) behind one backend."""
 
     def __init__(self, align_card: ModelCard, thickness_tilt_card: ModelCard | None, backend: str = "auto",
-                 align_iterations: int = 3, threads: int | None = None, background_iterations: int = 1):
-        """``thickness_tilt_card`` None gives an alignment-only analyser (:meth:`align_patterns`)."""
+                 align_iterations: int = 3, threads: int | None = None, background_iterations: int = 1,
+                 min_field_alpha: float | None = None):
+        """``thickness_tilt_card`` None gives an alignment-only analyser (:meth:`align_patterns`).
+        ``min_field_alpha``: below it a frame is ``partial-field`` (default: the card's
+        ``training.min_field_alpha``, else :data:`MIN_FIELD_ALPHA`; 0 reads every frame)."""
         self.cards = [c for c in (align_card, thickness_tilt_card) if c is not None]
         self.align_iterations = align_iterations
         self.align = self._load(align_card, backend, threads)
@@ -118,6 +145,8 @@ class PacbedAnalyzer:
         self.thickness_bins = np.asarray(t["thickness_bins_nm"])
         self.tilt_bins = np.asarray(t["tilt_bins_mrad"])
         self.tilt_max = float(t["tilt_mrad"][1])
+        self.min_field_alpha = float(t.get("min_field_alpha", MIN_FIELD_ALPHA) if min_field_alpha is None
+                                     else min_field_alpha)
         # one step of the background head: measured on held-out simulations, the residual it
         # predicts is good to ~0.06 of the mean, so further steps wander (README, issue 3)
         self.background_iterations = background_iterations
@@ -144,13 +173,17 @@ class PacbedAnalyzer:
 
     # -- stages ------------------------------------------------------------------------------
     @staticmethod
-    def _crops(patterns, states, which) -> np.ndarray:
-        """Canonical crops of ``patterns[i]`` at ``states[i]`` for i in ``which``: one
-        interpolation call for a stack of equal frames with small disks, else one per pattern."""
+    def _crops(patterns, states, which) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical crops of ``patterns[i]`` at ``states[i]`` for i in ``which`` and their real
+        pixels: one interpolation call for a stack of equal frames with small disks, else one per
+        pattern."""
         st = np.array([states[i] for i in which], float).reshape(-1, 4)
         if isinstance(patterns, np.ndarray) and np.all(st[:, 2] < 1.5 * canonical.ALPHA_PX):
-            return canonical.to_canonical_stack(patterns[which], st[:, :2], st[:, 2], st[:, 3])
-        return np.stack([canonical_crop(patterns[i], s[:2], s[2], s[3]) for i, s in zip(which, st)])
+            crops = canonical.to_canonical_stack(patterns[which], st[:, :2], st[:, 2], st[:, 3])
+            valid = np.stack([canonical.valid_pixels(patterns.shape, s[:2], s[2], s[3]) for s in st])
+            return crops, valid
+        pairs = [canonical_crop_valid(patterns[i], s[:2], s[2], s[3]) for i, s in zip(which, st)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def _align(self, patterns, states: list[list[float]]) -> None:
         """Iterate the alignment network on every pattern's (row, col, radius, rotation)."""
@@ -158,8 +191,8 @@ class PacbedAnalyzer:
         for _ in range(self.align_iterations):
             if not active:
                 break
-            crops = self._crops(patterns, states, active)
-            out = self.align(canonical.normalise(crops, 0.0, self.align_window)[:, None])
+            crops, valid = self._crops(patterns, states, active)
+            out = self.align(canonical.normalise(crops, 0.0, self.align_window, valid)[:, None])
             still = []
             for k, i in enumerate(active):
                 r, c, rad, rot = states[i]
@@ -172,13 +205,14 @@ class PacbedAnalyzer:
                     still.append(i)
             active = still
 
-    def read_crops(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """Thickness/tilt network outputs for aligned canonical crops, background converged."""
+    def read_crops(self, crops: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Thickness/tilt network outputs for aligned canonical crops (``valid``: their real
+        pixels, default all), background converged."""
         b = np.zeros(len(crops), np.float32)
         for _ in range(self.background_iterations):
-            out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window)[:, None])
+            out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window, valid)[:, None])
             b = np.clip(b + out["background"][:, 0], 0, None)
-        out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window)[:, None])
+        out = self.thickness_tilt(canonical.normalise(crops, b, self.analysis_window, valid)[:, None])
         out["background_units_of_mean"] = b
         return out
 
@@ -255,9 +289,9 @@ class PacbedAnalyzer:
             return results
         coarse = [list(st) for st in states]  # a plain disk (vacuum) is better located by these
         self._align(arrays, states)
-        crops = self._crops(arrays, states, list(range(len(states))))
-        means = crops[:, canonical.window_mask(self.analysis_window)].mean(axis=1)  # the networks' unit
-        out = self.read_crops(crops)
+        crops, valid = self._crops(arrays, states, list(range(len(states))))
+        means = canonical.window_means(crops, self.analysis_window, valid)  # the networks' unit
+        out = self.read_crops(crops, valid)
         th, th_sig = estimate(out["thickness_prob"], self.thickness_bins)
         t0, s0 = estimate(out["tilt0_prob"], self.tilt_bins)
         t1, s1 = estimate(out["tilt1_prob"], self.tilt_bins)
@@ -272,6 +306,9 @@ class PacbedAnalyzer:
             flags = self._flags(arrays[k], coarse[k][:2], coarse[k][2], out, k)
             if "vacuum" in flags:  # nothing for the alignment network to lock on to
                 r, c, rad = coarse[k][:3]
+            if field_alpha(arrays[k].shape, (r, c), rad) < self.min_field_alpha:
+                results[i] = partial_field(r, c, rad, rot, flags)
+                continue
             in_range = (self.thickness_bins[0] - 0.5 <= th[k] <= self.thickness_bins[-1] + 0.5
                         and np.all(np.abs(tilt_c) <= self.tilt_max) and not
                         ({"vacuum", "not-on-zone", "thickness-at-range-edge"} & set(flags)))
@@ -311,7 +348,23 @@ class PacbedAnalyzer:
         return flags
 
 
+def partial_field(r: float, c: float, rad: float, rot: float, flags: list[str]) -> PacbedEstimate:
+    """The estimate of a frame that shows too little: geometry, no thickness or tilt (NaN)."""
+    nan2 = (math.nan, math.nan)
+    return PacbedEstimate(
+        center_px=(float(r), float(c)), radius_px=float(rad), rotation_deg=float(rot), thickness_nm=math.nan,
+        thickness_sigma_nm=math.nan, tilt_mrad=nan2, tilt_sigma_mrad=nan2, tilt_crystal_mrad=nan2,
+        background=math.nan, in_range=False, flags=["partial-field"] + [f for f in flags if f in RAW_FLAGS])
+
+
 # just outside the zero disk (1.1-1.6 α) a specimen's Bragg disks shine: SrTiO3 [001] at 1 nm puts
 # 0.8-0.9 % of the disk's brightness there (200 kV, 13.6 and 19.1 mrad libraries); vacuum ~0
 VACUUM_RING_FRACTION = 0.004
 LOW_CONFIDENCE = 0.15  # most probable thickness bin below this: no bin stands out
+# The shipped networks were trained on whole ±2.6 α windows; off-frame pixels are filled radially
+# (canonical.normalise).  Measured on realistic recordings at 13.6 mrad (benchmarks/
+# pacbed_accuracy.py --set recordings --by-field [--field 1.0 1.6], README): thickness within
+# 2 nm 62-78 % and tilt within 0.5 mrad 92-100 % in every bin from ±1.4 to ±5 α; below, thickness
+# 65, 53, 38, 38 % and tilt 85, 73, 61, 49 % in the 0.1 α bins from ±1.4 down to ±1.0 α.  A card
+# may state its own (training.min_field_alpha).
+MIN_FIELD_ALPHA = 1.4

@@ -103,9 +103,10 @@ def _frame_and_centre(rng: np.random.Generator, field: float) -> tuple[tuple[int
             return (h, w), (float(r), float(c)), float(radius)
 
 
-def draw_experiment(rng: np.random.Generator) -> Experiment:
-    """One recording's geometry, detector and export, drawn from the ranges above."""
-    field = rng.uniform(*FIELD_ALPHA)
+def draw_experiment(rng: np.random.Generator, field_alpha: tuple[float, float] = FIELD_ALPHA) -> Experiment:
+    """One recording's geometry, detector and export, drawn from the ranges above (``field_alpha``
+    other than the default: e.g. to measure where the analysis stops reading)."""
+    field = rng.uniform(*field_alpha)
     shape, centre, radius = _frame_and_centre(rng, field)
     kinds, probs = zip(*EXPORTS)
     export = str(rng.choice(kinds, p=probs))
@@ -254,13 +255,14 @@ class HeldoutSource:
 
 
 def iter_recordings(library: str | Path | PacbedLibrary | HeldoutSource, n: int, seed: int = 0,
-                    **kw) -> Iterator[tuple[np.ndarray, dict]]:
-    """(frame, truth of that frame) for ``n`` recordings, one at a time (frames reach 1024²)."""
+                    field_alpha: tuple[float, float] = FIELD_ALPHA, **kw) -> Iterator[tuple[np.ndarray, dict]]:
+    """(frame, truth of that frame) for ``n`` recordings, one at a time (frames reach 1024²);
+    ``kw`` go to :class:`HeldoutSource`."""
     src = library if isinstance(library, HeldoutSource) else HeldoutSource(library, **kw)
     for i in range(n):
         rng = np.random.default_rng([seed, i])  # recording i does not depend on n
         pattern, th, tilt_c = src.draw(rng)
-        exp = draw_experiment(rng)
+        exp = draw_experiment(rng, field_alpha)
         frame, uniform = record(pattern, src.alpha_px, exp, rng, th / src.thickness[-1], src.alpha_mrad)
         tilt_d = canonical.rotation_matrix(-exp.rotation_deg) @ tilt_c
         truth = {"center_px": np.array(exp.center_px), "radius_px": exp.radius_px, "rotation_deg": exp.rotation_deg,

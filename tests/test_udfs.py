@@ -147,6 +147,28 @@ def test_centre_update_mid_run_loses_no_frame(ctx):
         np.testing.assert_allclose(last.buffers[0][name].data.ravel(), want, rtol=0.03, err_msg=name)
 
 
+@pytest.mark.parametrize("tileshape", [(4, 11, 48), (16, 13, 48), (3, 48, 48)])
+def test_provisional_centre_independent_of_tiling(ctx, tileshape):
+    """Without a centre, each partition records its frames around the bright-disk centroid of its
+    first frames, whatever the tiles: pieces of frames (as LiberTEM's npy reader cuts 97-px
+    frames) and shallow tiles give what whole frames in one tile give (a live stream)."""
+    frames, *_ = smooth_frames((21.7, 26.2), n=24)
+    data = frames.reshape(4, 6, 48, 48)
+    udf = dict(radius_px=8.0, rings=RINGS_PX)
+    whole = ctx.run_udf(dataset=ctx.load("memory", data=data, sig_dims=2, num_partitions=2,
+                                         tileshape=(12, 48, 48)), udf=VirtualDetectorUDF(**udf))
+    cut = ctx.run_udf(dataset=ctx.load("memory", data=data, sig_dims=2, num_partitions=2, tileshape=tileshape),
+                      udf=VirtualDetectorUDF(**udf))
+    used = whole["center_used"].data.reshape(-1, 2)
+    assert np.abs(used - (21.7, 26.2)).max() < 0.6 and np.abs(used - (23.5, 23.5)).max() > 1
+    np.testing.assert_array_equal(cut["center_used"].data, whole["center_used"].data)
+    np.testing.assert_array_equal(cut["recorded"].data, whole["recorded"].data)
+    np.testing.assert_allclose(cut["radial"].data, whole["radial"].data, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(cut["dipole"].data, whole["dipole"].data, rtol=1e-5, atol=1e-2)
+    for name in RINGS_PX:
+        np.testing.assert_allclose(cut[name].data, whole[name].data, rtol=1e-5, err_msg=name)
+
+
 def test_bright_disk_center_ignores_hot_pixels():
     rr, cc = np.indices((64, 80))
     img = np.where(np.hypot(rr - 20.3, cc - 50.6) < 6, 1000.0, 10.0)

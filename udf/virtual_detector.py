@@ -15,6 +15,8 @@ LiberTEM's ``update_parameters_experimental``; frames already recorded as bins a
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from libertem.udf.base import UDF
 
@@ -23,6 +25,18 @@ from .radial_bins import (DEFAULT_RINGS, BinnedFrames, RingScale, bin_frames, bi
 
 PROVISIONAL_FRAMES = 8
 BINS, RINGS = 1, 2  # values of the per-frame ``recorded`` result
+RECORD = ("radial", "dipole", "center_used", "ring_values", "recorded")  # the per-frame results
+
+
+class _FirstFrames:
+    """A partition's first frames summed across signal tiles, and the tiles held until they are whole."""
+
+    def __init__(self, sig_shape: tuple[int, int], n: int, start: int):
+        self.sum = np.zeros(sig_shape, np.float64)
+        self.n, self.start = n, start  # how many frames; the nav index of the first
+        self.need = n * int(np.prod(sig_shape))
+        self.covered = 0  # frame pixels summed so far
+        self.held: list = []  # (float32 frames (n, pixels), sig slice, result views)
 
 
 class VirtualDetectorUDF(UDF):
@@ -88,7 +102,7 @@ class VirtualDetectorUDF(UDF):
         return sig
 
     def _center(self) -> tuple[float, float]:
-        """The given centre; else a provisional one per partition (bright-disk centroid of its first tile)."""
+        """The given centre; else a provisional one per partition (bright-disk centroid of its first frames)."""
         if self.params.center is not None:
             return tuple(self.params.center)
         provisional = self.task_data.matrices.get("provisional")
@@ -141,35 +155,82 @@ class VirtualDetectorUDF(UDF):
         return {"matrices": {}}
 
     def process_tile(self, tile):
+        if self.params.center is None and "provisional" not in self.task_data.matrices:
+            if not self._gather_first_frames(tile):
+                return  # held back until the partition's first frames are whole
+        self._record(np.asarray(tile, np.float32).reshape(len(tile), -1),
+                     tuple(self.meta.sig_slice.get(sig_only=True)), self.results)
+
+    def postprocess(self):
+        """Tiles still held at the end of a partition (its first frames never came whole) are
+        recorded around what was gathered, so no frame is lost."""
+        first = self.task_data.matrices.get("first")
+        if first is not None:
+            self._provisional_found(first)
+
+    def _gather_first_frames(self, tile) -> bool:
+        """Sum the partition's first frames over the signal tiles that cut them into pieces.
+
+        The provisional centre is the bright-disk centroid of the sum of the partition's first
+        ``PROVISIONAL_FRAMES`` frames, whatever the tiling (a live stream's whole frames or a
+        reader's pieces of 13 rows): a tile that comes before they are whole is held (a float32
+        copy and its result views, at most the frames' first depth of tiles) and recorded once
+        the centre is known.  True when the centre is known and this tile can be recorded now.
+        """
         cache = self.task_data.matrices
-        if self.params.center is None and "provisional" not in cache:
-            if tuple(tile.shape[1:]) == self._sig():  # full frames: locate the disk once per partition
-                # from the partition's first frames only, so any tiling gives the same centre
-                first = np.asarray(tile[:PROVISIONAL_FRAMES], np.float64).sum(axis=0)
-                # to 1/8 px, so partitions share one bin matrix (the recentering corrects the rest)
-                cache["provisional"] = tuple(round(c * 8) / 8 for c in bright_disk_center(first))
-        center = self._center()
+        first = cache.get("first")
+        nav0 = int(self.meta.slice.origin[0])
+        if first is None:  # the partition's first tile starts at its first frame
+            n = max(1, min(PROVISIONAL_FRAMES, int(self.meta.partition_shape[0])))
+            first = cache["first"] = _FirstFrames(self._sig(), n, nav0)
         sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
+        k = min(len(tile), first.n - (nav0 - first.start)) if nav0 >= first.start else 0
+        if k > 0:
+            piece = np.asarray(tile[:k], np.float64).sum(axis=0)
+            first.sum[sig_part] += piece
+            first.covered += k * piece.size
+        if first.covered >= first.need:
+            self._provisional_found(first)
+            return True
+        views = SimpleNamespace(**{k: getattr(self.results, k) for k in RECORD})  # views into the partition's buffers
+        first.held.append((np.array(tile, np.float32).reshape(len(tile), -1), sig_part, views))
+        return False
+
+    def _provisional_found(self, first: "_FirstFrames") -> None:
+        cache = self.task_data.matrices
+        h, w = self._sig()
+        center = bright_disk_center(first.sum) if first.covered else ((h - 1) / 2, (w - 1) / 2)
+        # to 1/8 px, so partitions share one bin matrix (the recentering corrects the rest)
+        cache["provisional"] = tuple(round(c * 8) / 8 for c in center)
+        del cache["first"]
+        for flat, sig_part, views in first.held:
+            self._record(flat, sig_part, views)
+
+    def _record(self, flat: np.ndarray, sig_part: tuple, out) -> None:
+        """One tile, frames flattened (n, pixels) float32, into the result views ``out``."""
+        cache = self.task_data.matrices
+        center = self._center()
         radii = self.rings_px() if (self.params.mode == "auto" and self.params.center is not None) else None
-        key = (center, tuple(radii) if radii else None, tuple((s.start, s.stop) for s in sig_part))
-        if key not in cache:
-            for k in [k for k in cache if k != "provisional"]:
+        geometry = (center, tuple(radii) if radii else None)
+        key = geometry + (tuple((s.start, s.stop) for s in sig_part),)
+        matrix = cache.get(key)
+        if matrix is None:
+            for k in [k for k in cache if isinstance(k, tuple) and k[:2] != geometry]:
                 del cache[k]  # a new centre or scale: the old matrices are not needed again
-            cache[key] = (ring_masks(self._sig(), center, radii, self.params.bin_px, sig_part) if radii else
-                          bin_matrix(self._sig(), center, self.params.bin_px, self.results.radial.shape[-1], sig_part))
-        flat = np.asarray(tile, np.float32).reshape(len(tile), -1)
+            matrix = cache[key] = (ring_masks(self._sig(), center, radii, self.params.bin_px, sig_part) if radii else
+                                   bin_matrix(self._sig(), center, self.params.bin_px, out.radial.shape[-1], sig_part))
         if radii:
-            self.results.ring_values[:] += flat @ cache[key]  # sig tiles add up
-            self.results.recorded[:] = RINGS
+            out.ring_values[:] += flat @ matrix  # sig tiles add up
+            out.recorded[:] = RINGS
         else:
-            radial, dipole = bin_frames(flat, cache[key])
-            self.results.radial[:] += radial
-            self.results.dipole[:] += dipole
-            self.results.recorded[:] = BINS
-        self.results.center_used[:] = center
+            radial, dipole = bin_frames(flat, matrix)
+            out.radial[:] += radial
+            out.dipole[:] += dipole
+            out.recorded[:] = BINS
+        out.center_used[:] = center
 
     def get_results(self):
-        out = {k: getattr(self.results, k) for k in ("radial", "dipole", "center_used", "ring_values", "recorded")}
+        out = {k: getattr(self.results, k) for k in RECORD}
         if self.params.images:
             out.update(ring_images(out, self.params.rings, self.scale(), self.params.bin_px,
                                    self.params.true_center or self.params.center))

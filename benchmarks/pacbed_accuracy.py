@@ -143,6 +143,18 @@ def by_field(results: list[PacbedEstimate], truth: dict) -> list[tuple[str, dict
     return rows
 
 
+def by_export(results: list[PacbedEstimate], truth: dict) -> list[tuple[str, dict[str, float]]]:
+    """The networks' row per export kind (and for saturated zero disks)."""
+    groups = [(kind, truth["export"] == kind) for kind in ("float32", "uint16", "uint8")]
+    groups.append(("saturated disk", truth["saturation"] > 0))
+    rows = []
+    for name, sel in groups:
+        idx = np.flatnonzero(sel[:len(results)])
+        if len(idx):
+            rows.append((f"{name} ({len(idx)})", row_scores([results[i] for i in idx], {k: v[idx] for k, v in truth.items()})))
+    return rows
+
+
 def print_columns(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
     """A table with one column per method and one line per figure (wide rows do not fit)."""
     keys = list(rows[0][1])
@@ -205,6 +217,7 @@ def recordings_benchmark(args) -> None:
             per_alpha[alpha][f"LSF ({m})"] = (as_arrays(arrays_to_estimates(ld)), sub)
         print_columns(f"SrTiO3 [001], 200 kV, {alpha} mrad — realistic recordings ({args.n}, seed {args.seed}, "
                       f"field ±{args.field[0]:g}-{args.field[1]:g} α; partial-field below ±{threshold:g} α)", rows)
+        print_columns(f"{alpha} mrad — networks by export (8-bit: gamma 0.5-1, clipped)", by_export(net, truth))
         if args.by_field:
             print_columns(f"{alpha} mrad — networks by field shown (no partial-field gate; linear = float/16-bit exports)",
                           by_field(raw, truth))
@@ -237,7 +250,7 @@ def main(argv=None) -> None:
     for alpha in args.alpha:
         lib = library_for(alpha)
         analyzer = PacbedAnalyzer.for_acquisition(200, alpha, args.models, backend="onnxruntime")
-        model_key = [c.data["onnx_sha256"] for c in analyzer.cards]
+        model_key = [c.data["onnx_sha256"] for c in analyzer.cards] + [sha256_of(ROOT / f) for f in ANALYSIS_CODE]
         lib_sha = sha256_of(lib)
         lsf = None
         rows, per_alpha[alpha] = [], {}

@@ -97,8 +97,10 @@ def print_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
         print(name.ljust(w) + " | ".join(cells))
 
 
-# flags that say "do not trust this thickness" (a gross miss carrying one is not silent)
-DOUBT = {"ambiguous", "model-mismatch", "low-confidence", "vacuum", "not-on-zone", "thickness-at-range-edge"}
+# flags that say "do not trust this thickness" (a gross miss carrying one is not silent); a
+# saturated zero disk is one: its plateau hides the intensities thickness is read from
+DOUBT = {"ambiguous", "model-mismatch", "low-confidence", "vacuum", "not-on-zone", "thickness-at-range-edge",
+         "saturated"}
 GROSS_NM, SILENT_SIGMA_NM = 10.0, 5.0
 ROW_KEYS = ("answered", "partial-field", "thickness ±1 nm", "thickness ±2 nm", "tilt ±0.25 mrad (t≥10 nm)",
             "tilt ±0.5 mrad (t≥10 nm)", "centre ±0.02 α", "size ±1 %", "rotation ±1°", "thickness in ±1σ",

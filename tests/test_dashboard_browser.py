@@ -42,7 +42,7 @@ def finite_count(values) -> int:
 
 
 def test_dashboard_live(live_scan, tmp_path):
-    d, _, _, _ = live_scan
+    d, meta, _, _ = live_scan
     api, data, pub, rep, web = (free_port() for _ in range(5))
     sub_addr, req_addr = f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{rep}"
     store = tmp_path / "r.h5"
@@ -57,8 +57,8 @@ def test_dashboard_live(live_scan, tmp_path):
         procs.append(dash)
         engine = stemlive("live", "--detector", "dectris", "--api-port", str(api), "--data-port", str(data),
                           "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
-                          "--mrad-per-px", "3.06", "--out", str(store), "--pub", sub_addr, "--rep", req_addr,
-                          "--quiet", "--executor", "inline")
+                          "--mrad-per-px", str(meta["mrad_per_px"]), "--out", str(store), "--pub", sub_addr,
+                          "--rep", req_addr, "--quiet", "--executor", "inline")
         procs.append(engine)
         url = f"http://127.0.0.1:{web}/"
         a = br.browser()
@@ -109,7 +109,7 @@ def test_dashboard_live(live_scan, tmp_path):
         assert f"thickness {want[i, j]:.1f} ± {final['maps']['thickness_sigma_nm'][i, j]:.1f} nm" in info
         shape = a.execute_script("const m = Bokeh.documents[0].get_model_by_name('pacbed');"
                                  "return m.renderers[0].data_source.data.image[0].shape")
-        assert list(shape) == [41, 41]  # the block's PACBED, as recorded (41×41 frames)
+        assert list(shape) == list(meta["frame_shape"])  # the block's PACBED, as recorded (the scan's frames)
         for drv in drivers:
             assert br.console_errors(drv) == []
     finally:

@@ -2,6 +2,7 @@
 block analysed before the fault (state aborted, with the reason)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,11 +21,16 @@ from .faulty_dectris import FaultyDetector
 AT = 1000  # the fault strikes at this frame: two block rows (2 × 8 × 48 frames) are complete before it
 
 
-def run_live(tmp_path, api_port, data_port, *extra, timeout=120):
+def calibration(meta: dict | None) -> list[str]:
+    """The scan's detector calibration as options (its meta, params.json); none without a scan."""
+    return [] if meta is None else ["--mrad-per-px", str(meta["mrad_per_px"])]
+
+
+def run_live(tmp_path, api_port, data_port, *extra, meta=None, timeout=120):
     out = tmp_path / "r.h5"
     cmd = [sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris", "--api-port", str(api_port),
            "--data-port", str(data_port), "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6",
-           "--kv", "200", "--mrad-per-px", "3.06", "--out", str(out), "--stall-timeout", "6",
+           "--kv", "200", *calibration(meta), "--out", str(out), "--stall-timeout", "6",
            "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet", "--executor", "inline", *extra]
     t = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -49,9 +55,9 @@ def assert_aborted_keeping_blocks(out, min_blocks: int, reason_part: str):
     ("missing-frame", "frame id mismatch"),
 ])
 def test_protocol_faults_become_clear_errors(live_scan, tmp_path, fault, message):
-    _, _, data, _ = live_scan
+    _, meta, data, _ = live_scan
     with FaultyDetector(data, fault, at=AT) as det:
-        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port, meta=meta)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "acquisition aborted" in res.stderr and message in res.stderr
     assert took < 60
@@ -59,9 +65,9 @@ def test_protocol_faults_become_clear_errors(live_scan, tmp_path, fault, message
 
 
 def test_detector_that_stops_mid_scan(live_scan, tmp_path):
-    _, _, data, _ = live_scan
+    _, meta, data, _ = live_scan
     with FaultyDetector(data, "stops", at=AT) as det:
-        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port, meta=meta)
     assert res.returncode == 1 and "no frames for 6 s after" in res.stderr, res.stderr[-2000:]
     assert took < 60
     assert_aborted_keeping_blocks(out, 12, "detector stopped")
@@ -70,7 +76,9 @@ def test_detector_that_stops_mid_scan(live_scan, tmp_path):
 
 def paced_run_to_first_block(d, tmp_path, *extra, executor="inline", dwell_us=5000):
     """`stemlive sim-detector` (paced, own process group) and `stemlive live` against it, returned
-    once the first block row is in the store: (simulator, live process)."""
+    once the first block row is in the store: (simulator, live process).  ``d``: the scan's
+    directory (frames.npy, and params.json with its calibration)."""
+    meta = json.loads((d / "params.json").read_text())
     api, data_port = free_port(), free_port()
     sim = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "sim-detector", str(d / "frames.npy"),
                             "--dwell-us", str(dwell_us), "--api-port", str(api), "--data-port", str(data_port),
@@ -79,7 +87,7 @@ def paced_run_to_first_block(d, tmp_path, *extra, executor="inline", dwell_us=50
     proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
                              "--api-port", str(api), "--data-port", str(data_port),
                              "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
-                             "--mrad-per-px", "3.06", "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
+                             *calibration(meta), "--out", str(tmp_path / "r.h5"), "--stall-timeout", "6",
                              "--pub", "tcp://127.0.0.1:0", "--rep", "tcp://127.0.0.1:0", "--quiet",
                              "--executor", executor, *extra], stderr=subprocess.PIPE, text=True,
                             # a test run started in the background (`cmd &`) ignores SIGINT, and so
@@ -116,17 +124,18 @@ def test_killed_simulator(live_scan, tmp_path):
 
 
 def test_stream_that_never_starts_active(live_scan, tmp_path):
-    _, _, data, _ = live_scan
+    _, meta, data, _ = live_scan
     with FaultyDetector(data, "never-starts", at=0) as det:
-        res, took, out = run_live(tmp_path, det.api_port, det.data_port)
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port, meta=meta)
     assert res.returncode == 1 and "no frames for 6 s after 0" in res.stderr, res.stderr[-2000:]
     assert read_store(out)["attrs"]["state"] == "aborted"
 
 
 def test_stream_that_never_starts_passive(live_scan, tmp_path):
-    _, _, data, _ = live_scan
+    _, meta, data, _ = live_scan
     with FaultyDetector(data, "never-starts", at=0) as det:
-        res, took, out = run_live(tmp_path, det.api_port, det.data_port, "--mode", "passive", "--arm-timeout", "3")
+        res, took, out = run_live(tmp_path, det.api_port, det.data_port, "--mode", "passive", "--arm-timeout", "3",
+                                  meta=meta)
     assert res.returncode == 1 and "no acquisition was armed within 3 s" in res.stderr, res.stderr[-2000:]
 
 
@@ -214,7 +223,7 @@ def test_a_slow_healthy_stream_is_never_aborted(live_scan, tmp_path):
         out = tmp_path / "slow.h5"
         res = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "live", "--detector", "dectris",
                               "--api-port", str(api), "--data-port", str(data_port), "--scan-shape", "32", "48",
-                              "--block", "32", "48", "--alpha-mrad", "13.6", "--kv", "200", "--mrad-per-px", "3.06",
+                              "--block", "32", "48", "--alpha-mrad", "13.6", "--kv", "200", *calibration(live_scan[1]),
                               "--out", str(out), "--stall-timeout", "3", "--no-publish", "--quiet",
                               "--executor", "inline", "--atoms", "off"], capture_output=True, text=True, timeout=120)
     finally:
@@ -249,11 +258,11 @@ def test_record_never_replaces_a_file(tmp_path):
 def test_an_aborted_overwrite_keeps_the_earlier_store(live_scan, tmp_path):
     """--overwrite and the detector stops mid-scan: the earlier store is as it was; this run's
     blocks are beside it (r.incomplete.h5, aborted); the dropped frames and blocks are counted."""
-    _, _, data, _ = live_scan
+    _, meta, data, _ = live_scan
     out = tmp_path / "r.h5"
     out.write_bytes(b"an earlier result")
     with FaultyDetector(data, "stops", at=AT) as det:
-        res, took, _ = run_live(tmp_path, det.api_port, det.data_port, "--overwrite")
+        res, took, _ = run_live(tmp_path, det.api_port, det.data_port, "--overwrite", meta=meta)
     assert res.returncode == 1, res.stderr[-2000:]
     assert out.read_bytes() == b"an earlier result"
     assert "r.incomplete.h5" in res.stderr

@@ -18,6 +18,20 @@ def ring_mask(shape: tuple[int, int], center: tuple[float, float], r_in: float, 
     return (r >= r_in) & (r < r_out)
 
 
+def ring_sums(frames: np.ndarray, masks: np.ndarray, block_bytes: float = 64e6) -> np.ndarray:
+    """Each frame of a (scan..., H, W) array (e.g. memory-mapped) summed over each mask
+    (H·W, k): (scan..., k), reading ``block_bytes`` of frames (as float32) at a time,
+    never the whole scan at once (256×256 frames of 97² px are 2.5 GB as float32)."""
+    scan, npix = frames.shape[:-2], int(np.prod(frames.shape[-2:]))
+    flat = frames.reshape(-1, npix)
+    out = np.empty((len(flat), masks.shape[1]), np.float64)
+    m = np.asarray(masks, np.float32)
+    step = max(1, int(block_bytes // (npix * 4)))
+    for i in range(0, len(flat), step):
+        out[i:i + step] = np.asarray(flat[i:i + step], np.float32) @ m
+    return out.reshape(*scan, masks.shape[1])
+
+
 def write_overview(scan_dir: Path, out_png: Path | None = None) -> Path:
     import h5py
     import matplotlib
@@ -34,17 +48,16 @@ def write_overview(scan_dir: Path, out_png: Path | None = None) -> Path:
     alpha_px = meta["alpha_mrad"] / meta["mrad_per_px"]
     c = meta["center_px"]
     shape = tuple(frames.shape[-2:])
-    bf = ring_mask(shape, c, 0, 0.5 * alpha_px)
-    haadf = ring_mask(shape, c, 3 * alpha_px, 4.5 * alpha_px)
-    f32 = np.asarray(frames, np.float32)
-    vbf, vhaadf = (f32 * bf).sum(axis=(-1, -2)), (f32 * haadf).sum(axis=(-1, -2))
+    masks = np.stack([ring_mask(shape, c, 0, 0.5 * alpha_px),  # BF, HAADF
+                      ring_mask(shape, c, 3 * alpha_px, 4.5 * alpha_px)], axis=-1).reshape(-1, 2)
+    vbf, vhaadf = np.moveaxis(ring_sums(frames, masks), -1, 0)
     h, w = thick.shape
     n = 8 * 4  # blocks of 4x4 unit cells at 8 steps per cell
-    thin = f32[:n, :n].mean(axis=(0, 1))
+    thin = np.asarray(frames[:n, :n], np.float64).mean(axis=(0, 1))
     r0, c0 = int(meta["scan"]["bowl_center"][0] * (h - 1)), int(meta["scan"]["bowl_center"][1] * (w - 1))
     c0 = min(max(c0 + int(meta["scan"]["bowl_radius"] * w) - n // 2, 0), w - n)
     r0 = min(max(r0 - n // 2, 0), h - n)
-    bent = f32[r0:r0 + n, c0:c0 + n].mean(axis=(0, 1))
+    bent = np.asarray(frames[r0:r0 + n, c0:c0 + n], np.float64).mean(axis=(0, 1))
     fig, ax = plt.subplots(2, 3, figsize=(13, 8.5), constrained_layout=True)
     im = ax[0, 0].imshow(thick, cmap="viridis")
     fig.colorbar(im, ax=ax[0, 0], label="thickness [nm]")

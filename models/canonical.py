@@ -48,19 +48,30 @@ def to_canonical(pattern: np.ndarray, center: tuple[float, float], radius_px: fl
     When the raw disk is larger than the canonical one, the pattern is first smoothed over the
     footprint of a canonical pixel so fine raw sampling does not alias.
     """
+    return to_canonical_valid(pattern, center, radius_px, rotation_deg)[0]
+
+
+def to_canonical_valid(pattern: np.ndarray, center: tuple[float, float], radius_px: float,
+                       rotation_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`to_canonical` and its real pixels (:func:`valid_pixels`), from one sampling grid."""
     scale = radius_px / ALPHA_PX
     src = np.asarray(pattern, np.float32)
     if scale > 1.5:
         src = ndimage.gaussian_filter(src, 0.42 * scale)
-    out = ndimage.map_coordinates(src, sample_grid(center, radius_px, rotation_deg), order=1, mode="constant")
-    return out.astype(np.float32) * np.float32(scale**2)
+    grid = sample_grid(center, radius_px, rotation_deg)
+    out = ndimage.map_coordinates(src, grid, order=1, mode="constant")
+    return out.astype(np.float32) * np.float32(scale**2), _on_frame(grid, src.shape)
 
 
 def valid_pixels(frame_shape: tuple[int, ...], center: tuple[float, float], radius_px: float,
                  rotation_deg: float = 0.0) -> np.ndarray:
     """(PIXELS, PIXELS) bool: the canonical pixels sampled on the recorded frame, i.e. between its
     outermost pixel centres (beyond them :func:`to_canonical` returns 0, which is no measurement)."""
-    yx = sample_grid(center, radius_px, rotation_deg)
+    return _on_frame(sample_grid(center, radius_px, rotation_deg), frame_shape)
+
+
+def _on_frame(yx: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
+    """Which (row, col) sample points (2, ...) lie between the frame's outermost pixel centres."""
     h, w = frame_shape[-2:]
     return (yx[0] >= 0) & (yx[0] <= h - 1) & (yx[1] >= 0) & (yx[1] <= w - 1)
 
@@ -69,11 +80,18 @@ def to_canonical_stack(stack: np.ndarray, centers: np.ndarray, radii: np.ndarray
                        rotations: np.ndarray) -> np.ndarray:
     """:func:`to_canonical` for a stack of equal-sized frames in one interpolation call
     (only for disks small enough that no smoothing is needed: radius < 1.5 ALPHA_PX)."""
+    return to_canonical_stack_valid(stack, centers, radii, rotations)[0]
+
+
+def to_canonical_stack_valid(stack: np.ndarray, centers: np.ndarray, radii: np.ndarray,
+                             rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`to_canonical_stack` and each crop's real pixels, from the same sampling grids."""
     n = len(stack)
     grids = np.stack([sample_grid(c, r, t) for c, r, t in zip(centers, radii, rotations)], axis=1)  # (2,N,P,P)
     idx = np.broadcast_to(np.arange(n, dtype=float)[:, None, None], grids.shape[1:])
     out = ndimage.map_coordinates(np.asarray(stack, np.float32), [idx, grids[0], grids[1]], order=1, mode="constant")
-    return out * (np.asarray(radii, np.float32) / np.float32(ALPHA_PX))[:, None, None] ** 2
+    scaled = out * (np.asarray(radii, np.float32) / np.float32(ALPHA_PX))[:, None, None] ** 2
+    return scaled, _on_frame(grids, np.shape(stack))
 
 
 MIRRORS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1): the crystal's mirrors on [001]

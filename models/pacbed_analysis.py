@@ -106,7 +106,7 @@ def canonical_crop(pattern: np.ndarray, center, radius: float, rotation: float) 
 def canonical_crop_valid(pattern: np.ndarray, center, radius: float, rotation: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`canonical_crop` and which of its pixels lie on the recorded frame."""
     win, cen, rad = crop_window(pattern, center, radius)
-    return canonical.to_canonical(win, cen, rad, rotation), canonical.valid_pixels(win.shape, cen, rad, rotation)
+    return canonical.to_canonical_valid(win, cen, rad, rotation)
 
 
 def field_alpha(shape: tuple[int, ...], center, radius: float) -> float:
@@ -179,9 +179,7 @@ class PacbedAnalyzer:
         pattern."""
         st = np.array([states[i] for i in which], float).reshape(-1, 4)
         if isinstance(patterns, np.ndarray) and np.all(st[:, 2] < 1.5 * canonical.ALPHA_PX):
-            crops = canonical.to_canonical_stack(patterns[which], st[:, :2], st[:, 2], st[:, 3])
-            valid = np.stack([canonical.valid_pixels(patterns.shape, s[:2], s[2], s[3]) for s in st])
-            return crops, valid
+            return canonical.to_canonical_stack_valid(patterns[which], st[:, :2], st[:, 2], st[:, 3])
         pairs = [canonical_crop_valid(patterns[i], s[:2], s[2], s[3]) for i, s in zip(which, st)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from pacbed_common import DOSES, as_arrays, library_for, print_table, scores
 from stemlive.models.cards import SHIPPED_DIR
-from stemlive.models.compact_library import build_compact
-from stemlive.models.pacbed_analysis import PacbedAnalyzer
+from stemlive.models.compact_library import CompactLibrary, build_compact
+from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate
 from stemlive.models.pacbed_check import LibraryCheck
 from stemlive.simulate.heldout_patterns import heldout_raw_patterns
 from stemlive.simulate.library import PacbedLibrary
@@ -41,6 +41,12 @@ def gross(results, truth) -> dict[str, float]:
             "flagged, not gross": float((flagged & ~bad).mean())}
 
 
+def truth_estimates(truth, n: int) -> list[PacbedEstimate]:
+    """The true geometry as a starting estimate (to tell geometry errors from the fit's own)."""
+    return [PacbedEstimate(center_px=tuple(truth["center_px"][i]), radius_px=float(truth["radius_px"][i]),
+                           rotation_deg=float(truth["rotation_deg"][i]), flags=[], in_range=True) for i in range(n)]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300)
@@ -49,8 +55,10 @@ def main(argv=None) -> None:
     ap.add_argument("--all-tilts", action="store_true", help="the check's library includes the held-out tilts")
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
     ap.add_argument("--rank", type=int, default=None, help="compact library rank (default: by tolerance)")
-    ap.add_argument("--rounds", type=int, default=3, help="score / refine-geometry rounds")
-    ap.add_argument("--blurs", type=float, nargs="+", default=None, help="blur σ list [canonical px]")
+    ap.add_argument("--psf", type=float, nargs="+", default=None, help="detector blur σ list [canonical px]")
+    ap.add_argument("--compact", type=Path, default=None, help="a compact library already built for this split")
+    ap.add_argument("--start", choices=("network", "truth"), default="network",
+                    help="the check starts from the networks' geometry or the true one (diagnosis)")
     args = ap.parse_args(argv)
     path = library_for(args.alpha)
     lib = PacbedLibrary.load(path)
@@ -61,10 +69,10 @@ def main(argv=None) -> None:
         lib = PacbedLibrary(lib.patterns[keep], lib.thickness_nm, lib.tilt_mrad[keep], lib.mrad_per_px, lib.kv,
                             lib.alpha_mrad, lib.attrs)
         print(f"check library: {keep.sum()} of {len(keep)} tilts (held-out orbits {held} left out)")
-    compact = build_compact(lib, rank=args.rank)
+    compact = CompactLibrary.load(args.compact) if args.compact else build_compact(lib, rank=args.rank)
     print(f"compact library: rank {compact.attrs['rank']}, worst reconstruction "
           f"{compact.attrs['max_relative_error']:.1e}, built in {time.perf_counter() - t0:.0f} s")
-    check = LibraryCheck(compact, rounds=args.rounds, **({"blurs_px": args.blurs} if args.blurs else {}))
+    check = LibraryCheck(compact, **({"psf_px": args.psf} if args.psf else {}))
     analyzer = PacbedAnalyzer.for_acquisition(200, args.alpha, args.models, backend="onnxruntime")
     rows = []
     for dose in args.dose:
@@ -72,9 +80,10 @@ def main(argv=None) -> None:
         t1 = time.perf_counter()
         net = analyzer.analyze(x)
         t_net = (time.perf_counter() - t1) / len(x) * 1e3
+        starts = net if args.start == "network" else truth_estimates(truth, len(x))
         t1 = time.perf_counter()
         checked = [check.check(p, e).estimate if e.error is None else e
-                   for p, e in tqdm(list(zip(x, net)), desc="check", leave=False)]
+                   for p, e in tqdm(list(zip(x, starts)), desc="check", leave=False)]
         t_chk = (time.perf_counter() - t1) / len(x) * 1e3
         for name, res, ms in (("network", net, t_net), ("network + check", checked, t_chk)):
             s = scores(as_arrays(res), truth)

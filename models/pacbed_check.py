@@ -3,23 +3,26 @@
 The networks give a geometry (centre, size, rotation) and a reading of thickness and tilt.  The
 check fits the pattern with a forward model of the whole library around that geometry:
 
-    I(u) ≈ a · (B_σ ⊛ S_{t,τ})(u) + b          in the canonical frame, inside the analysis window
+    I(u) ≈ a · (B_ψ ⊛ S_{t,τ})(u) + c · (B_σ ⊛ B_ψ ⊛ S_{t,τ})(u) + b     (canonical frame, window)
 
 with S the simulated pattern at thickness t and crystal-frame tilt τ (first quadrant; the other
-quadrants by mirroring the pattern), B_σ a Gaussian blur (detector PSF and inelastic smearing,
-σ from a short list), a the intensity scale and b a uniform background, both solved in closed
-form.  Scoring every library entry costs one product in the library's principal-component space
-(`compact_library.py`); the geometry is then refined by Gauss-Newton on the best entry (centre,
-size and rotation, with a and b), and the library scored again at the refined geometry.  Thickness
-and tilt come from a parabola through χ² around the best entry.
+quadrants by mirroring the pattern), B_ψ the detector's point spread and pixel binning (ψ from a
+short list), B_σ the wider blur of the inelastically scattered copy (σ = α/4), a the elastic
+scale, c the inelastic share and b a uniform background; a, c and b are solved in closed form.
+Scoring every library entry for every mirror and ψ costs one matrix product in the library's
+principal-component space (`compact_library.py`).  The geometry is then refined by Gauss-Newton
+on the best entry, the library scored again there, and thickness and tilt refined off the grid
+by one joint linear fit: the pattern as the best entry plus the library's local derivatives along
+thickness and both tilt axes (from the neighbouring entries present: held-out or missing grid
+points leave one-sided or wider differences), whose covariance gives σ.
 
 Reported beside the estimate:
 
 * ``fit_quality``: the fraction of the pattern's structure beyond the zero disk (1.1 α to the
-  window's edge, after scale and background) that the best library pattern leaves unexplained:
-  ~0 for a pattern the library holds, larger with noise, and large for a pattern it does not hold
-  (another material, zone or α, an amorphous or damaged specimen) -> flag ``model-mismatch``
-  above ``MISMATCH_FIT``.
+  window's edge, after the fitted scale, inelastic share and background) that the best library
+  pattern leaves unexplained: ~0 for a pattern the library holds, larger with noise, and large for
+  a pattern it does not hold (another material, zone or α, an amorphous or damaged specimen)
+  -> flag ``model-mismatch`` above ``MISMATCH_FIT``.
 * ``thickness_alt_nm`` and ``alt_delta_chi2``: the best entry at least ``ALT_MIN_NM`` from the
   best thickness, and how much worse it fits, in units of the best fit's residual per pixel (the
   noise, when the best fit is good).  Below ``AMBIGUOUS_DELTA``: flag ``ambiguous``.
@@ -37,10 +40,20 @@ from .compact_library import WINDOW_ALPHA, CompactLibrary
 from .pacbed_analysis import PacbedEstimate, canonical_crop, crop_window, wrap45
 
 FLIPS = canonical.MIRRORS
-BLURS_PX = (0.0, 0.8, 1.6, 2.4)  # canonical px (α = 12.1 px): 0-0.2 α
+PSF_PX = (0.0, 0.8, 1.6, 2.4)  # detector point spread and binning [canonical px] (α = 12.1 px): 0-0.2 α
+INELASTIC_ALPHA = 0.25  # σ of the inelastic copy's blur [α]: 1-5 mrad at 13.6 mrad is 0.07-0.37 α
 ALT_MIN_NM = 3.0
 AMBIGUOUS_DELTA = 25.0  # Δχ² in units of the best residual per pixel (5 "σ")
+RADIUS_SEARCH = np.linspace(-0.08, 0.08, 9)  # relative sizes tried around the networks' (90 %: ±6 %)
+COMPARE_ALPHA = 2.3  # hypotheses compared over this radius [networks' α]: inside the window at −11 % size
+SCORE_WEIGHTED = False
+HYPOTHESES = 3  # thickness modes refined besides the networks' reading
 MISMATCH_FIT = 0.08  # unexplained variance fraction beyond any library pattern with noise
+# σ = √((κ·σ_fit)² + floor²): the fit's statistical σ misses the library's interpolation and
+# model errors; κ and the floors put 65-73 % of held-out errors within ±1σ (13.6 mrad, 4.7e7 e,
+# 100 held-out patterns, benchmarks/pacbed_check.py): to be refitted on a set of their own
+THICKNESS_SIGMA_SCALE, THICKNESS_FLOOR_NM = 5.0, 0.5
+TILT_SIGMA_SCALE, TILT_FLOOR_MRAD = 3.0, 0.2
 
 
 @dataclass
@@ -50,40 +63,96 @@ class CheckOutcome:
     thickness_alt_nm: float
     alt_delta_chi2: float
     blur_px: float
+    inelastic_share: float = float("nan")
 
 
 _flip = canonical.mirror
 
 
+def _blur_stack(imgs: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(imgs, (0, sigma, sigma), mode="constant") if sigma > 0 else imgs
+
+
+def fill_tilt_grid(library: CompactLibrary) -> CompactLibrary:
+    """The library with every missing point of its regular tilt grid filled in: the mean of the
+    linear interpolations along each tilt axis between the nearest entries present (one axis
+    where only it has both).  A recorded tilt anywhere then has an entry within half a grid
+    step, so the grid search does not trade a tilt error for a thickness error; the local fit
+    refines from there."""
+    tilts = library.tilt_mrad
+    v0, v1 = np.unique(tilts[:, 0]), np.unique(tilts[:, 1])
+    index = {(float(a), float(b)): i for i, (a, b) in enumerate(tilts)}
+    present = np.array([[(float(a), float(b)) in index for b in v1] for a in v0])
+    if present.all():
+        return library
+    fields = [library.coef.astype(np.float32), library.entry_mean, library.entry_norm]
+    new_tilts, new_fields = [], [[] for _ in fields]
+    for i, j in zip(*np.nonzero(~present)):
+        parts = []
+        for ax, (line, pos) in enumerate(((present[:, j], i), (present[i, :], j))):
+            lo = np.flatnonzero(line[:pos])
+            hi = np.flatnonzero(line[pos + 1:]) + pos + 1
+            if lo.size and hi.size:
+                lo, hi = int(lo[-1]), int(hi[0])
+                vals = v0 if ax == 0 else v1
+                w = (vals[pos] - vals[lo]) / (vals[hi] - vals[lo])
+                e_lo = index[(float(v0[lo]), float(v1[j]))] if ax == 0 else index[(float(v0[i]), float(v1[lo]))]
+                e_hi = index[(float(v0[hi]), float(v1[j]))] if ax == 0 else index[(float(v0[i]), float(v1[hi]))]
+                parts.append([(1 - w) * fld[e_lo] + w * fld[e_hi] for fld in fields])
+        if not parts:  # a corner with no entry on either side: leave it out
+            continue
+        new_tilts.append((v0[i], v1[j]))
+        for k in range(len(fields)):
+            new_fields[k].append(np.mean([part[k] for part in parts], axis=0))
+    if not new_tilts:
+        return library
+    coef, mean, norm = (np.concatenate([fld, np.stack(new)]) for fld, new in zip(fields, new_fields))
+    return replace(library, coef=coef, entry_mean=mean, entry_norm=norm,
+                   tilt_mrad=np.concatenate([tilts, np.array(new_tilts, float)]),
+                   attrs={**library.attrs, "tilts_interpolated": len(new_tilts)})
+
+
 class LibraryCheck:
     """Fits patterns against a `CompactLibrary` (one kV and α)."""
 
-    def __init__(self, library: CompactLibrary, blurs_px=BLURS_PX, rounds: int = 3, gauss_newton_steps: int = 3,
-                 analytic: bool = True):
-        self.lib = library
+    def __init__(self, library: CompactLibrary, psf_px=PSF_PX, inelastic_alpha: float = INELASTIC_ALPHA,
+                 rounds: int = 2, gauss_newton_steps: int = 3, analytic: bool = True):
+        self.lib = library = fill_tilt_grid(library)
         self.rounds, self.steps, self.analytic = rounds, gauss_newton_steps, analytic
         self.win = canonical.window_mask(WINDOW_ALPHA)
-        self.blurs = tuple(float(b) for b in blurs_px)
+        self.psf = tuple(float(b) for b in psf_px)
+        self.inelastic_px = float(inelastic_alpha * canonical.ALPHA_PX)
         P = canonical.PIXELS
-        n_win = int(self.win.sum())
-        coef = library.coef.reshape(-1, library.coef.shape[-1]).astype(np.float32)  # (E, R)
-        self.coef = coef
-        self.ub, self.norm2 = [], []
-        for sigma in self.blurs:
-            imgs = library.basis.reshape(-1, P, P)
-            if sigma > 0:
-                imgs = ndimage.gaussian_filter(imgs, (0, sigma, sigma), mode="constant")
-            ub = imgs[:, self.win].astype(np.float32)  # (R, M): blurred basis, inside the window
-            gram = ub.astype(np.float64) @ ub.T.astype(np.float64)
-            mean = coef @ (ub.sum(axis=1) / n_win)  # each blurred entry's mean in the window
-            sq = np.einsum("er,rs,es->e", coef, gram.astype(np.float32), coef)
-            self.ub.append(ub)
-            self.norm2.append(np.maximum(sq - n_win * mean**2, 1e-12))  # |BŜ − mean|²
-        self.norm2 = np.stack(self.norm2)  # (B, E)
+        self.n_win = n_win = int(self.win.sum())
+        self.coef = coef = library.coef.reshape(-1, library.coef.shape[-1]).astype(np.float32)  # (E, R)
         self.shape = library.coef.shape[:2]
+        self.ua, self.ub = [], []  # per ψ: the elastic and inelastic templates of the basis, window px
+        grams = []
+        imgs = library.basis.reshape(-1, P, P)
+        for psi in self.psf:
+            a = _blur_stack(imgs, psi)
+            b = _blur_stack(a, self.inelastic_px)
+            ua, ub = a[:, self.win].astype(np.float32), b[:, self.win].astype(np.float32)
+            self.ua.append(ua)
+            self.ub.append(ub)
+            grams.append(self._entry_grams(ua, ub))
+        self.gram = np.stack(grams)  # (Ψ, 3, E): |A−Ā|², |B−B̄|², (A−Ā)·(B−B̄) per entry
         c = (P - 1) / 2
         rr = np.hypot(*np.indices((P, P)) - c)[self.win] / canonical.ALPHA_PX
-        self.outside = rr > 1.1  # window pixels beyond the zero disk (units of α)
+        self.rr = rr  # window pixels' distance from the centre [α]
+        self.outside = rr > 1.1  # window pixels beyond the zero disk
+
+    def _entry_grams(self, ua: np.ndarray, ub: np.ndarray) -> np.ndarray:
+        """Each entry's mean-free template norms and overlap inside the window (E values each)."""
+        n = self.n_win
+        ua64, ub64 = ua.astype(np.float64), ub.astype(np.float64)
+        ma, mb = self.coef @ (ua.sum(axis=1) / n), self.coef @ (ub.sum(axis=1) / n)
+        out = []
+        for x, y, mx, my in ((ua64, ua64, ma, ma), (ub64, ub64, mb, mb), (ua64, ub64, ma, mb)):
+            g = (x @ y.T).astype(np.float32)
+            out.append(np.einsum("er,er->e", self.coef @ g, self.coef).astype(np.float64) - n * mx * my)
+        out[0], out[1] = np.maximum(out[0], 1e-12), np.maximum(out[1], 1e-12)
+        return np.stack(out)
 
     # -- scoring -----------------------------------------------------------------------------
     def _vector(self, crop: np.ndarray) -> tuple[np.ndarray, float]:
@@ -91,37 +160,44 @@ class LibraryCheck:
         vt = v - v.mean()
         return vt.astype(np.float32), float(vt @ vt)
 
-    def chi2_all(self, crop: np.ndarray) -> np.ndarray:
-        """χ² of the best a, b for every (flip, blur, tilt, thickness): (F, B, T, K).
+    def _chi(self, n2, pa, pb, psi_i):
+        """χ² of the best a, c, b from the projections on each entry's two templates."""
+        aa, bb, ab = self.gram[psi_i]
+        det = np.maximum(aa * bb - ab**2, 1e-12 * aa * bb)
+        return n2 - (bb * pa**2 - 2 * ab * pa * pb + aa * pb**2) / det
 
-        One matrix product for everything: the crop's mirror images projected on each blurred
-        basis, (R, B·F), then the library's coefficients times that."""
-        vs = [self._vector(_flip(crop, *flip)) for flip in FLIPS]
+    def chi2_all(self, crop: np.ndarray, flips=None, psis=None) -> np.ndarray:
+        """χ² of the best a, c, b for every (flip, ψ, tilt, thickness): (F, Ψ, T, K).
+
+        One matrix product for everything: the crop's mirror images projected on each ψ's
+        templates of the basis, then the library's coefficients times those."""
+        flips = range(len(FLIPS)) if flips is None else flips
+        psis = range(len(self.psf)) if psis is None else psis
+        vs = [self._vector(_flip(crop, *FLIPS[f])) for f in flips]
         V = np.stack([v for v, _ in vs], axis=1)  # (M, F)
-        n2 = np.array([n for _, n in vs])
-        proj = np.concatenate([ub @ V for ub in self.ub], axis=1)  # (R, B·F), blur-major
-        dots = (self.coef @ proj).astype(np.float64).reshape(-1, len(self.blurs), len(FLIPS))  # (E, B, F)
-        chi = n2[None, None, :] - dots**2 / self.norm2.T[:, :, None]
-        return chi.transpose(2, 1, 0).reshape(len(FLIPS), len(self.blurs), *self.shape)
+        n2 = np.array([n for _, n in vs])[:, None]
+        proj = np.concatenate([np.concatenate([self.ua[p] @ V, self.ub[p] @ V], axis=1) for p in psis], axis=1)
+        dots = (self.coef @ proj).astype(np.float64).reshape(-1, len(psis), 2, len(vs))  # (E, Ψ, 2, F)
+        out = np.empty((len(vs), len(psis), self.coef.shape[0]))
+        for j, p in enumerate(psis):
+            out[:, j] = self._chi(n2, dots[:, j, 0].T, dots[:, j, 1].T, p)
+        return out.reshape(len(vs), len(psis), *self.shape)
 
-    def chi2_one(self, crop: np.ndarray, f: int, b: int) -> np.ndarray:
-        """χ² of every (tilt, thickness) for one mirror and one blur: (T, K)."""
-        vt, n2 = self._vector(_flip(crop, *FLIPS[f]))
-        dots = (self.coef @ (self.ub[b] @ vt)).astype(np.float64)
-        return (n2 - dots**2 / self.norm2[b]).reshape(self.shape)
-
-    def model(self, flip_i: int, blur_i: int, ti: int, ki: int) -> np.ndarray:
-        """The blurred library pattern (unit scale, window pixels) of one entry."""
-        return self.coef[ti * self.shape[1] + ki] @ self.ub[blur_i]
+    def templates(self, psi_i: int, ti: int, ki: int) -> tuple[np.ndarray, np.ndarray]:
+        """The elastic and inelastic templates (window pixels, float64) of one entry."""
+        c = self.coef[ti * self.shape[1] + ki]
+        return (c @ self.ua[psi_i]).astype(np.float64), (c @ self.ub[psi_i]).astype(np.float64)
 
     # -- geometry ----------------------------------------------------------------------------
-    def refine_geometry(self, pattern: np.ndarray, geom, flip, m: np.ndarray, steps: int | None = None):
-        """Gauss-Newton on (row, col, ln radius, rotation) with scale and background, the model
-        ``m`` fixed.  The first steps take the crop's derivatives from the raw window's gradient
-        sampled on the crop's grid (`_crop_with_derivatives`); the last takes them by finite
-        differences, which converge to the χ² minimum of the interpolated crop itself."""
+    def refine_geometry(self, pattern: np.ndarray, geom, flip, model: list[np.ndarray], steps: int | None = None):
+        """Gauss-Newton on (row, col, ln radius, rotation) with the scales and background, the
+        templates ``model`` fixed.  The first steps take the crop's derivatives from the raw
+        window's gradient sampled on the crop's grid (`_crop_with_derivatives`); the last takes
+        them by finite differences, which converge to the χ² minimum of the interpolated crop.
+        ``model``: the local model's columns (`columns`), so thickness and tilt move with the
+        geometry instead of the geometry absorbing their error."""
         r, c, rad, rot = geom
-        ones = np.ones_like(m)
+        fixed = [-m for m in model]
         n = steps or self.steps
         for step in range(n):
             s = rad / canonical.ALPHA_PX  # raw px per canonical px
@@ -132,7 +208,7 @@ class LibraryCheck:
             else:
                 base = self._crop(pattern, (r, c, rad, rot), flip)
                 cols = self._finite_derivatives(pattern, (r, c, rad, rot), flip, base)
-            A = np.column_stack(cols + [-m, -ones])
+            A = np.column_stack(cols + fixed)
             x, *_ = np.linalg.lstsq(A, -base, rcond=None)
             d = np.clip(x[:4], [-2 * s, -2 * s, -0.05, -2.0], [2 * s, 2 * s, 0.05, 2.0])
             r, c, rad, rot = r + d[0], c + d[1], rad * math.exp(d[2]), wrap45(rot + d[3])
@@ -154,77 +230,171 @@ class LibraryCheck:
 
     # -- the check ---------------------------------------------------------------------------
     def check(self, pattern: np.ndarray, estimate: PacbedEstimate) -> CheckOutcome:
-        """Re-fit one raw pattern (same units as given to the networks) from the networks' estimate."""
-        geom = (*estimate.center_px, estimate.radius_px, estimate.rotation_deg)
-        crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
-        f, b, ti, ki = np.unravel_index(int(np.argmin(self.chi2_all(crop))), (len(FLIPS), len(self.blurs), *self.shape))
-        for _ in range(self.rounds):  # the geometry for the best entry, then the best entry there
-            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.model(f, b, ti, ki))
-            crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
-            f, b, ti, ki = np.unravel_index(int(np.argmin(self.chi2_all(crop))),
-                                            (len(FLIPS), len(self.blurs), *self.shape))
-        chi = self.chi2_all(crop)  # everything again at the final geometry: best, runner-up, σ
-        f, b, ti, ki = np.unravel_index(int(np.argmin(chi)), chi.shape)
-        return self._outcome(crop, chi, (f, b, ti, ki), geom, estimate)
+        """Re-fit one raw pattern (same units as given to the networks) from the networks' estimate.
 
-    def _outcome(self, crop, chi, best, geom, estimate: PacbedEstimate) -> CheckOutcome:
-        f, b, ti, ki = best
-        vt, n2 = self._vector(_flip(crop, *FLIPS[f]))
-        dof = vt.size - 2
-        best_chi = float(chi[best])
-        noise = max(best_chi / dof, 1e-30)
+        The hypotheses are the few thickness modes that fit best anywhere in a search over the
+        disk size, plus the networks' reading; each gets its own geometry refinement and the
+        best fit within its band, and the best of those wins (its runner-up says how sure)."""
+        start = (*estimate.center_px, estimate.radius_px, estimate.rotation_deg)
+        fits = [self._refine(pattern, geom, k) for geom, k in self._hypotheses(pattern, start, estimate)]
+        for fit in fits:
+            self._score(fit, start[2])
+        fits.sort(key=lambda fit: fit["score"])
+        best = fits[0]
         thick = self.lib.thickness_nm
-        v = _flip(crop, *FLIPS[f])[self.win].astype(np.float64)
-        here = self.model(f, b, ti, ki).astype(np.float64)
-        t, t_sig = self._between(v, here, noise, [(ti, k) for k in (ki - 1, ki + 1)], thick[ki],
-                                 [thick[k] if 0 <= k < len(thick) else None for k in (ki - 1, ki + 1)], f, b)
-        tilt, tilt_sig = np.empty(2), np.empty(2)
-        for ax in (0, 1):
-            nbrs = self._tilt_neighbours(ti, ax)
-            tilt[ax], tilt_sig[ax] = self._between(
-                v, here, noise, [(j, ki) for j in nbrs], self.lib.tilt_mrad[ti, ax],
-                [self.lib.tilt_mrad[j, ax] if j is not None else None for j in nbrs], f, b)
-        tilt_c = tilt * np.array(FLIPS[f], float)
+        ki = best["entry"][3]
+        alt = [fit for fit in fits[1:] if abs(thick[fit["entry"][3]] - thick[ki]) >= ALT_MIN_NM]
+        if alt:
+            noise = best["score"] / max(best["pixels"], 1)
+            alt_t, delta = float(thick[alt[0]["entry"][3]]), float((alt[0]["score"] - best["score"]) / noise)
+        else:
+            alt_t, delta = float("nan"), float("inf")
+        return self._outcome(best, start, estimate, alt_t, delta)
+
+    def _score(self, fit: dict, radius_ref: float) -> None:
+        """How well a hypothesis explains the pattern, comparable between hypotheses of other
+        disk sizes: the local fit's residual over one region of the raw pattern (``COMPARE_ALPHA``
+        of the networks' disk radius), each pixel weighted by its Poisson variance.  A canonical
+        pixel holds s² raw pixels' worth of counts (s = raw px per canonical px), so
+        Σ_raw r²/I = Σ_canonical r²/v whatever the size."""
+        f, p, ti, ki = fit["entry"]
+        v = _flip(fit["crop"], *FLIPS[f])[self.win].astype(np.float64)
+        fit["local"] = local = self.local_fit(v, p, ti, ki)
+        inside = self.rr < COMPARE_ALPHA * radius_ref / fit["geom"][2]
+        if SCORE_WEIGHTED:
+            floor = max(float(np.median(v[inside])) * 1e-3, 1e-30)
+            fit["score"] = float(np.sum(local["resid"][inside] ** 2 / np.maximum(v[inside], floor)))
+        else:
+            fit["score"] = float(np.sum(local["resid"][inside] ** 2)) / (fit["geom"][2] / canonical.ALPHA_PX) ** 2
+        fit["pixels"] = int(inside.sum())
+
+    def _hypotheses(self, pattern: np.ndarray, geom, estimate: PacbedEstimate) -> list[tuple[tuple, int]]:
+        """(geometry, thickness index) to refine: the lowest local minima of χ² over thickness
+        (minimised over tilt, mirror and the disk sizes tried; one ψ), at least ``ALT_MIN_NM``
+        apart, each at the size it fitted best, and the networks' thickness at theirs."""
+        thick = self.lib.thickness_nm
+        prof, where, geoms = np.full(len(thick), np.inf), np.zeros(len(thick), int), []
+        for j, f in enumerate(RADIUS_SEARCH):
+            g = (geom[0], geom[1], geom[2] * (1 + f), geom[3])
+            geoms.append(g)
+            crop = canonical_crop(pattern, g[:2], g[2], g[3])
+            here = self.chi2_all(crop, psis=[1]).min(axis=(0, 1, 2))
+            better = here < prof
+            prof[better], where[better] = here[better], j
+        chosen: list[int] = []
+        for k in np.argsort(prof):
+            near = np.abs(thick - thick[k]) < ALT_MIN_NM
+            if prof[k] <= prof[near].min() and all(abs(thick[k] - thick[c]) >= ALT_MIN_NM for c in chosen):
+                chosen.append(int(k))
+            if len(chosen) == HYPOTHESES:
+                break
+        if estimate.thickness_nm is not None and np.isfinite(estimate.thickness_nm):
+            k = int(np.argmin(np.abs(thick - estimate.thickness_nm)))
+            if all(abs(thick[k] - thick[c]) >= ALT_MIN_NM for c in chosen):
+                chosen.append(k)
+        return [(geoms[where[k]], k) for k in chosen]
+
+    def _refine(self, pattern: np.ndarray, geom, k0: int) -> dict:
+        """One hypothesis: the best entry within ``ALT_MIN_NM`` of thickness index ``k0``, the
+        geometry refined for it, ``rounds`` times; its χ² at the final geometry."""
+        band = np.abs(self.lib.thickness_nm - self.lib.thickness_nm[k0]) < ALT_MIN_NM
+        for r in range(self.rounds + 1):
+            crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
+            chi = np.where(band, self.chi2_all(crop), np.inf)
+            entry = np.unravel_index(int(np.argmin(chi)), chi.shape)
+            if r == self.rounds:
+                break
+            f, p, ti, ki = entry
+            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.columns(p, ti, ki)[0])
+        return {"chi2": float(chi[entry]), "entry": tuple(int(i) for i in entry), "geom": geom, "crop": crop}
+
+    def _outcome(self, best: dict, start, estimate: PacbedEstimate, alt_t: float, delta: float) -> CheckOutcome:
+        f, p, ti, ki = best["entry"]
+        geom, fit = best["geom"], best["local"]
+        thick = self.lib.thickness_nm
+        tilt_c = fit["tilt"] * np.array(FLIPS[f], float)
         tilt_d = canonical.rotation_matrix(-geom[3]) @ tilt_c
-        far = np.abs(thick - thick[ki]) >= ALT_MIN_NM
-        alt_chi = chi[..., far].min(axis=(0, 1, 2)) if far.any() else np.array([np.inf])
-        ka = int(np.argmin(alt_chi))
-        alt_t = float(thick[far][ka]) if far.any() else float("nan")
-        delta = float((alt_chi[ka] - best_chi) / noise) if far.any() else float("inf")
-        fit = self._fit_quality(_flip(crop, *FLIPS[f]), self.model(f, b, ti, ki))
         flags = [x for x in estimate.flags if x not in ("ambiguous", "model-mismatch")]
         if delta < AMBIGUOUS_DELTA:
             flags.append("ambiguous")
-        if fit > MISMATCH_FIT:
+        if fit["fit_quality"] > MISMATCH_FIT:
             flags.append("model-mismatch")
-        # the background in the input's units: I = a·BŜ + b in the canonical crop
-        m = self.model(f, b, ti, ki)
-        v = _flip(crop, *FLIPS[f])[self.win].astype(np.float64)
-        a = float((v - v.mean()) @ (m - m.mean())) / max(float((m - m.mean()) @ (m - m.mean())), 1e-30)
-        lib_mean = float(self.lib.entry_mean[ti, ki]) / max(float(self.lib.entry_norm[ti, ki]), 1e-30)
         scale_px = (geom[2] / canonical.ALPHA_PX) ** 2
-        background = (float(v.mean()) - a * (float(m.mean()) + lib_mean)) / scale_px
+        lib_mean = float(self.lib.entry_mean[ti, ki]) / max(float(self.lib.entry_norm[ti, ki]), 1e-30)
+        a, c, b = fit["a"], fit["c"], fit["b"]
+        background = (b - (a + c) * lib_mean) / scale_px  # I = a·Ŝ + c·BŜ + b, Ŝ = (S − mean)/norm
         edge = ki in (0, len(thick) - 1)
+        t_sig = math.hypot(THICKNESS_SIGMA_SCALE * fit["thickness_sigma"], THICKNESS_FLOOR_NM)
+        tilt_sig = np.hypot(TILT_SIGMA_SCALE * fit["tilt_sigma"], TILT_FLOOR_MRAD)
         est = replace(estimate, center_px=(float(geom[0]), float(geom[1])), radius_px=float(geom[2]),
-                      rotation_deg=float(geom[3]), thickness_nm=float(t), thickness_sigma_nm=float(t_sig),
+                      rotation_deg=float(geom[3]), thickness_nm=float(fit["thickness"]), thickness_sigma_nm=t_sig,
                       tilt_mrad=(float(tilt_d[0]), float(tilt_d[1])),
                       tilt_sigma_mrad=(float(tilt_sig[0]), float(tilt_sig[1])),
                       tilt_crystal_mrad=(float(tilt_c[0]), float(tilt_c[1])), background=background,
                       flags=sorted(set(flags) | ({"thickness-at-range-edge"} if edge else set())),
-                      in_range=bool(estimate.in_range and not edge and fit <= MISMATCH_FIT))
-        return CheckOutcome(est, float(fit), alt_t, delta, self.blurs[b])
+                      in_range=bool(estimate.in_range and not edge and fit["fit_quality"] <= MISMATCH_FIT))
+        return CheckOutcome(est, float(fit["fit_quality"]), alt_t, delta, self.psf[p],
+                            float(c / (a + c)) if a + c else float("nan"))
 
-    def _fit_quality(self, crop: np.ndarray, m: np.ndarray) -> float:
+    # -- off the grid --------------------------------------------------------------------------
+    def _neighbours(self, ti: int, ki: int) -> list[tuple[tuple, tuple, tuple]]:
+        """Per axis (thickness, tilt 0, tilt 1): the entries below and above (the entry itself at
+        an edge) and the axis' values there and at the entry."""
+        thick, tilts = self.lib.thickness_nm, self.lib.tilt_mrad
+        lo, hi = max(ki - 1, 0), min(ki + 1, len(thick) - 1)
+        out = [((ti, lo), (ti, hi), (float(thick[lo]), float(thick[ki]), float(thick[hi])))]
+        for ax in (0, 1):
+            below, above = self._tilt_neighbours(ti, ax)
+            b, a = (ti if below is None else below), (ti if above is None else above)
+            out.append(((b, ki), (a, ki), (float(tilts[b, ax]), float(tilts[ti, ax]), float(tilts[a, ax]))))
+        return out
+
+    def columns(self, psi_i: int, ti: int, ki: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The local model's columns around one entry: A₀, ∂A/∂t, ∂A/∂τ₀, ∂A/∂τ₁ (from the
+        neighbouring entries present; zero on a one-entry axis), B₀, 1; and each axis' range to
+        those neighbours."""
+        A0, B0 = self.templates(psi_i, ti, ki)
+        cols, lo_hi = [A0], []
+        for lo, hi, (x_lo, x0, x_hi) in self._neighbours(ti, ki):
+            step = x_hi - x_lo
+            cols.append((self.templates(psi_i, *hi)[0] - self.templates(psi_i, *lo)[0]) / step if step
+                        else np.zeros_like(A0))
+            lo_hi.append((x_lo - x0, x_hi - x0))
+        return cols + [B0, np.ones_like(A0)], np.array(lo_hi)
+
+    def local_fit(self, v: np.ndarray, psi_i: int, ti: int, ki: int) -> dict:
+        """Thickness and tilt off the grid: v ≈ a·(A₀ + Σ δᵢ·∂A/∂xᵢ) + c·B₀ + b, linear in a, a·δᵢ,
+        c and b, around the best entry, the derivatives from the neighbouring entries present;
+        each δᵢ stays between those neighbours.  σ of δᵢ from the fit's covariance with the
+        residual as the noise."""
+        cols, lo_hi = self.columns(psi_i, ti, ki)
+        X = np.column_stack(cols)
+        xtx = X.T @ X
+        keep = np.abs(np.diag(xtx)) > 0
+        sol = np.zeros(X.shape[1])
+        inv = np.linalg.pinv(xtx[np.ix_(keep, keep)])
+        sol[keep] = inv @ (X[:, keep].T @ v)
+        a = float(sol[0]) if abs(sol[0]) > 1e-30 else 1e-30
+        delta = np.clip(sol[1:4] / a, lo_hi[:, 0], lo_hi[:, 1])
+        resid = v - X @ sol
+        noise = max(float(resid @ resid) / max(v.size - int(keep.sum()), 1), 1e-30)
+        var = np.zeros(X.shape[1])
+        var[keep] = np.diag(inv) * noise
+        sig = np.where(lo_hi[:, 1] > lo_hi[:, 0], np.sqrt(np.maximum(var[1:4], 0)) / abs(a), np.nan)
+        thick, tilts = self.lib.thickness_nm, self.lib.tilt_mrad
+        return {"thickness": float(thick[ki] + delta[0]), "thickness_sigma": float(sig[0]),
+                "tilt": tilts[ti] + delta[1:3], "tilt_sigma": sig[1:3],
+                "a": a, "c": float(sol[4]), "b": float(sol[5]), "noise": noise, "resid": resid,
+                "fit_quality": self._unexplained(v, resid)}
+
+    def _unexplained(self, v: np.ndarray, resid: np.ndarray) -> float:
         """Unexplained fraction of the pattern's structure outside the zero disk (1.1 α to the
         window's edge), where the crystal shows itself; the disk edge, which any library pattern
         reproduces, would hide a mismatch in a whole-window figure."""
-        v = crop[self.win].astype(np.float64)
-        A = np.column_stack([m, np.ones_like(m)])
-        coef, *_ = np.linalg.lstsq(A, v, rcond=None)
-        resid = v - A @ coef
         out = self.outside
         vo = v[out] - v[out].mean()
-        return float(resid[out] @ resid[out]) / max(float(vo @ vo), 1e-30)
+        ro = resid[out] - resid[out].mean()
+        return float(ro @ ro) / max(float(vo @ vo), 1e-30)
 
     def _tilt_neighbours(self, ti: int, ax: int) -> list:
         """The library tilts just below and above ``ti`` along axis ``ax`` (None at the edge)."""
@@ -233,34 +403,6 @@ class LibraryCheck:
         line = line[np.argsort(tilts[line, ax])]
         pos = int(np.flatnonzero(line == ti)[0])
         return [int(line[pos - 1]) if pos > 0 else None, int(line[pos + 1]) if pos < len(line) - 1 else None]
-
-    def _between(self, v, here, noise, entries, x0, xs, f, b) -> tuple[float, float]:
-        """Sub-grid value along one library axis: the pattern is taken as the linear interpolation
-        between the best entry and a neighbour, v ≈ a·(m₀ + w·(m₁ − m₀)) + c, solved exactly (the
-        fit is linear in a, a·w and c) on each side; σ where χ² rises by the noise (Δχ² = 1)."""
-        best = (float(x0), float(np.median(np.abs(np.diff([x for x in xs if x is not None] + [x0])))) or 1.0)
-        best_res = np.inf
-        for (j, k), x1 in zip(entries, xs):
-            if x1 is None or not (0 <= j < self.shape[0] and 0 <= k < self.shape[1]):
-                continue
-            d = self.model(f, b, j, k).astype(np.float64) - here
-            A = np.column_stack([here, d, np.ones_like(here)])
-            sol, *_ = np.linalg.lstsq(A, v, rcond=None)
-            a, aw = sol[0], sol[1]
-            if abs(a) < 1e-30:
-                continue
-            w = aw / a
-            if not 0 <= w <= 1:
-                continue
-            res = float(np.sum((v - A @ sol) ** 2))
-            if res < best_res:
-                # σ of w: the noise over the part of d the other unknowns cannot absorb, scaled by a
-                q, _ = np.linalg.qr(np.column_stack([here, np.ones_like(here)]))
-                d_perp = d - q @ (q.T @ d)
-                sig_w = math.sqrt(noise) / max(abs(a) * float(np.linalg.norm(d_perp)), 1e-30)
-                best_res = res
-                best = (float(x0 + w * (x1 - x0)), float(abs(x1 - x0) * sig_w))
-        return best
 
 
 def _crop_with_derivatives(pattern: np.ndarray, geom) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -282,17 +424,3 @@ def _crop_with_derivatives(pattern: np.ndarray, geom) -> tuple[np.ndarray, list[
     g1 = ndimage.map_coordinates(np.gradient(src, axis=1), grid, order=1, mode="constant").astype(np.float64) * k
     o0, o1 = grid[0] - cen[0], grid[1] - cen[1]
     return v, [g0 / binning, g1 / binning, 2 * v + g0 * o0 + g1 * o1, (g0 * o1 - g1 * o0) * (math.pi / 180)]
-
-
-def _parabola_axis(chi: np.ndarray, grid: np.ndarray, i: int) -> tuple[float, float]:
-    """Sub-grid minimum and σ (Δχ² = 1) from a parabola through χ² at i and its neighbours."""
-    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
-    if not 0 < i < len(grid) - 1:
-        return float(grid[i]), step
-    y_m, y_0, y_p = chi[i - 1:i + 2]
-    curv = y_m - 2 * y_0 + y_p
-    if not np.isfinite(curv) or curv <= 0:
-        return float(grid[i]), step
-    h = 0.5 * (grid[i + 1] - grid[i - 1])
-    off = float(np.clip(0.5 * (y_m - y_p) / curv, -0.5, 0.5))
-    return float(grid[i] + off * h), float(h * math.sqrt(2 / curv))

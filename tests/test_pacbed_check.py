@@ -56,7 +56,9 @@ def test_check_recovers_thickness_tilt_geometry_and_background(compact, lib, thi
     assert np.allclose(e.tilt_crystal_mrad, tilt, atol=0.35), e
     assert abs(((e.rotation_deg - rotation) + 45) % 90 - 45) < (0.5 if blur < 2 else 1.0)
     assert np.hypot(e.center_px[0] - 48.3, e.center_px[1] - 61.7) < 0.3 and e.radius_px == pytest.approx(15, rel=0.01)
-    assert e.background == pytest.approx(bg, rel=0.3)  # blur near the window's edge: approximate
+    # a wide blurred (inelastic) copy and a uniform level are not told apart on a thin specimen:
+    # the fit may give a share of the uniform level to the inelastic copy, never more than is there
+    assert -0.1 * bg <= e.background <= 1.3 * bg and 0 <= out.inelastic_share < 0.5
     assert out.fit_quality < 0.02 and "model-mismatch" not in e.flags
     assert abs(out.blur_px - blur) <= 0.8
 

@@ -140,6 +140,7 @@ class LibraryCheck:
         c = (P - 1) / 2
         rr = np.hypot(*np.indices((P, P)) - c)[self.win] / canonical.ALPHA_PX
         self.rr = rr  # window pixels' distance from the centre [α]
+        self._templates: dict = {}
         self.outside = rr > 1.1  # window pixels beyond the zero disk
 
     def _entry_grams(self, ua: np.ndarray, ub: np.ndarray) -> np.ndarray:
@@ -160,14 +161,9 @@ class LibraryCheck:
         vt = v - v.mean()
         return vt.astype(np.float32), float(vt @ vt)
 
-    def _chi(self, n2, pa, pb, psi_i):
-        """χ² of the best a, c, b from the projections on each entry's two templates."""
-        aa, bb, ab = self.gram[psi_i]
-        det = np.maximum(aa * bb - ab**2, 1e-12 * aa * bb)
-        return n2 - (bb * pa**2 - 2 * ab * pa * pb + aa * pb**2) / det
-
-    def chi2_all(self, crop: np.ndarray, flips=None, psis=None) -> np.ndarray:
-        """χ² of the best a, c, b for every (flip, ψ, tilt, thickness): (F, Ψ, T, K).
+    def chi2_all(self, crop: np.ndarray, flips=None, psis=None, thick_mask: np.ndarray | None = None) -> np.ndarray:
+        """χ² of the best a, c, b for every (flip, ψ, tilt, thickness): (F, Ψ, T, K); entries
+        outside ``thick_mask`` (thickness indices) are not scored (inf).
 
         One matrix product for everything: the crop's mirror images projected on each ψ's
         templates of the basis, then the library's coefficients times those."""
@@ -177,16 +173,27 @@ class LibraryCheck:
         V = np.stack([v for v, _ in vs], axis=1)  # (M, F)
         n2 = np.array([n for _, n in vs])[:, None]
         proj = np.concatenate([np.concatenate([self.ua[p] @ V, self.ub[p] @ V], axis=1) for p in psis], axis=1)
-        dots = (self.coef @ proj).astype(np.float64).reshape(-1, len(psis), 2, len(vs))  # (E, Ψ, 2, F)
-        out = np.empty((len(vs), len(psis), self.coef.shape[0]))
+        rows = (slice(None) if thick_mask is None
+                else (np.arange(self.shape[0])[:, None] * self.shape[1] + np.flatnonzero(thick_mask)).ravel())
+        dots = (self.coef[rows] @ proj).astype(np.float64).reshape(-1, len(psis), 2, len(vs))  # (E', Ψ, 2, F)
+        out = np.full((len(vs), len(psis), self.coef.shape[0]), np.inf)
         for j, p in enumerate(psis):
-            out[:, j] = self._chi(n2, dots[:, j, 0].T, dots[:, j, 1].T, p)
+            aa, bb, ab = self.gram[p][:, rows]
+            det = np.maximum(aa * bb - ab**2, 1e-12 * aa * bb)
+            pa, pb = dots[:, j, 0].T, dots[:, j, 1].T
+            out[:, j, rows] = n2 - (bb * pa**2 - 2 * ab * pa * pb + aa * pb**2) / det
         return out.reshape(len(vs), len(psis), *self.shape)
 
     def templates(self, psi_i: int, ti: int, ki: int) -> tuple[np.ndarray, np.ndarray]:
-        """The elastic and inelastic templates (window pixels, float64) of one entry."""
-        c = self.coef[ti * self.shape[1] + ki]
-        return (c @ self.ua[psi_i]).astype(np.float64), (c @ self.ub[psi_i]).astype(np.float64)
+        """The elastic and inelastic templates (window pixels, float64) of one entry (the last
+        few hundred kept: a check asks for the same neighbours again and again)."""
+        key = (psi_i, ti, ki)
+        if key not in self._templates:
+            if len(self._templates) > 512:
+                self._templates.clear()
+            c = self.coef[ti * self.shape[1] + ki]
+            self._templates[key] = ((c @ self.ua[psi_i]).astype(np.float64), (c @ self.ub[psi_i]).astype(np.float64))
+        return self._templates[key]
 
     # -- geometry ----------------------------------------------------------------------------
     def refine_geometry(self, pattern: np.ndarray, geom, flip, model: list[np.ndarray], steps: int | None = None):
@@ -300,7 +307,7 @@ class LibraryCheck:
         band = np.abs(self.lib.thickness_nm - self.lib.thickness_nm[k0]) < ALT_MIN_NM
         for r in range(self.rounds + 1):
             crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
-            chi = np.where(band, self.chi2_all(crop), np.inf)
+            chi = self.chi2_all(crop, thick_mask=band)
             entry = np.unravel_index(int(np.argmin(chi)), chi.shape)
             if r == self.rounds:
                 break

@@ -83,6 +83,9 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
     if detector == "dectris":
         probe_rest_api(api_host, api_port)
     analyzer = load_models(settings, scan_shape, analyzer)  # before connecting: see load_models
+    from .pipeline import load_checker
+
+    checker = load_checker(settings)  # the library check's set-up (seconds) before connecting too
     own = ctx is None
     if own:
         from .executors import make_executor
@@ -101,7 +104,7 @@ def live(settings: Settings, *, detector: str, api_host: str, api_port: int, dat
         aq = ctx.make_acquisition(conn=conn, nav_shape=tuple(scan_shape), pending_aq=pending,
                                   frames_per_partition=frames_per_partition(tuple(scan_shape), settings.block))
         return run_pipeline(ctx, aq, settings, source=f"{detector} {api_host}:{api_port} ({mode})", record=record,
-                            analyzer=analyzer, received=received)
+                            analyzer=analyzer, received=received, checker=checker)
     except (StreamStalled, KeyboardInterrupt):
         stuck = True  # the receiver may be blocked in the detector library: closing it would block or fail
         raise

@@ -39,6 +39,20 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
                     help="find atomic columns in this virtual image, block by block (default haadf)")
     ap.add_argument("--atom-margin", type=int, default=16,
                     help="scan pixels of context around a block for atom finding (default 16)")
+    add_method_options(ap)
+
+
+def add_method_options(ap: argparse.ArgumentParser, timeout: bool = True) -> None:
+    """--method (and --check-timeout): the networks alone, or checked against the library."""
+    ap.add_argument("--method", choices=("check", "network"), default=None,
+                    help="check (default where the setting's check data exists, else network with a warning): "
+                         "each block is shown with the networks' reading at once, then re-fitted against the "
+                         "simulated library in a second stage (maps/method says which a block shows); "
+                         "network: the networks alone")
+    if timeout:
+        ap.add_argument("--check-timeout", type=positive(), default=120.0,
+                        help="seconds the library check may take to catch up after the scan (default 120); "
+                             "blocks it has not reached keep the networks' values (counted in the store)")
 
 
 def positive(kind=float):
@@ -63,7 +77,8 @@ def settings_from(args) -> Settings:
                     models_dir=args.models, backend=args.backend, overwrite=args.overwrite,
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
                     stall_timeout_s=getattr(args, "stall_timeout", None), progress=not args.quiet, token=args.token,
-                    atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin)
+                    atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin,
+                    method=args.method, check_timeout_s=args.check_timeout)
 
 
 def add_parsers(sub) -> None:
@@ -108,6 +123,7 @@ def add_parsers(sub) -> None:
     ap.add_argument("--models", type=Path, default=None)
     ap.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the run succeeded)")
+    add_method_options(ap, timeout=False)  # offline: every check is waited for
     ap.set_defaults(func=run_reanalyse)
 
 
@@ -116,6 +132,10 @@ def report(summary: RunSummary) -> int:
     print(f"{summary.state}: {summary.blocks_done}/{summary.blocks_total} blocks, {summary.frames} frames, "
           f"{summary.atoms} atomic columns in "
           f"{summary.wall_s:.1f} s -> {summary.out}")
+    if summary.method == "check":
+        print(f"  library check: {summary.checks_done} blocks checked ({summary.check_ms_median:.0f} ms each, "
+              f"{summary.checks_per_s:.1f}/s), {summary.checks_unfinished} left with the networks' values"
+              + (f", {summary.checks_failed} failed" if summary.checks_failed else ""))
     if summary.ingest_ms_max:
         print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median, {summary.ingest_ms_max:.1f} ms max per "
               f"result; block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
@@ -190,4 +210,4 @@ def run_reanalyse(args) -> int:
 
     out = args.out or args.store.with_name(args.store.stem + "-reanalysed.h5")
     return _guarded(lambda: reanalyse(args.store, out, models_dir=args.models, backend=args.backend,
-                                      overwrite=args.overwrite))
+                                      overwrite=args.overwrite, method=args.method))

@@ -3,7 +3,8 @@
 It composes (or reuses from the cache) the synthetic SrTiO3 [001] wedge scan with a bent
 region, serves it through the DECTRIS detector simulator (REST + ZMQ, LiberTEM-live's
 DectrisSim), acquires it with LiberTEM-live's real `dectris` connection, analyses each
-completed scan block with the shipped networks, writes the result store, publishes the blocks
+completed scan block with the shipped networks (then checks it against the simulated library,
+`--method`), writes the result store, publishes the blocks
 on ZMQ, serves the dashboard, and compares the maps with the scan's ground truth (printed and
 written beside the store as ``*.vs-truth.json``).
 """
@@ -20,7 +21,8 @@ PLAN = """stemlive demo
   1. compose (or reuse) a synthetic 4D-STEM scan: SrTiO3 [001], 200 kV, 13.6 mrad, 97² px frames
      at 1.28 mrad/px, a FIB wedge (terraces ~3.9 nm apart) with a bowl-shaped bent region, Poisson noise
   2. serve it as a DECTRIS detector (SIMPLON REST API + ZMQ stream, bslz4)
-  3. acquire it live with LiberTEM-live; per scan block: PACBED networks, virtual BF/ABF/ADF/HAADF
+  3. acquire it live with LiberTEM-live; per scan block: PACBED networks (then, in a second stage, the
+     library check), virtual BF/ABF/ADF/HAADF
   4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}) + the dashboard (unless --headless)
 """
 
@@ -39,6 +41,9 @@ def add_parser(sub) -> None:
     ap.add_argument("--pub", default="tcp://127.0.0.1:5557", help="publisher PUB address (port 0: any free)")
     ap.add_argument("--rep", default="tcp://127.0.0.1:5558", help="publisher REP address (port 0: any free)")
     ap.add_argument("--port", type=int, default=5006, help="dashboard port (0: any free)")
+    from .commands import add_method_options
+
+    add_method_options(ap)
     ap.add_argument("--exit-when-done", action="store_true",
                     help="with the dashboard: exit when the scan is done instead of serving until Ctrl-C")
     ap.set_defaults(func=run)
@@ -105,7 +110,7 @@ def run(args) -> int:
     out = args.out or scan_dir / "demo-result.h5"
     settings = Settings(block=(args.block, args.block), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
                         mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], overwrite=True,
-                        pub=pub, rep=rep)
+                        pub=pub, rep=rep, method=args.method, check_timeout_s=args.check_timeout)
     try:
         with SimDetector(dump, args.api_port, args.data_port, args.dwell_us or None) as sim:
             print(f"simulated detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",
@@ -126,6 +131,10 @@ def run(args) -> int:
           f"{summary.wall_s:.1f} s ({summary.frames / summary.wall_s:.0f} frames/s) -> {out}")
     print(f"  ingest hand-off {summary.ingest_ms_median:.2f} ms median per result; "
           f"block complete -> stored {summary.block_delay_ms_median:.0f} ms median")
+    if summary.method == "check":
+        print(f"  library check: {summary.checks_done} blocks ({summary.check_ms_median:.0f} ms each, "
+              f"{summary.checks_per_s:.1f}/s; block complete -> checked {summary.check_delay_ms_median / 1e3:.1f} s "
+              f"median), {summary.checks_unfinished} left with the networks' values")
     compare_with_truth(out, scan_dir / "truth.h5", json_out=Path(out).with_suffix(".vs-truth.json"))
     if feed is not None and not args.exit_when_done:
         from ..dashboards.feed import StoreFeed

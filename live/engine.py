@@ -11,6 +11,17 @@ statistics), so the centre reaches the VirtualDetectorUDF (`take_calibration`) a
 of the scan in every run; their estimates are reused, not recomputed.  With an `AtomStitcher`,
 the worker also finds atomic columns in the calibrated virtual image, block by block, as soon
 as a block and its margin have their final values.
+
+The library check (``checker``, `models/checked_analysis.py`) is a second stage in its own
+thread: a block is stored and published with the networks' reading (``maps/method`` 1) at once,
+then queued for the check; when its check lands the block's map values are replaced in the
+state, the store and on the wire (``maps/method`` 2).  The check is slower than the networks
+(~0.1-0.7 s a block on 2 cores today), so it never holds up ingest or the first stage: it
+lags, and :meth:`BlockEngine.close` gives it until ``check_timeout`` to catch up (an aborted run
+does not wait); blocks whose check has not landed keep the networks' values, the store says how
+many (``checks_unfinished``).  The check is a deterministic function of the block's mean
+pattern and its networks' estimate, both the same live and in a replay, so a completed run's
+final maps do not depend on when the checks landed.
 """
 from __future__ import annotations
 
@@ -49,13 +60,27 @@ class EngineStats:
     block_delay_s: list = field(default_factory=list)  # block complete -> stored and published
     stored_at: dict = field(default_factory=dict)  # (i, j) -> time.perf_counter() when stored
     failures: Counter = field(default_factory=Counter)  # analysis error -> blocks it struck
+    check_s: list = field(default_factory=list)  # seconds each library check took
+    check_delay_s: list = field(default_factory=list)  # block complete -> its check stored and published
+    checks_queued: int = 0
+    checks_done: int = 0
+    checks_unfinished: int = 0  # queued, but the run closed before they landed
+    check_failures: Counter = field(default_factory=Counter)  # check error -> blocks (they keep the networks' values)
+    check_span_s: list = field(default_factory=lambda: [None, None])  # first check started, last one landed
+
+    @property
+    def checks_per_s(self) -> float:
+        """Checks landed per second of the check stage's life (first start to last landing)."""
+        t0, t1 = self.check_span_s
+        return self.checks_done / (t1 - t0) if self.checks_done and t1 and t1 > t0 else 0.0
 
 
 class BlockEngine:
     def __init__(self, grid: BlockGrid, analyzer, state: LiveState, store: ResultStore | None = None,
                  publisher: Publisher | None = None, *, roi: np.ndarray | None = None,
                  alpha_mrad: float, mrad_per_px: float | None = None, center_px: tuple[float, float] | None = None,
-                 rings: dict | None = None, bin_px: float = 0.5, batch: int = 64, atoms=None):
+                 rings: dict | None = None, bin_px: float = 0.5, batch: int = 64, atoms=None,
+                 checker=None, check_timeout: float | None = 120.0, progress: bool = False):
         self.grid = grid
         self.analyzer = analyzer
         self.state = state
@@ -85,8 +110,21 @@ class BlockEngine:
         self._error: BaseException | None = None
         self._t0 = time.perf_counter()
         self._status_sent = 0.0
+        # state + publish in one step, so the two stages' messages leave in ``seq`` order
+        self._emit = threading.Lock()
+        self.checker = checker if analyzer is not None else None
+        self.check_timeout = check_timeout
+        self.progress = progress
+        self._checks: queue.Queue = queue.Queue()
+        self._check_lock = threading.Lock()  # a landing check vs close()
+        self._checks_closed = False
+        self._checks_closing = False  # close() is waiting: land every check at once
         self._worker = threading.Thread(target=self._work, name="stemlive-engine", daemon=True)
         self._worker.start()
+        self._check_worker = None
+        if self.checker is not None:
+            self._check_worker = threading.Thread(target=self._check_work, name="stemlive-check", daemon=True)
+            self._check_worker.start()
 
     # -- ingest side (the acquisition loop) ------------------------------------------------
     def on_result(self, blocks: dict, virtual: dict | None, damage: np.ndarray) -> None:
@@ -168,19 +206,23 @@ class BlockEngine:
         t_complete = [t for it in items for t in [it[4]] * len(it[1])]
         for lo in range(0, len(idx), self.batch):
             sl = slice(lo, lo + self.batch)
-            estimates = self._estimates(idx[sl], sums[sl] / counts[sl, None, None])
+            means = sums[sl] / counts[sl, None, None]
+            estimates = self._estimates(idx[sl], means)
             self.stats.failures.update(e.error for e in estimates if e is not None and e.error is not None)
             part = self.partial[idx[sl, 0], idx[sl, 1]]
             rows = [estimate_row(e, p) for e, p in zip(estimates, part)]
             arrays = {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS}
             if self.store is not None:
                 self.store.write_blocks(idx[sl], sums[sl], counts[sl], estimates, part, int(self._frames_seen.sum()))
-            seq = self.state.apply_blocks(idx[sl], arrays, sums[sl], counts[sl], part)
-            if self.publisher is not None:
-                self.publisher.blocks(seq, idx[sl], arrays)
+            with self._emit:
+                seq = self.state.apply_blocks(idx[sl], arrays, sums[sl], counts[sl], part)
+                if self.publisher is not None:
+                    self.publisher.blocks(seq, idx[sl], arrays)
             now = time.perf_counter()
             self.stats.block_delay_s.extend(now - t for t in t_complete[sl])
             self.stats.stored_at.update({(int(i), int(j)): now for i, j in idx[sl]})
+            if self.checker is not None:
+                self._queue_checks(idx[sl], means, estimates, part, t_complete[sl])
             if self.calibration is None:
                 self._calibrate(estimates)
 
@@ -240,11 +282,12 @@ class BlockEngine:
         if not blocks:
             return
         rows = self.atoms.analyse(self.state.virtual[self.atoms.image_name], blocks)
-        seq = self.state.apply_atoms(rows, blocks)
         if self.store is not None:
             self.store.write_atoms(rows, self.atoms.analysed)
-        if self.publisher is not None:
-            self.publisher.atoms(seq, rows, blocks)
+        with self._emit:
+            seq = self.state.apply_atoms(rows, blocks)
+            if self.publisher is not None:
+                self.publisher.atoms(seq, rows, blocks)
 
     def _publish_virtual(self, flat: np.ndarray) -> None:
         scale = self._ring_scale()
@@ -259,11 +302,106 @@ class BlockEngine:
             images[name] = img
         r0, r1 = flat.min() // self.grid.scan_shape[1], flat.max() // self.grid.scan_shape[1] + 1
         rows = slice(int(r0), int(r1))
-        seq = self.state.apply_virtual(rows, {k: v[rows] for k, v in images.items()})
-        if self.publisher is not None:
-            self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
+        with self._emit:
+            seq = self.state.apply_virtual(rows, {k: v[rows] for k, v in images.items()})
+            if self.publisher is not None:
+                self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
+
+    # -- second stage: the library check -------------------------------------------------------
+    def _queue_checks(self, idx, means, estimates, part, t_complete) -> None:
+        from ..models.checked_analysis import applies
+
+        for k, e in enumerate(estimates):
+            if applies(e):
+                self.stats.checks_queued += 1
+                self._checks.put(((int(idx[k, 0]), int(idx[k, 1])), means[k], e, bool(part[k]), t_complete[k]))
+
+    def _check_work(self) -> None:
+        """Check queued blocks one by one; land them in batches (at once when the queue is
+        empty or the run is closing, else every 16 blocks or 0.25 s, so fast checks do not
+        cost one store write each)."""
+        landed: list = []
+        last = 0.0
+        while True:
+            item = self._checks.get()
+            if item is None or self._checks_closed:
+                break
+            ij, mean, est, part, t_complete = item
+            t = time.perf_counter()
+            if self.stats.check_span_s[0] is None:
+                self.stats.check_span_s[0] = t
+            try:
+                out = self.checker(mean, est)
+                row = estimate_row(est, part, check=out)
+            except Exception as exc:  # noqa: BLE001 -- the block keeps the networks' reading
+                msg = f"{type(exc).__name__}: {exc}"
+                if not self.stats.check_failures:
+                    log.exception("library check failed on block %s (the networks' values stay)", ij)
+                self.stats.check_failures[msg] += 1
+                continue
+            finally:
+                self.stats.check_s.append(time.perf_counter() - t)
+            landed.append((ij, row, t_complete))
+            now = time.perf_counter()
+            if self._checks.empty() or self._checks_closing or len(landed) >= 16 or now - last > 0.25:
+                self._land(landed)
+                landed, last = [], time.perf_counter()
+        if landed:
+            self._land(landed)
+
+    def _land(self, landed: list) -> None:
+        """The checked values of ``landed`` blocks into the store, the state and on the wire."""
+        idx = np.array([ij for ij, _, _ in landed], np.int64).reshape(-1, 2)
+        arrays = {k: np.stack([row[k] for _, row, _ in landed]) for k in MAP_FIELDS}
+        with self._check_lock:
+            if self._checks_closed:  # the run closed while these were being checked
+                return
+            try:
+                if self.store is not None:
+                    self.store.write_maps(idx, arrays)
+            except Exception:  # noqa: BLE001 -- a store that fails here fails the first stage too
+                log.exception("could not store checked blocks")
+                self.stats.check_failures["store write failed"] += len(landed)
+                return
+            with self._emit:
+                seq = self.state.apply_maps(idx, arrays)
+                if self.publisher is not None:
+                    self.publisher.blocks(seq, idx, arrays, stage="check")
+            now = time.perf_counter()
+            self.stats.checks_done += len(landed)
+            self.stats.check_span_s[1] = now
+            self.stats.check_delay_s.extend(now - t for _, _, t in landed)
+
+    def _finish_checks(self, timeout: float | None) -> None:
+        """Let the check stage land what is queued within ``timeout`` (None: all of it), then
+        stop it; what is left keeps the networks' values and is counted."""
+        if self._check_worker is None:
+            return
+        self._checks_closing = True
+        self._checks.put(None)
+        todo = self.stats.checks_queued - self.stats.checks_done - sum(self.stats.check_failures.values())
+        if timeout is None or timeout > 0:
+            from tqdm import tqdm
+
+            deadline = None if timeout is None else time.perf_counter() + timeout
+            with tqdm(total=todo, unit="block", desc="library check", disable=not (self.progress and todo > 0),
+                      smoothing=0.1) as bar:
+                seen = self.stats.checks_done
+                while self._check_worker.is_alive():
+                    left = None if deadline is None else deadline - time.perf_counter()
+                    if left is not None and left <= 0:
+                        break
+                    self._check_worker.join(0.2 if left is None else min(0.2, left))
+                    bar.update(self.stats.checks_done - seen)
+                    seen = self.stats.checks_done
+        with self._check_lock:
+            self._checks_closed = True
+        self.stats.checks_unfinished = max(0, self.stats.checks_queued - self.stats.checks_done
+                                           - sum(self.stats.check_failures.values()))
+        if self.stats.checks_unfinished:
+            self.state.update_status(checks_unfinished=self.stats.checks_unfinished)
 
     # -- end -------------------------------------------------------------------------------
     def _dropped(self) -> dict:
@@ -272,13 +410,19 @@ class BlockEngine:
         return {"frames_dropped": max(0, int(self.expected.sum()) - seen),
                 "blocks_dropped": int(((self.expected > 0) & ~self.state.done).sum())}
 
-    def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0) -> None:
-        """Analyse what is queued, then close the store with ``state`` and the reason."""
+    def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0,
+              check_timeout: float | None | object = _NOTHING) -> None:
+        """Analyse what is queued, give the library check until ``check_timeout`` (default: the
+        engine's; None: no limit) to land what it has queued -- a run that is not complete does
+        not wait for it -- then close the store with ``state`` and the reason."""
         self._queue.put(None)
         self._worker.join(timeout)
         if self._worker.is_alive():
             reason = (reason + "; " if reason else "") + f"analysis did not finish within {timeout:.0f} s"
             state = "aborted"
+        if check_timeout is _NOTHING:
+            check_timeout = self.check_timeout
+        self._finish_checks(check_timeout if state == "complete" and self._error is None else 0.0)
         if self._error is not None and state == "complete":
             state, reason = "aborted", f"analysis failed: {self._error}"
         missing = int((~self.state.done & (self.expected > 0)).sum())
@@ -289,8 +433,12 @@ class BlockEngine:
         if failed:
             self.state.update_status(blocks_failed=failed)
         dropped = self._dropped()
+        checks = {}
+        if self.checker is not None:
+            checks = {"checks_done": self.stats.checks_done, "checks_unfinished": self.stats.checks_unfinished,
+                      "checks_failed": sum(self.stats.check_failures.values())}
         if self.store is not None:
-            self.store.finish(state, reason, replace=useful, blocks_failed=failed, **dropped)
+            self.store.finish(state, reason, replace=useful, blocks_failed=failed, **dropped, **checks)
             reason = self.store.reason
         status = self.state.update_status(state=state, reason=reason, **dropped)
         if self.publisher is not None:

@@ -63,6 +63,8 @@ class Settings:
     progress: bool = True
     atoms: str | None = "haadf"  # find atomic columns in this virtual image (None: off)
     atom_margin_px: int = 16  # context around a block for atom finding
+    method: str | None = None  # "check" (None: check where the setting's check data exists) or "network"
+    check_timeout_s: float | None = 120.0  # at the end, wait this long for the library check to catch up
 
 
 @dataclass
@@ -85,6 +87,13 @@ class RunSummary:
     atoms: int = 0  # atomic columns found
     blocks_failed: int = 0  # analysed, but the analysis gave an error (kept in place, flag "error")
     failures: dict = field(default_factory=dict)  # error message -> number of blocks
+    method: str = "network"  # what the run used: "check" or "network"
+    checks_done: int = 0  # blocks whose library check landed
+    checks_unfinished: int = 0  # blocks left with the networks' values: the run closed first
+    checks_failed: int = 0
+    check_ms_median: float = 0.0  # one block's check
+    checks_per_s: float = 0.0  # landed per second of the check stage's life
+    check_delay_ms_median: float = 0.0  # block complete -> checked values stored and published
 
     @property
     def useful(self) -> bool:
@@ -98,6 +107,24 @@ def load_analyzer(settings: Settings):
 
     return PacbedAnalyzer.for_acquisition(settings.kv, settings.alpha_mrad, settings.models_dir or SHIPPED_DIR,
                                           backend=settings.backend)
+
+
+def load_checker(settings: Settings):
+    """The library check for this acquisition (`models/checked_analysis.py`), or None: method
+    network, or no check data for the setting (then a one-line warning says how to build it)."""
+    from ..models.checked_analysis import open_checker
+
+    return open_checker(settings.method, settings.kv, settings.alpha_mrad, settings.models_dir)
+
+
+def check_summary(engine: BlockEngine) -> dict:
+    """The check stage's figures for a RunSummary."""
+    st = engine.stats
+    return {"method": "check" if engine.checker is not None else "network", "checks_done": st.checks_done,
+            "checks_unfinished": st.checks_unfinished, "checks_failed": sum(st.check_failures.values()),
+            "check_ms_median": float(np.median(st.check_s) * 1e3) if st.check_s else 0.0,
+            "checks_per_s": st.checks_per_s,
+            "check_delay_ms_median": float(np.median(st.check_delay_s) * 1e3) if st.check_delay_s else 0.0}
 
 
 def load_atom_stitcher(settings: Settings, grid: BlockGrid):
@@ -150,11 +177,12 @@ def make_udfs(settings: Settings, record: Path | None = None) -> list:
 
 
 def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = None, source: str = "",
-                 analyzer=None, record: Path | None = None, received=None) -> RunSummary:
+                 analyzer=None, record: Path | None = None, received=None, checker=False) -> RunSummary:
     """Run one acquisition (or recorded dataset) to the end; the store is closed honestly either way.
 
     ``received()``, when given, counts the frames the detector connection delivered: the stall
-    watchdog watches it (and the UDF results), so a slow but healthy stream is never aborted."""
+    watchdog watches it (and the UDF results), so a slow but healthy stream is never aborted.
+    ``checker``: the library check (default: :func:`load_checker` for ``settings``; None: off)."""
     t0 = time.perf_counter()
     scan_shape = tuple(int(v) for v in dataset.shape.nav)
     sig_shape = tuple(int(v) for v in dataset.shape.sig)
@@ -162,6 +190,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         raise ValueError(f"a 2D scan is needed, the dataset's scan shape is {scan_shape} (give --scan-shape)")
     grid = BlockGrid(scan_shape, settings.block)
     analyzer = analyzer if analyzer is not None else load_analyzer(settings)
+    checker = load_checker(settings) if checker is False else checker
     warning = check_block_size(settings, analyzer)
     if warning:
         warnings.warn(warning, stacklevel=2)
@@ -171,7 +200,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     cards = [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
     meta = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
             "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
-            "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings}
+            "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings,
+            "method": "check" if checker is not None else "network", "check": checker.info if checker else {}}
     state = LiveState(layout, meta)
     # every server first: a run refused on its addresses writes nothing
     publisher = None
@@ -182,7 +212,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
                                    mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
                                    scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
-                                   source=source, overwrite=settings.overwrite)
+                                   source=source, overwrite=settings.overwrite, method=meta["method"],
+                                   check=meta["check"])
     except BaseException:
         if publisher is not None:
             publisher.close()
@@ -193,7 +224,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     try:  # from the store's creation on, every way out closes it honestly
         engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
                              mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
-                             atoms=atoms)
+                             atoms=atoms, checker=checker, check_timeout=settings.check_timeout_s,
+                             progress=settings.progress)
         _iterate(ctx, dataset, settings, engine, roi, grid, record, timing, received)
         final, reason = "complete", ""
     except BaseException as exc:
@@ -232,7 +264,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         acquisition_s=timing.get("last", start) - start, block_stored_s=stored_times(engine, grid, start),
         first_result_s=timing.get("first", start) - start, first_result_frames=int(timing.get("first_frames", 0)),
         atoms=int(st.get("atoms", 0)), blocks_failed=sum(engine.stats.failures.values()),
-        failures=dict(engine.stats.failures.most_common()))
+        failures=dict(engine.stats.failures.most_common()), **check_summary(engine))
     if summary.state != "complete":
         raise AcquisitionError(summary.reason)
     return summary

@@ -1,6 +1,8 @@
 """`Publisher`: ZMQ PUB of each analysed block batch, and a REP socket for late joiners.
 
-PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values), ``virtual``
+PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values; header
+``stage`` "network" when the networks have read the blocks, "check" when the library check's
+values replace them later -- ``maps/method`` says the same per block), ``virtual``
 (rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
 Both sockets bind 127.0.0.1 unless told otherwise; any other address needs an access token
@@ -61,9 +63,9 @@ class Publisher:
         with self._pub_lock:
             self._pub.send_multipart(encode(header, arrays), copy=False)
 
-    def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        self.send({"type": "blocks", "seq": seq, "sent": time.time()}, {"indices": np.asarray(indices, np.int32),
-                                                   **{f"maps/{k}": v for k, v in rows.items()}})
+    def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray], stage: str = "network") -> None:
+        self.send({"type": "blocks", "seq": seq, "sent": time.time(), "stage": stage},
+                  {"indices": np.asarray(indices, np.int32), **{f"maps/{k}": v for k, v in rows.items()}})
 
     def virtual(self, seq: int, rows: slice, images: dict[str, np.ndarray]) -> None:
         self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop], "sent": time.time()},

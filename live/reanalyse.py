@@ -1,4 +1,9 @@
-"""`stemlive reanalyse`: the stored block PACBEDs and virtual image through (other) models into a new store."""
+"""`stemlive reanalyse`: the stored block PACBEDs and virtual image through (other) models into a new store.
+
+``method``: "check" (default where the setting's check data exists) re-fits every block against
+the simulated library after the networks, waiting for all of them (offline, no time limit);
+"network" the networks alone.  A store made with ``--method network`` (e.g. for speed, live)
+gets its checked maps this way."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +12,15 @@ import numpy as np
 
 from .engine import BlockEngine
 from .outputs import check_output
-from .pipeline import RunSummary, Settings, load_analyzer, load_atom_stitcher
+from .pipeline import RunSummary, Settings, check_summary, load_analyzer, load_atom_stitcher, load_checker
 from .state import LiveState
 from .store import ResultStore, StoreLayout, read_store
 from ..udf.block_grid import BlockGrid
 
 
 def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: str = "auto",
-              overwrite: bool = False, batch: int = 64) -> RunSummary:
+              overwrite: bool = False, batch: int = 64, method: str | None = None,
+              progress: bool = True) -> RunSummary:
     import time
 
     t0 = time.perf_counter()
@@ -28,8 +34,10 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     settings = Settings(block=block, alpha_mrad=float(a["alpha_mrad"]), kv=float(a["kv"]), out=Path(out),
                         mrad_per_px=mpp, scan_step_nm=step, scan_rotation_deg=float(a["scan_rotation_deg"]),
                         models_dir=models_dir, backend=backend, rings=a["rings"] or None, overwrite=overwrite,
-                        pub=None, rep=None)
+                        pub=None, rep=None, method=method)
     analyzer = load_analyzer(settings)
+    checker = load_checker(settings)
+    check = checker.info if checker is not None else {}
     grid = BlockGrid(scan, block)
     atoms = load_atom_stitcher(settings, grid) if settings.atoms in old["virtual"] else None
     layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]), atoms=atoms.image_name if atoms else None)
@@ -37,24 +45,30 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
                                scan_step_nm=step, scan_rotation_deg=settings.scan_rotation_deg,
                                models=[c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else []),
                                rings=a["rings"],
-                               source=f"reanalysis of {src} ({a['source']})", overwrite=overwrite)
+                               source=f"reanalysis of {src} ({a['source']})", overwrite=overwrite,
+                               method="check" if checker is not None else "network", check=check)
     state = LiveState(layout, {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv})
     engine = BlockEngine(grid, analyzer, state, store, None, alpha_mrad=settings.alpha_mrad, mrad_per_px=mpp,
-                         batch=batch)
+                         batch=batch, checker=checker, check_timeout=None, progress=progress)
     done = old["blocks"]["done"]
-    engine.expected = np.where(done, old["blocks"]["counts"], 0)  # only what the source analysed
-    engine.on_result({"counts": np.where(done, old["blocks"]["counts"], 0), "pacbed": pac}, None,
-                     np.zeros(scan, bool))
     reason = "" if a["state"] == "complete" else f"source store was {a['state']}: {a['reason']}"
-    store.write_virtual(old["virtual"], int(old["progress"][0]))
-    if atoms is not None:  # every block whose window of the stored image is complete
-        image = old["virtual"][atoms.image_name]
-        blocks = atoms.ready(np.isfinite(image))
-        if blocks:
-            store.write_atoms(atoms.analyse(image, blocks), atoms.analysed)
-    engine.close("complete", reason)
+    try:
+        engine.expected = np.where(done, old["blocks"]["counts"], 0)  # only what the source analysed
+        engine.on_result({"counts": np.where(done, old["blocks"]["counts"], 0), "pacbed": pac}, None,
+                         np.zeros(scan, bool))
+        store.write_virtual(old["virtual"], int(old["progress"][0]))
+        if atoms is not None:  # every block whose window of the stored image is complete
+            image = old["virtual"][atoms.image_name]
+            blocks = atoms.ready(np.isfinite(image))
+            if blocks:
+                store.write_atoms(atoms.analyse(image, blocks), atoms.analysed)
+        engine.close("complete", reason)
+    except BaseException as exc:  # Ctrl-C while the checks run, too: the new store ends honestly
+        if store.state == "running":
+            engine.close("aborted", getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}", check_timeout=0)
+        raise
     st = state.status
     return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),
                       blocks_done=int(st["blocks_done"]), blocks_total=int(st["blocks_total"]),
                       wall_s=time.perf_counter() - t0, blocks_failed=sum(engine.stats.failures.values()),
-                      failures=dict(engine.stats.failures.most_common()))
+                      failures=dict(engine.stats.failures.most_common()), **check_summary(engine))

@@ -1,7 +1,9 @@
 """`LiveState`: the acquisition's current results in memory, shared by engine and publisher.
 
-The engine writes analysed blocks and virtual images into it; the publisher's REP thread reads
-it to answer "full state" and "PACBED of block (i, j)" for a dashboard that connects late.
+The engine writes analysed blocks and virtual images into it, and later the library check's
+values for blocks already there (``maps/method`` says which a block shows); the publisher's REP
+thread reads it to answer "full state" and "PACBED of block (i, j)" for a dashboard that
+connects late.
 """
 from __future__ import annotations
 
@@ -45,6 +47,15 @@ class LiveState:
             self.partial[ii, jj] = partial
             self.done[ii, jj] = True
             self.status["blocks_done"] = int(self.done.sum())
+            self.seq += 1
+            return self.seq
+
+    def apply_maps(self, indices: np.ndarray, rows: dict[str, np.ndarray]) -> int:
+        """New map values for blocks already applied (the library check's, when it lands)."""
+        with self.lock:
+            ii, jj = np.asarray(indices).reshape(-1, 2).T
+            for k, v in rows.items():
+                self.maps[k][ii, jj] = v
             self.seq += 1
             return self.seq
 

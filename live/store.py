@@ -7,11 +7,30 @@ blocks and closed again, without file locking, so plain ``h5py.File(path, "r")``
 time during the run and after.  A fault or Ctrl-C closes it with ``state`` = "aborted" and the
 reason; a killed process leaves ``state`` = "running" with ``/progress`` showing when it last
 wrote -- every completed block is in the file either way.
+
+Since schema 2 the maps also say which method produced each block's values and what the
+library check found (`stemlive pacbed analyze` JSON schema 2 has the same fields):
+
+* ``/maps/method`` (uint8): 0 not analysed, 1 network (the networks' reading: ``--method
+  network``, a block the check does not apply to -- an error or ``partial-field`` -- or one whose
+  check had not landed when the run closed), 2 check (the networks' reading re-fitted against
+  the simulated library, `models/pacbed_check.py`).  Live, a block is written with 1 as soon as
+  the networks have read it and rewritten with 2 when its check lands.
+* ``/maps/fit_quality``: the fraction of the pattern's structure beyond the zero disk that the
+  best library pattern leaves unexplained (~0 good; above ~0.08 flag ``model-mismatch``);
+  ``/maps/thickness_alt_nm``: the runner-up thickness (≥ 3 nm from the best); ``/maps/
+  alt_delta_chi2``: how much worse it fits, in units of the best fit's residual per pixel (below
+  25: flag ``ambiguous``; +inf: no runner-up).  NaN where the check did not run.
+* attributes ``method`` (what the run asked for and got: "check" or "network"), ``check`` (JSON:
+  the check data file, its sha256, kV, α, rank; {} without the check), and at the end
+  ``checks_done``, ``checks_unfinished`` (blocks left with the networks' values because the
+  run closed first) and ``checks_failed``.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,9 +44,13 @@ import numpy as np
 from ..models.pacbed_analysis import FLAGS, PacbedEstimate
 from .outputs import beside, check_output, replacing
 
-STORE_SCHEMA = 1
-STORE_FLAGS = FLAGS + ("error", "partial")  # bit i of /maps/flags = STORE_FLAGS[i]
+STORE_SCHEMA = 2  # 2: /maps/{method, fit_quality, thickness_alt_nm, alt_delta_chi2}, flags ambiguous, model-mismatch
+# bit i of /maps/flags = STORE_FLAGS[i]; bits keep their meaning, new names are appended
+_STORE_FLAGS_FIXED = ("vacuum", "not-on-zone", "thickness-at-range-edge", "low-confidence", "saturated",
+                      "partial-field", "error", "partial", "ambiguous", "model-mismatch")
+STORE_FLAGS = _STORE_FLAGS_FIXED + tuple(f for f in FLAGS if f not in _STORE_FLAGS_FIXED)
 STATES = ("running", "complete", "aborted")
+METHOD_CODES = {"none": 0, "network": 1, "check": 2}  # /maps/method
 
 # name -> (trailing shape, dtype, fill) of the per-block maps
 MAP_FIELDS = {
@@ -42,6 +65,10 @@ MAP_FIELDS = {
     "background": ((), np.float32, np.nan),
     "in_range": ((), np.int8, -1),  # -1 not analysed, 0 no, 1 yes
     "flags": ((), np.uint32, 0),
+    "method": ((), np.uint8, 0),  # METHOD_CODES
+    "fit_quality": ((), np.float32, np.nan),
+    "thickness_alt_nm": ((), np.float32, np.nan),
+    "alt_delta_chi2": ((), np.float32, np.nan),
 }
 
 
@@ -94,12 +121,16 @@ class ResultStore:
         self.layout = layout
         self.state = "running"
         self.reason = ""
+        # the engine's two stages (networks, library check) write from two threads: one at a time,
+        # the per-block maps being read, updated and written whole
+        self._lock = threading.RLock()
 
     @classmethod
     def create(cls, path: str | Path, layout: StoreLayout, *, alpha_mrad: float, kv: float,
                mrad_per_px: float | None = None, scan_step_nm: float | None = None,
                scan_rotation_deg: float = 0.0, models: Sequence[dict] = (), rings: dict | None = None,
-               source: str = "", overwrite: bool = False) -> "ResultStore":
+               source: str = "", overwrite: bool = False, method: str = "network",
+               check: dict | None = None) -> "ResultStore":
         """Create and pre-allocate the file.
 
         An existing file is replaced only with ``overwrite``, and not now: this run writes beside
@@ -125,6 +156,8 @@ class ResultStore:
             a["rings"] = json.dumps(rings or {})
             a["flag_names"] = json.dumps(list(STORE_FLAGS))
             a["source"] = source
+            a["method"] = method
+            a["check"] = json.dumps(check or {})
             a["stemlive_version"] = version("stemlive")
             a["started"] = _now()
             a["finished"] = ""
@@ -164,19 +197,13 @@ class ResultStore:
         The per-block maps are small: they are read, updated and written whole (a few h5py
         calls instead of one per block and field); only the block PACBEDs go one by one.
         """
-        if self.state != "running":
-            raise RuntimeError(f"store {self.path} is closed ({self.state})")
         indices = np.asarray(indices, np.int64).reshape(-1, 2)
         ii, jj = indices.T
         rows = [estimate_row(est, bool(part)) for est, part in zip(estimates, partial)]
-        with self._open() as f:
+        with self._lock, self._open_running() as f:
             for n, (i, j) in enumerate(indices):
                 f["blocks/pacbed"][i, j] = pacbed[n]
-            for k in MAP_FIELDS:
-                ds = f[f"maps/{k}"]
-                full = ds[()]
-                full[ii, jj] = np.stack([r[k] for r in rows])
-                ds[...] = full
+            self._write_rows(f, ii, jj, {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS})
             for name, values in (("blocks/counts", counts), ("blocks/partial", partial)):
                 full = f[name][()]
                 full[ii, jj] = values
@@ -187,9 +214,31 @@ class ResultStore:
             f["progress"][...] = [frames_seen, float(done.sum()), time.time()]
             f.flush()
 
+    def write_maps(self, indices: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Replace the map values of blocks already written (the library check's results:
+        ``rows`` as `estimate_row` gives them, stacked); sums, counts and done stay."""
+        indices = np.asarray(indices, np.int64).reshape(-1, 2)
+        with self._lock, self._open_running() as f:
+            self._write_rows(f, *indices.T, rows)
+            f["progress"][2] = time.time()
+            f.flush()
+
+    def _open_running(self):
+        if self.state != "running":
+            raise RuntimeError(f"store {self.path} is closed ({self.state})")
+        return self._open()
+
+    @staticmethod
+    def _write_rows(f, ii, jj, rows: dict[str, np.ndarray]) -> None:
+        for k in MAP_FIELDS:
+            ds = f[f"maps/{k}"]
+            full = ds[()]
+            full[ii, jj] = rows[k]
+            ds[...] = full
+
     def write_virtual(self, images: dict[str, np.ndarray], frames_seen: int | None = None) -> None:
         """Replace the virtual images (scan grid, NaN where not scanned yet)."""
-        with self._open() as f:
+        with self._lock, self._open() as f:
             for name, img in images.items():
                 if f"virtual/{name}" in f:
                     f[f"virtual/{name}"][...] = img
@@ -200,7 +249,7 @@ class ResultStore:
 
     def write_atoms(self, rows, analysed: np.ndarray) -> None:
         """Append found columns (an `AtomRows`) and mark the blocks analysed; the count goes last."""
-        with self._open() as f:
+        with self._lock, self._open() as f:
             g = f["atoms"]
             n0, n = int(g["count"][()]), len(rows)
             if n0 + n > g["positions"].shape[0]:  # keep what fits and say so; the run goes on
@@ -224,6 +273,10 @@ class ResultStore:
         stays beside, and the reason says so."""
         if state not in STATES[1:]:
             raise ValueError(f"final state must be 'complete' or 'aborted', not {state!r}")
+        with self._lock:
+            self._finish(state, reason, replace, counts)
+
+    def _finish(self, state: str, reason: str, replace: bool, counts: dict) -> None:
         if self.state != "running":
             return
         replacing = self.path != self.final_path
@@ -251,10 +304,19 @@ class ResultStore:
             self.path = self.final_path
 
 
-def estimate_row(est: PacbedEstimate | None, partial: bool) -> dict:
-    """One block's map values from its estimate (NaN / -1 and the error bit when it failed)."""
+def estimate_row(est: PacbedEstimate | None, partial: bool, check=None) -> dict:
+    """One block's map values from its estimate (NaN / -1 and the error bit when it failed).
+
+    ``check``: the library check's `CheckOutcome` for this block; its estimate then replaces
+    ``est`` and the row says method "check" with the fit quality and runner-up."""
     row = {k: np.full(trail, fill, dtype) for k, (trail, dtype, fill) in MAP_FIELDS.items()}
     flags = ["partial"] if partial else []
+    if est is not None or check is not None:
+        row["method"] = np.uint8(METHOD_CODES["network" if check is None else "check"])
+    if check is not None:
+        est = check.estimate
+        for k in ("fit_quality", "thickness_alt_nm", "alt_delta_chi2"):
+            row[k] = np.float32(getattr(check, k))
     if est is None or est.error is not None:
         row["flags"] = np.uint32(flag_bits(flags + ["error"]))
         return row
@@ -281,8 +343,9 @@ def read_store(path: str | Path) -> dict:
         if missing:
             raise ValueError(f"{path} is not a stemlive result store (it lacks {', '.join(missing)})")
         attrs = dict(f.attrs)
-        for k in ("models", "rings", "flag_names"):
-            attrs[k] = json.loads(attrs[k])
+        for k in ("models", "rings", "flag_names", "check"):
+            if k in attrs:
+                attrs[k] = json.loads(attrs[k])
         for group in ("maps", "virtual", "blocks"):
             for name, ds in f[group].items():
                 out[group][name] = ds[()]

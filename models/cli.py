@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("network", "lsf", "hybrid")
+METHODS = ("check", "network", "lsf", "hybrid")
+JSON_SCHEMA = 2  # 2: per pattern fit_quality, thickness_alt_nm, alt_delta_chi2, method
 EXIT_ALL, EXIT_NONE, EXIT_USAGE, EXIT_SOME = 0, 1, 2, 3
 
 
@@ -25,9 +26,12 @@ def add_parsers(sub) -> None:
     a.add_argument("--out", type=Path, required=True, help="result JSON (never one of the inputs)")
     a.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (only once the analysis succeeded)")
-    a.add_argument("--method", choices=METHODS, default="network",
-                   help="network (default); lsf: least-squares library search; hybrid: network, then LSF "
-                        "within ±3 nm and ±1 mrad (lsf and hybrid need --library)")
+    a.add_argument("--method", choices=METHODS, default=None,
+                   help="check (the default where the setting's check data exists, else network with a "
+                        "warning): the networks, then a re-fit against the simulated library (fit_quality, "
+                        "runner-up thickness, flags ambiguous / model-mismatch); network: the networks alone; "
+                        "lsf: least-squares library search; hybrid: network, then LSF within ±3 nm and ±1 mrad "
+                        "(lsf and hybrid need --library)")
     a.add_argument("--library", type=Path, default=None, help="PACBED library (HDF5) for lsf and hybrid")
     a.add_argument("--models", type=Path, default=None, help="directory of model cards (default: the shipped models)")
     a.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
@@ -109,29 +113,51 @@ def run_analyze(args) -> int:
     check_frames(patterns, args.input)
     models_dir = args.models or SHIPPED_DIR
     models: list[dict] = []
-    if args.method == "lsf":
+    method = args.method
+    checker = None
+    if method == "lsf":
         from .lsf import LsfAnalyzer
 
         results = LsfAnalyzer.from_file(args.library, args.kv, args.alpha_mrad).analyze(patterns)
     else:
         analyzer = PacbedAnalyzer.for_acquisition(args.kv, args.alpha_mrad, models_dir, backend=args.backend)
         models = [{k: c.data[k] for k in ("id", "task", "onnx_file", "onnx_sha256")} for c in analyzer.cards]
+        if method in (None, "check", "network"):
+            from .checked_analysis import open_checker
+
+            # before any analysis: a mismatched check-data file is refused at no cost
+            checker = open_checker(method, args.kv, args.alpha_mrad, models_dir)
+            method = "check" if checker is not None else "network"
         results = analyzer.analyze(patterns)
-        if args.method == "hybrid":
+        if method == "hybrid":
             from .lsf import LsfAnalyzer
 
             results = LsfAnalyzer.from_file(args.library, args.kv, args.alpha_mrad).refine(patterns, results)
-    doc = {"schema": 1, "method": args.method, "input": str(args.input), "models": models,
-           "patterns": [r.to_json() for r in results]}
-    if args.method != "network":
+    from .checked_analysis import Checked, check_all
+
+    if method in ("check", "network"):
+        checked = check_all(checker, patterns, results, progress=sys.stderr.isatty())
+    else:
+        checked = [Checked(r, method) for r in results]
+    doc = {"schema": JSON_SCHEMA, "method": method, "input": str(args.input), "models": models,
+           "patterns": [c.to_json() for c in checked]}
+    if method in ("lsf", "hybrid"):
         doc["library"] = str(args.library)
+    if checker is not None:
+        doc["check_data"] = checker.info
+    results = [c.estimate for c in checked]
     text = json.dumps(strict_json(doc), indent=1, allow_nan=False)
     with replacing(args.out) as tmp:
         tmp.write_text(text)
     failed = [i for i, r in enumerate(results) if r.error]
     for i in failed[:10]:
         print(f"pattern {i}: {results[i].error}", file=sys.stderr)
-    print(f"{len(results) - len(failed)} of {len(results)} patterns analysed -> {args.out}")
+    for i in [i for i, c in enumerate(checked) if c.check_error][:10]:
+        print(f"pattern {i}: library check failed ({checked[i].check_error}); the networks' estimate is kept",
+              file=sys.stderr)
+    n_checked = sum(c.method == "check" for c in checked)
+    how = f" ({n_checked} checked against the library)" if checker is not None else ""
+    print(f"{len(results) - len(failed)} of {len(results)} patterns analysed{how} -> {args.out}")
     if not failed:
         return EXIT_ALL
     return EXIT_NONE if len(failed) == len(results) else EXIT_SOME

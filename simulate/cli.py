@@ -97,6 +97,9 @@ def add_compact_parser(ssub) -> None:
     ap.add_argument("--out", type=Path, required=True, help="compact library (HDF5)")
     ap.add_argument("--tolerance", type=float, default=2e-3,
                     help="worst relative reconstruction error allowed (sets the rank; default 2e-3)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="number of principal components kept (default: the smallest within --tolerance; "
+                         "the shipped libraries use 384)")
     ap.add_argument("--exclude-held-out", action="store_true",
                     help="leave out the tilt orbits the networks held out (for an honest benchmark)")
     ap.add_argument("--overwrite", action="store_true")
@@ -118,7 +121,7 @@ def run_compact(args) -> int:
         keep = ~np.isin(lib.tilt_source, PacbedSampler(lib, 0.1, seed=0).held_orbits)
         lib = PacbedLibrary(lib.patterns[keep], lib.thickness_nm, lib.tilt_mrad[keep], lib.mrad_per_px, lib.kv,
                             lib.alpha_mrad, lib.attrs)
-    compact = build_compact(lib)
+    compact = build_compact(lib, rank=args.rank, tolerance=args.tolerance)
     from ..models.cards import sha256_of
 
     compact.attrs.update(source=str(args.library), source_sha256=sha256_of(args.library),

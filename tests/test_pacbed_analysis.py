@@ -35,7 +35,7 @@ def analyze_cli(tmp_path, arr, *extra, models=None):
 
 def test_every_pattern_in_order_with_the_contract_fields(tiny_models, raw_patterns, tmp_path):
     rc, doc = analyze_cli(tmp_path, raw_patterns, models=tiny_models)
-    assert rc == 0 and doc["schema"] == 1 and len(doc["patterns"]) == 2
+    assert rc == 0 and doc["schema"] == 2 and len(doc["patterns"]) == 2
     assert {m["task"] for m in doc["models"]} == {"pacbed-align", "pacbed-thickness-tilt"}
     for p, centre in zip(doc["patterns"], [(50, 60), (40, 70)]):
         for key in ("center_px", "radius_px", "rotation_deg", "thickness_nm", "thickness_sigma_nm", "tilt_mrad",

@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from . import canonical
 from .compact_library import WINDOW_ALPHA, CompactLibrary
-from .pacbed_analysis import PacbedEstimate, canonical_crop, crop_window, wrap45
+from .pacbed_analysis import PacbedEstimate, canonical_crop, canonical_crop_valid, crop_window, wrap45
 
 FLIPS = canonical.MIRRORS
 PSF_PX = (0.0, 0.8, 1.6, 2.4)  # detector point spread and binning [canonical px] (α = 12.1 px): 0-0.2 α
@@ -196,13 +196,15 @@ class LibraryCheck:
         return self._templates[key]
 
     # -- geometry ----------------------------------------------------------------------------
-    def refine_geometry(self, pattern: np.ndarray, geom, flip, model: list[np.ndarray], steps: int | None = None):
+    def refine_geometry(self, pattern: np.ndarray, geom, flip, model: list[np.ndarray], steps: int | None = None,
+                        rows: np.ndarray | None = None):
         """Gauss-Newton on (row, col, ln radius, rotation) with the scales and background, the
         templates ``model`` fixed.  The first steps take the crop's derivatives from the raw
         window's gradient sampled on the crop's grid (`_crop_with_derivatives`); the last takes
         them by finite differences, which converge to the χ² minimum of the interpolated crop.
         ``model``: the local model's columns (`columns`), so thickness and tilt move with the
-        geometry instead of the geometry absorbing their error."""
+        geometry instead of the geometry absorbing their error.  ``rows``: the window pixels on
+        the recorded frame (all when None)."""
         r, c, rad, rot = geom
         fixed = [-m for m in model]
         n = steps or self.steps
@@ -216,6 +218,8 @@ class LibraryCheck:
                 base = self._crop(pattern, (r, c, rad, rot), flip)
                 cols = self._finite_derivatives(pattern, (r, c, rad, rot), flip, base)
             A = np.column_stack(cols + fixed)
+            if rows is not None:
+                A, base = A[rows], base[rows]
             x, *_ = np.linalg.lstsq(A, -base, rcond=None)
             d = np.clip(x[:4], [-2 * s, -2 * s, -0.05, -2.0], [2 * s, 2 * s, 0.05, 2.0])
             r, c, rad, rot = r + d[0], c + d[1], rad * math.exp(d[2]), wrap45(rot + d[3])
@@ -266,8 +270,9 @@ class LibraryCheck:
         Σ_raw r²/I = Σ_canonical r²/v whatever the size."""
         f, p, ti, ki = fit["entry"]
         v = _flip(fit["crop"], *FLIPS[f])[self.win].astype(np.float64)
-        fit["local"] = local = self.local_fit(v, p, ti, ki)
-        inside = self.rr < COMPARE_ALPHA * radius_ref / fit["geom"][2]
+        real = _flip(fit["valid"], *FLIPS[f])[self.win]
+        fit["local"] = local = self.local_fit(v, p, ti, ki, rows=real)
+        inside = (self.rr < COMPARE_ALPHA * radius_ref / fit["geom"][2]) & real
         if SCORE_WEIGHTED:
             floor = max(float(np.median(v[inside])) * 1e-3, 1e-30)
             fit["score"] = float(np.sum(local["resid"][inside] ** 2 / np.maximum(v[inside], floor)))
@@ -306,14 +311,17 @@ class LibraryCheck:
         geometry refined for it, ``rounds`` times; its χ² at the final geometry."""
         band = np.abs(self.lib.thickness_nm - self.lib.thickness_nm[k0]) < ALT_MIN_NM
         for r in range(self.rounds + 1):
-            crop = canonical_crop(pattern, geom[:2], geom[2], geom[3])
+            crop, valid = canonical_crop_valid(pattern, geom[:2], geom[2], geom[3])
             chi = self.chi2_all(crop, thick_mask=band)
             entry = np.unravel_index(int(np.argmin(chi)), chi.shape)
             if r == self.rounds:
                 break
             f, p, ti, ki = entry
-            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.columns(p, ti, ki)[0])
-        return {"chi2": float(chi[entry]), "entry": tuple(int(i) for i in entry), "geom": geom, "crop": crop}
+            real = _flip(valid, *FLIPS[f])[self.win]
+            geom = self.refine_geometry(pattern, geom, FLIPS[f], self.columns(p, ti, ki)[0],
+                                        rows=None if real.all() else real)
+        return {"chi2": float(chi[entry]), "entry": tuple(int(i) for i in entry), "geom": geom, "crop": crop,
+                "valid": valid}
 
     def _outcome(self, best: dict, start, estimate: PacbedEstimate, alt_t: float, delta: float) -> CheckOutcome:
         f, p, ti, ki = best["entry"]
@@ -369,13 +377,14 @@ class LibraryCheck:
             lo_hi.append((x_lo - x0, x_hi - x0))
         return cols + [B0, np.ones_like(A0)], np.array(lo_hi)
 
-    def local_fit(self, v: np.ndarray, psi_i: int, ti: int, ki: int) -> dict:
+    def local_fit(self, v: np.ndarray, psi_i: int, ti: int, ki: int, rows: np.ndarray | None = None) -> dict:
         """Thickness and tilt off the grid: v ≈ a·(A₀ + Σ δᵢ·∂A/∂xᵢ) + c·B₀ + b, linear in a, a·δᵢ,
         c and b, around the best entry, the derivatives from the neighbouring entries present;
         each δᵢ stays between those neighbours.  σ of δᵢ from the fit's covariance with the
-        residual as the noise."""
+        residual as the noise; only the window pixels ``rows`` (those on the recorded frame)."""
         cols, lo_hi = self.columns(psi_i, ti, ki)
-        X = np.column_stack(cols)
+        rows = np.ones(v.size, bool) if rows is None else rows
+        X, v_all, v = np.column_stack(cols)[rows], v, v[rows]
         xtx = X.T @ X
         keep = np.abs(np.diag(xtx)) > 0
         sol = np.zeros(X.shape[1])
@@ -383,7 +392,8 @@ class LibraryCheck:
         sol[keep] = inv @ (X[:, keep].T @ v)
         a = float(sol[0]) if abs(sol[0]) > 1e-30 else 1e-30
         delta = np.clip(sol[1:4] / a, lo_hi[:, 0], lo_hi[:, 1])
-        resid = v - X @ sol
+        resid = np.zeros(v_all.size)
+        resid[rows] = v - X @ sol
         noise = max(float(resid @ resid) / max(v.size - int(keep.sum()), 1), 1e-30)
         var = np.zeros(X.shape[1])
         var[keep] = np.diag(inv) * noise
@@ -392,13 +402,13 @@ class LibraryCheck:
         return {"thickness": float(thick[ki] + delta[0]), "thickness_sigma": float(sig[0]),
                 "tilt": tilts[ti] + delta[1:3], "tilt_sigma": sig[1:3],
                 "a": a, "c": float(sol[4]), "b": float(sol[5]), "noise": noise, "resid": resid,
-                "fit_quality": self._unexplained(v, resid)}
+                "fit_quality": self._unexplained(v_all, resid, rows)}
 
-    def _unexplained(self, v: np.ndarray, resid: np.ndarray) -> float:
+    def _unexplained(self, v: np.ndarray, resid: np.ndarray, rows: np.ndarray) -> float:
         """Unexplained fraction of the pattern's structure outside the zero disk (1.1 α to the
         window's edge), where the crystal shows itself; the disk edge, which any library pattern
         reproduces, would hide a mismatch in a whole-window figure."""
-        out = self.outside
+        out = self.outside & rows
         vo = v[out] - v[out].mean()
         ro = resid[out] - resid[out].mean()
         return float(ro @ ro) / max(float(vo @ vo), 1e-30)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pacbed_common import DOSES, as_arrays, library_for, print_table, scores
+from pacbed_common import DOSES, DOUBT, as_arrays, library_for, print_table, scores
 from stemlive.models.cards import SHIPPED_DIR
 from stemlive.models.compact_library import CompactLibrary, build_compact
 from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate
@@ -28,7 +28,7 @@ from stemlive.simulate.heldout_patterns import heldout_raw_patterns
 from stemlive.simulate.library import PacbedLibrary
 from stemlive.simulate.pacbed_data import PacbedSampler
 
-DOUBT = {"ambiguous", "model-mismatch", "low-confidence", "vacuum", "not-on-zone", "thickness-at-range-edge"}
+
 
 
 def gross(results, truth) -> dict[str, float]:

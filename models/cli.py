@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("pacbed", help="analyse PACBED patterns (centre, size, rotation, thickness, tilt)")
     psub = p.add_subparsers(dest="what", required=True)
     a = psub.add_parser("analyze", help="analyse the patterns of a file and write OUT.json",
-                        description="INPUT: .npy (H×W or N×H×W, any dtype), TIFF (single or stack), .dm3/.dm4. "
+                        description="INPUT: .npy (H×W or N×H×W, any dtype), TIFF (single or stack), .dm3/.dm4, PNG/JPEG (greyscale). "
                                     "Exit status: 0 all analysed, 3 some failed, 1 none, 2 usage error.")
     a.add_argument("input", type=Path, metavar="INPUT")
     a.add_argument("--alpha-mrad", type=float, required=True, help="probe convergence semi-angle [mrad]")

@@ -249,7 +249,7 @@ class LibraryCheck:
         best fit within its band, and the best of those wins (its runner-up says how sure)."""
         start = (*estimate.center_px, estimate.radius_px, estimate.rotation_deg)
         near = self._near_network_tilt(estimate)
-        fits = [self._refine(pattern, geom, k, near) for geom, k in self._hypotheses(pattern, start, estimate)]
+        fits = [self._refine(pattern, geom, k, near) for geom, k in self._hypotheses(pattern, start, estimate, near)]
         for fit in fits:
             self._score(fit, start[2])
         fits.sort(key=lambda fit: fit["score"])
@@ -282,17 +282,20 @@ class LibraryCheck:
             fit["score"] = float(np.sum(local["resid"][inside] ** 2)) / (fit["geom"][2] / canonical.ALPHA_PX) ** 2
         fit["pixels"] = int(inside.sum())
 
-    def _hypotheses(self, pattern: np.ndarray, geom, estimate: PacbedEstimate) -> list[tuple[tuple, int]]:
+    def _hypotheses(self, pattern: np.ndarray, geom, estimate: PacbedEstimate,
+                    near: np.ndarray | None = None) -> list[tuple[tuple, int]]:
         """(geometry, thickness index) to refine: the lowest local minima of χ² over thickness
         (minimised over tilt, mirror and the disk sizes tried; one ψ), at least ``ALT_MIN_NM``
-        apart, each at the size it fitted best, and the networks' thickness at theirs."""
+        apart, each at the size it fitted best, and the networks' thickness at theirs.  Only the
+        mirrors ``near`` the networks' tilt are searched, when given."""
         thick = self.lib.thickness_nm
+        flips = None if near is None else [f for f in range(len(FLIPS)) if near[f].any()]
         prof, where, geoms = np.full(len(thick), np.inf), np.zeros(len(thick), int), []
         for j, f in enumerate(RADIUS_SEARCH):
             g = (geom[0], geom[1], geom[2] * (1 + f), geom[3])
             geoms.append(g)
             crop = canonical_crop(pattern, g[:2], g[2], g[3])
-            here = self.chi2_all(crop, psis=[1]).min(axis=(0, 1, 2))
+            here = self.chi2_all(crop, flips=flips, psis=[1]).min(axis=(0, 1, 2))
             better = here < prof
             prof[better], where[better] = here[better], j
         chosen: list[int] = []

@@ -355,7 +355,8 @@ class LibraryCheck:
         tilt_d = rm @ tilt_c
         tilt_sig = np.sqrt(np.diag(rm @ np.diag(tilt_sig_c**2) @ rm.T))
         flags = [x for x in estimate.flags if x not in ("ambiguous", "model-mismatch")]
-        if delta < AMBIGUOUS_DELTA:
+        t_sig = math.hypot(THICKNESS_SIGMA_SCALE * fit["thickness_sigma"], THICKNESS_FLOOR_NM)
+        if delta < AMBIGUOUS_DELTA or _disagree(fit["thickness"], t_sig, estimate):
             flags.append("ambiguous")
         if fit["fit_quality"] > MISMATCH_FIT:
             flags.append("model-mismatch")
@@ -364,7 +365,6 @@ class LibraryCheck:
         a, c, b = fit["a"], fit["c"], fit["b"]
         background = (b - (a + c) * lib_mean) / scale_px  # I = a·Ŝ + c·BŜ + b, Ŝ = (S − mean)/norm
         edge = ki in (0, len(thick) - 1)
-        t_sig = math.hypot(THICKNESS_SIGMA_SCALE * fit["thickness_sigma"], THICKNESS_FLOOR_NM)
         est = replace(estimate, center_px=(float(geom[0]), float(geom[1])), radius_px=float(geom[2]),
                       rotation_deg=float(geom[3]), thickness_nm=float(fit["thickness"]), thickness_sigma_nm=t_sig,
                       tilt_mrad=(float(tilt_d[0]), float(tilt_d[1])),
@@ -444,6 +444,15 @@ class LibraryCheck:
         line = line[np.argsort(tilts[line, ax])]
         pos = int(np.flatnonzero(line == ti)[0])
         return [int(line[pos - 1]) if pos > 0 else None, int(line[pos + 1]) if pos < len(line) - 1 else None]
+
+
+def _disagree(thickness: float, sigma: float, estimate: PacbedEstimate) -> bool:
+    """The check and the networks read thicknesses further apart than both σ allow (3σ of the
+    two together, and at least ``ALT_MIN_NM``): one of them is wrong, and nothing says which."""
+    t, s = estimate.thickness_nm, estimate.thickness_sigma_nm
+    if t is None or s is None or not (np.isfinite(t) and np.isfinite(s)):
+        return False
+    return abs(thickness - t) > max(3 * math.hypot(sigma, s), ALT_MIN_NM)
 
 
 def _combine_tilt(tilt_c: np.ndarray, sigma_c: np.ndarray, estimate: PacbedEstimate) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     add_method_options(ap)
 
 
-def add_method_options(ap: argparse.ArgumentParser, timeout: bool = True) -> None:
+def add_method_options(ap: argparse.ArgumentParser, timeout: float | None = 120.0) -> None:
     """--method (and --check-timeout): the networks alone, or checked against the library."""
     ap.add_argument("--method", choices=("check", "network"), default=None,
                     help="check (default where the setting's check data exists, else network with a warning): "
@@ -50,8 +50,8 @@ def add_method_options(ap: argparse.ArgumentParser, timeout: bool = True) -> Non
                          "simulated library in a second stage (maps/method says which a block shows); "
                          "network: the networks alone")
     if timeout:
-        ap.add_argument("--check-timeout", type=positive(), default=120.0,
-                        help="seconds the library check may take to catch up after the scan (default 120); "
+        ap.add_argument("--check-timeout", type=positive(), default=timeout,
+                        help=f"seconds the library check may take to catch up after the scan (default {timeout:g}); "
                              "blocks it has not reached keep the networks' values (counted in the store)")
 
 
@@ -123,7 +123,7 @@ def add_parsers(sub) -> None:
     ap.add_argument("--models", type=Path, default=None)
     ap.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the run succeeded)")
-    add_method_options(ap, timeout=False)  # offline: every check is waited for
+    add_method_options(ap, timeout=None)  # offline: every check is waited for
     ap.set_defaults(func=run_reanalyse)
 
 

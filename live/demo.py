@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     ap.add_argument("--port", type=int, default=5006, help="dashboard port (0: any free)")
     from .commands import add_method_options
 
-    add_method_options(ap)
+    add_method_options(ap, timeout=600.0)  # the demo compares the checked maps with its truth: wait for them
     ap.add_argument("--exit-when-done", action="store_true",
                     help="with the dashboard: exit when the scan is done instead of serving until Ctrl-C")
     ap.set_defaults(func=run)

@@ -426,3 +426,30 @@ def test_live_and_demo_take_method(command):
         args = build_parser().parse_args([*command, "--method", m, "--check-timeout", "5"])
         assert args.method == m and args.check_timeout == 5
     assert build_parser().parse_args(command).method is None  # check where the data exists
+
+
+def test_a_store_written_live_ends_checked(live_scan, tmp_path):
+    """The demo scan's 24 blocks live (shipped models and check data): every analysed block ends
+    with the check's values in the store."""
+    from stemlive.live.acquire import live
+    from stemlive.live.pipeline import Settings
+    from stemlive.live.simulator import SimDetector
+
+    d, meta, data, dump = live_scan
+    out = tmp_path / "live.h5"
+    settings = Settings(block=(8, 8), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
+                        mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], pub="tcp://127.0.0.1:0",
+                        rep="tcp://127.0.0.1:0", progress=False, atoms=None, backend="onnxruntime")
+    with SimDetector(dump, 0, 0) as sim:
+        summary = live(settings, detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
+                       data_host="127.0.0.1", data_port=sim.data_port, scan_shape=data.shape[:2], executor="inline")
+    assert summary.state == "complete" and summary.method == "check"
+    r = read_store(out)
+    done = r["blocks"]["done"]
+    assert done.all() and r["attrs"]["method"] == "check" and r["attrs"]["checks_unfinished"] == 0
+    checkable = done & np.isfinite(r["maps"]["thickness_nm"]) & ~(r["maps"]["flags"] & (1 << STORE_FLAGS.index("error")))
+    assert checkable.sum() >= 20 and (r["maps"]["method"][checkable] == 2).all()
+    assert np.isfinite(r["maps"]["fit_quality"][checkable]).all()
+    assert summary.checks_done == int(checkable.sum()) and summary.checks_per_s > 0
+    print(f"live check: {summary.checks_done} blocks, {summary.check_ms_median:.0f} ms median, "
+          f"{summary.checks_per_s:.2f}/s, block complete -> checked {summary.check_delay_ms_median:.0f} ms median")

@@ -25,3 +25,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def two_placed_patterns(library_path, seed: int) -> np.ndarray:
+    """Two library patterns placed in 96×128 frames (rotated, off centre), Poisson at ~3000 counts
+    peak, as uint16: (2, 96, 128)."""
+    from stemlive.simulate.library import PacbedLibrary
+
+    lib = PacbedLibrary.load(library_path)
+    a = lib.alpha_mrad / lib.mrad_per_px
+    rng = np.random.default_rng(seed)
+    pats = [place(lib.pattern(3.0, (1.0, 0.0)), a, (96, 128), 14.0, (50.0, 60.0), rotation=10.0),
+            place(lib.pattern(2.0, (0.0, 1.0)), a, (96, 128), 12.0, (40.0, 70.0), rotation=-20.0)]
+    return np.stack([rng.poisson(p / p.max() * 3000) for p in pats]).astype(np.uint16)

@@ -22,7 +22,7 @@ from stemlive.models.pacbed_analysis import PacbedEstimate
 from stemlive.models.pacbed_check import CheckOutcome
 from stemlive.simulate.library import PacbedLibrary
 
-from .helpers import place
+from .helpers import place, two_placed_patterns
 
 ORT = ["--backend", "onnxruntime"]
 
@@ -45,12 +45,7 @@ def checked_models(tiny_models, compact_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def patterns(quadrant_library):
-    lib = PacbedLibrary.load(quadrant_library)
-    a = lib.alpha_mrad / lib.mrad_per_px
-    rng = np.random.default_rng(1)
-    pats = [place(lib.pattern(3.0, (1.0, 0.0)), a, (96, 128), 14.0, (50.0, 60.0), rotation=10.0),
-            place(lib.pattern(2.0, (0.0, 1.0)), a, (96, 128), 12.0, (40.0, 70.0), rotation=-20.0)]
-    return np.stack([rng.poisson(p / p.max() * 3000) for p in pats]).astype(np.uint16)
+    return two_placed_patterns(quadrant_library, seed=1)
 
 
 def analyze(tmp_path, arr, models, *extra):

@@ -63,6 +63,9 @@ def stream(px: int, scan: tuple[int, int]) -> Path:
 def settings(out: Path, block, mpp, **kw):
     from stemlive.live.pipeline import Settings
 
+    # the networks' path (comparable with earlier tables); the library check is a second stage off
+    # the ingest path whose rate is measured on its own
+    kw.setdefault("method", "network")
     return Settings(block=block, alpha_mrad=ALPHA, kv=KV, out=out, mrad_per_px=mpp, overwrite=True,
                     pub="tcp://127.0.0.1:0", rep="tcp://127.0.0.1:0", progress=False, **kw)
 

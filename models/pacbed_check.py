@@ -46,7 +46,6 @@ ALT_MIN_NM = 3.0
 AMBIGUOUS_DELTA = 25.0  # Δχ² in units of the best residual per pixel (5 "σ")
 RADIUS_SEARCH = np.linspace(-0.08, 0.08, 9)  # relative sizes tried around the networks' (90 %: ±6 %)
 COMPARE_ALPHA = 2.3  # hypotheses compared over this radius [networks' α]: inside the window at −11 % size
-SCORE_WEIGHTED = False
 TILT_PRIOR_MRAD = 0.6  # the check refines tilt within this of the networks' reading
 HYPOTHESES = 3  # thickness modes refined besides the networks' reading
 MISMATCH_FIT = 0.08  # unexplained variance fraction beyond any library pattern with noise
@@ -124,8 +123,8 @@ class LibraryCheck:
         self.psf = tuple(float(b) for b in psf_px)
         self.inelastic_px = float(inelastic_alpha * canonical.ALPHA_PX)
         P = canonical.PIXELS
-        self.n_win = n_win = int(self.win.sum())
-        self.coef = coef = library.coef.reshape(-1, library.coef.shape[-1]).astype(np.float32)  # (E, R)
+        self.n_win = int(self.win.sum())
+        self.coef = library.coef.reshape(-1, library.coef.shape[-1]).astype(np.float32)  # (E, R)
         self.shape = library.coef.shape[:2]
         self.ua, self.ub = [], []  # per ψ: the elastic and inelastic templates of the basis, window px
         grams = []
@@ -262,24 +261,20 @@ class LibraryCheck:
             alt_t, delta = float(thick[alt[0]["entry"][3]]), float((alt[0]["score"] - best["score"]) / noise)
         else:
             alt_t, delta = float("nan"), float("inf")
-        return self._outcome(best, start, estimate, alt_t, delta)
+        return self._outcome(best, estimate, alt_t, delta)
 
     def _score(self, fit: dict, radius_ref: float) -> None:
         """How well a hypothesis explains the pattern, comparable between hypotheses of other
         disk sizes: the local fit's residual over one region of the raw pattern (``COMPARE_ALPHA``
-        of the networks' disk radius), each pixel weighted by its Poisson variance.  A canonical
-        pixel holds s² raw pixels' worth of counts (s = raw px per canonical px), so
-        Σ_raw r²/I = Σ_canonical r²/v whatever the size."""
+        of the networks' disk radius) in raw units: a canonical pixel holds s² raw pixels' counts
+        and stands for s² raw pixels (s = raw px per canonical px), so Σ_raw r² = Σ_canonical r²/s².
+        (Weighting each pixel by its Poisson variance was tried and picked wrong bands more often.)"""
         f, p, ti, ki = fit["entry"]
         v = _flip(fit["crop"], *FLIPS[f])[self.win].astype(np.float64)
         real = _flip(fit["valid"], *FLIPS[f])[self.win]
         fit["local"] = local = self.local_fit(v, p, ti, ki, rows=real)
         inside = (self.rr < COMPARE_ALPHA * radius_ref / fit["geom"][2]) & real
-        if SCORE_WEIGHTED:
-            floor = max(float(np.median(v[inside])) * 1e-3, 1e-30)
-            fit["score"] = float(np.sum(local["resid"][inside] ** 2 / np.maximum(v[inside], floor)))
-        else:
-            fit["score"] = float(np.sum(local["resid"][inside] ** 2)) / (fit["geom"][2] / canonical.ALPHA_PX) ** 2
+        fit["score"] = float(np.sum(local["resid"][inside] ** 2)) / (fit["geom"][2] / canonical.ALPHA_PX) ** 2
         fit["pixels"] = int(inside.sum())
 
     def _hypotheses(self, pattern: np.ndarray, geom, estimate: PacbedEstimate,
@@ -345,7 +340,7 @@ class LibraryCheck:
         return {"chi2": float(chi[entry]), "entry": tuple(int(i) for i in entry), "geom": geom, "crop": crop,
                 "valid": valid}
 
-    def _outcome(self, best: dict, start, estimate: PacbedEstimate, alt_t: float, delta: float) -> CheckOutcome:
+    def _outcome(self, best: dict, estimate: PacbedEstimate, alt_t: float, delta: float) -> CheckOutcome:
         f, p, ti, ki = best["entry"]
         geom, fit = best["geom"], best["local"]
         thick = self.lib.thickness_nm

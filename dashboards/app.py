@@ -2,98 +2,50 @@
 
 One `Page` per browser session; all sessions read the same feed (one per server process).  A
 10 Hz callback per session draws what changed since that session last drew -- only the changed
-block rows go out, as `ColumnDataSource.patch` -- so a slow browser gets fewer, larger updates
-instead of a backlog.  Colour ranges, the theme and the map download act in the browser.
-Atomic columns found so far are drawn over the virtual images; new ones are streamed.
+block rows go out, as `ColumnDataSource.patch` -- and waits for the browser to acknowledge each
+update, so a slow browser gets fewer, larger updates instead of a backlog.  Scan pixels are
+square and the axes are in nm when the scan step is known.  A block's PACBED is fetched on a
+worker thread and drawn on the next tick: the request never waits inside the event loop.
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from bokeh.events import SelectionGeometry, Tap
 from bokeh.layouts import column, gridplot, row
-from bokeh.models import (Button, CheckboxGroup, ColorBar, ColumnDataSource, CustomJS, Div, HoverTool,
-                          LinearColorMapper, RadioButtonGroup, Range1d, Select, Spinner)
-from bokeh.palettes import Cividis256, RdBu11, Viridis256
+from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, ColorBar, ColumnDataSource,
+                          CustomJS, CustomJSHover, Div, GlobalInlineStyleSheet, HoverTool, LinearColorMapper,
+                          MetricLength, PanTool, RadioButtonGroup, Range1d, ResetTool, SaveTool, ScaleBar,
+                          Select, Spinner, TapTool, WheelZoomTool)
 from bokeh.plotting import figure
 
+from .display import (GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
+                      display_factor, doubtful, downsample, flag_text, region_stats, status_text)
+from .exports import maps_csv
+from .pacbed_panel import PacbedPanel
+
 TRANSPARENT = (0, 0, 0, 0)
-MAP_SIZE = 290
+MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
-MAX_DISPLAY = 512  # maps with more blocks per side are block-averaged on the server for display
+DARK_CSS = "body { background: #15191c; color: #e6e6e6; } a { color: #8ab4f8; }"
+OUTLINE = "#ff00ff"
 
-
-def derived_maps(maps: dict) -> dict[str, np.ndarray]:
-    """The maps the page shows, from the store's fields (DESIGN.md conventions)."""
-    tilt, crystal = maps["tilt_mrad"], maps["tilt_crystal_mrad"]
-    return {
-        "thickness": maps["thickness_nm"], "thickness_sigma": maps["thickness_sigma_nm"],
-        "tilt0": tilt[..., 0], "tilt1": tilt[..., 1],
-        "tilt0_sigma": maps["tilt_sigma_mrad"][..., 0], "tilt1_sigma": maps["tilt_sigma_mrad"][..., 1],
-        "tilt100": crystal[..., 0], "tilt010": crystal[..., 1],
-        "tilt_magnitude": np.hypot(tilt[..., 0], tilt[..., 1]),
-        # azimuth: degrees from axis 1 towards axis 0 (DESIGN.md)
-        "tilt_azimuth": np.degrees(np.arctan2(tilt[..., 0], tilt[..., 1])),
-        "out_of_range": np.where(maps["in_range"] < 0, np.nan, (maps["in_range"] == 0) * 1.0),
-        "flags": np.where(maps["in_range"] < 0, np.nan, maps["flags"].astype(np.float64)),
-    }
-
-
-MAPS = [  # (key, title, unit, sigma key, palette, symmetric)
-    ("thickness", "Thickness", "nm", "thickness_sigma", Viridis256, False),
-    ("thickness_sigma", "Thickness σ", "nm", None, Cividis256, False),
-    ("tilt0", "Tilt t0, detector axis 0", "mrad", "tilt0_sigma", RdBu11, True),
-    ("tilt1", "Tilt t1, detector axis 1", "mrad", "tilt1_sigma", RdBu11, True),
-    ("tilt100", "Tilt [100], crystal", "mrad", None, RdBu11, True),
-    ("tilt010", "Tilt [010], crystal", "mrad", None, RdBu11, True),
-    ("tilt_magnitude", "|Tilt|", "mrad", None, Viridis256, False),
-    ("tilt_azimuth", "Tilt azimuth, axis 1 → 0", "deg", None, Viridis256, False),
-    ("out_of_range", "Outside the model's range (1)", "", None, ["#dddddd", "#d62728"], False),
-    ("flags", "Flags (bits, hover)", "", None, Viridis256, False),
-]
-VIRTUAL = [("bf", "BF"), ("abf", "ABF"), ("adf", "ADF"), ("haadf", "HAADF")]
-
-
-def display_factor(shape: tuple[int, int]) -> int:
-    return max(1, math.ceil(max(shape) / MAX_DISPLAY))
-
-
-def downsample(values: np.ndarray, f: int) -> np.ndarray:
-    """Block-average by ``f`` for display (NaN-aware; unscanned stays NaN)."""
-    if f == 1:
-        return values
-    ny, nx = values.shape
-    pad = np.full((-(-ny // f) * f, -(-nx // f) * f), np.nan)
-    pad[:ny, :nx] = values
-    with np.errstate(invalid="ignore"):
-        blocks = pad.reshape(pad.shape[0] // f, f, pad.shape[1] // f, f)
-        return np.nanmean(blocks, axis=(1, 3))
-
-
-FIXED_RANGES = {"out_of_range": (0.0, 1.0)}
-
-
-def auto_range(values: np.ndarray, symmetric: bool, key: str | None = None) -> tuple[float, float]:
-    if key in FIXED_RANGES:
-        return FIXED_RANGES[key]
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
-    if symmetric:
-        m = float(np.max(np.abs(finite))) or 1.0
-        return -m, m
-    lo, hi = float(finite.min()), float(finite.max())
-    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
-
-
-def crystal_correction(tilt_crystal_mean: np.ndarray) -> str:
-    """What brings the region onto the zone axis: the beam tilted by minus the mean crystal tilt."""
-    t100, t010 = tilt_crystal_mean
-    return (f"mean tilt [100] {t100:+.2f}, [010] {t010:+.2f} mrad (|{math.hypot(t100, t010):.2f}| mrad) — "
-            f"to reach the zone axis tilt the beam (or specimen, opposite sign) by [100] {-t100:+.2f}, "
-            f"[010] {-t010:+.2f} mrad")
+# hover: the block under the pointer and flag names (bits -> names in the browser)
+BLOCK_JS = """
+if (format == "blk") {
+  const i = Math.floor(special_vars.y / by), j = Math.floor(special_vars.x / bx);
+  return "(" + i + ", " + j + ")";
+}
+return value.toFixed(2);"""
+FLAGS_JS = """
+if (value == null || Number.isNaN(value)) return "—";
+const out = [];
+for (let i = 0; i < names.length; i++) { if (Math.floor(value / 2 ** i) % 2 == 1) out.push(names[i]); }
+return out.length ? out.join(", ") : "none";"""
 
 
 class Page:
@@ -101,11 +53,12 @@ class Page:
         self.doc, self.feed = doc, feed
         self.version = 0
         self.built = False
-        self.chosen: tuple[int, int] | None = None
-        self.status = Div(text="<b>waiting for the engine…</b>", sizing_mode="stretch_width", name="status")
-        # the publish time of the newest block drawn; the browser notes when it arrives (latency benchmark)
-        # flow control: the browser acknowledges each update once it has applied it; the server
-        # sends the next only then, so a slow browser gets fewer, larger updates, never a backlog
+        self.chosen: tuple[int, int] | None = None  # pinned block; None: follow the latest
+        self.status = Div(text="<b>Connecting to the acquisition engine…</b>", sizing_mode="stretch_width",
+                          name="status")
+        # flow control and the latency probe: the publish time of the newest block drawn rides in
+        # the same document patch as the maps; the browser notes its arrival and acknowledges the
+        # update once drawn, and the server sends the next only then
         self.probe = Div(text="", visible=False, name="latency-probe")
         self.ack = Div(text="0", visible=False, name="ack")
         self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe, ack=self.ack), code="""
@@ -119,9 +72,16 @@ class Page:
         self.browser_delay_s: float | None = None  # engine publish -> this browser applied it
         self._sent_stamps: dict[int, float] = {}
         self.ack.on_change("text", self._on_ack)
-        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
+        self.page_css = GlobalInlineStyleSheet(css="", name="page-css")  # the dark theme's page colours
+        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width",
+                           stylesheets=[self.page_css])
         doc.add_root(self.root)
         doc.title = "stemlive"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stemlive-pacbed")  # block PACBED requests
+        self._busy = False
+        self._wanted: tuple[tuple[int, int], bool] | None = None
+        self._shown: tuple[int, int] | None = None
+        doc.on_session_destroyed(lambda ctx: self._pool.shutdown(wait=False, cancel_futures=True))
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
         self._refresh()
 
@@ -129,125 +89,207 @@ class Page:
     def _build(self, snap) -> None:
         sy, sx = snap.scan_shape
         self.block = snap.block_shape
+        self.flag_names = list(snap.flag_names)
+        step = snap.meta.get("scan_step_nm")
+        self.step = float(step) if step is not None and math.isfinite(float(step)) and float(step) > 0 else None
+        self.s = self.step or 1.0  # data units per scan pixel
+        self.unit = "nm" if self.step else "px"
         self.factor = display_factor(snap.done.shape)
-        self.x_range, self.y_range = Range1d(0, sx), Range1d(sy, 0)  # row 0 at the top; pan/zoom linked
+        self.x_range, self.y_range = Range1d(0, sx * self.s), Range1d(sy * self.s, 0)  # row 0 at the top
+        scale = MAP_PX / max(sy, sx)
+        self.frame = (max(60, round(sx * scale)), max(60, round(sy * scale)))  # square scan pixels
         self.maps, self.virtual = {}, {}
         derived = derived_maps(snap.maps)
-        figs = [self._image_figure(key, title, unit, derived[key], derived.get(sig) if sig else None,
-                                   palette, sym, self.maps, (sx, sy))
-                for key, title, unit, sig, palette, sym in MAPS]
+        gy, gx = snap.done.shape
+        block_extent = (gx * self.block[1] * self.s, gy * self.block[0] * self.s)
+        figs = [self._image_figure(m.key, m.title, m.unit, derived, m.palette, m.kind, self.maps, block_extent,
+                                   self.factor, blocks=True) for m in MAPS]
         vf = display_factor(snap.scan_shape)
-        vfigs = [self._image_figure(key, title, "counts", snap.virtual[key], None, Viridis256, False, self.virtual,
-                                    (sx, sy), factor=vf)
+        vfigs = [self._image_figure(key, title, "counts", {key: snap.virtual[key]}, GREY, "sequential",
+                                    self.virtual, (sx * self.s, sy * self.s), vf, blocks=False)
                  for key, title in VIRTUAL if key in snap.virtual]
-        # atomic columns over the virtual images (pixel (r, c) covers [c, c+1) × [r, r+1): centre + 0.5)
-        self.atom_source = ColumnDataSource(atom_columns(snap.atoms), name="source-atoms")
+        # atomic columns over the virtual images (off at first: at full view they hide the image)
+        self.atom_source = ColumnDataSource(self._atom_columns(snap.atoms), name="source-atoms")
         self.atoms_shown = len(snap.atoms["positions"])
         self.atom_renderers = [f.scatter(x="x", y="y", source=self.atom_source, marker="circle", size=5,
-                                         fill_alpha=0, line_color="red", line_width=1.2, name="atoms")
-                               for f in vfigs]
+                                         fill_alpha=0, line_color="red", line_width=1.2, name="atoms",
+                                         visible=False) for f in vfigs]
+        # doubtful blocks hatched over the thickness map
+        self.doubt_source = ColumnDataSource(self._doubt_quads(snap), name="source-doubt")
+        self.doubt_renderer = self.maps["thickness"]["figure"].quad(
+            left="left", right="right", top="top", bottom="bottom", source=self.doubt_source, fill_color="#888888",
+            fill_alpha=0.55, hatch_pattern="/", hatch_color="#222222", hatch_alpha=0.6, line_alpha=0,
+            name="doubt")
+        # the block whose PACBED is shown, outlined on every map and image
+        self.chosen_source = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []},
+                                              name="source-chosen")
         for f in figs + vfigs:
+            f.quad(left="left", right="right", top="top", bottom="bottom", source=self.chosen_source,
+                   fill_alpha=0, line_color=OUTLINE, line_width=2)
             f.on_event(Tap, self._on_tap)
             f.on_event(SelectionGeometry, self._on_select)
-        # the chosen block's PACBED, fetched on demand from the engine
-        self.pacbed_source = ColumnDataSource({"image": [], "dw": [], "dh": []})
-        self.circle_source = ColumnDataSource({"x": [], "y": [], "r": []})
-        self.pacbed_mapper = LinearColorMapper(palette=Viridis256)
-        p = figure(title="PACBED (latest block; click a map for another)", width=MAP_SIZE + 40,
-                   height=MAP_SIZE + 40, match_aspect=True, tools="pan,wheel_zoom,reset,save", name="pacbed")
-        p.image(image="image", x=0, y=0, dw="dw", dh="dh", source=self.pacbed_source, color_mapper=self.pacbed_mapper)
-        p.circle(x="x", y="y", radius="r", source=self.circle_source, fill_alpha=0, line_color="red", line_width=2)
-        p.scatter(x="x", y="y", source=self.circle_source, marker="cross", size=14, color="red")
-        self.pacbed_fig = p
-        self.pacbed_info = Div(text="", width=MAP_SIZE + 40, name="pacbed-info")
-        self.region_info = Div(text="<i>box-select a region on a map: its mean tilt and the correction</i>",
-                               width=MAP_SIZE + 40, name="region-info")
-        self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []})
-        self.hist_map = Select(title="histogram of", value="thickness", options=[(m[0], m[1]) for m in MAPS],
-                               width=MAP_SIZE)
+        self.figures = figs + vfigs
+        self.pacbed = PacbedPanel(MAP_PX, self._follow_latest)
+        self.region_info = Div(text="<i>box-select a region on any map (toolbar: box select): mean ± sd "
+                                    "and count of every map there, and the tilt correction</i>",
+                               width=MAP_PX + 80, name="region-info")
+        self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []}, name="source-histogram")
+        self.hist_map = Select(title="histogram of", value="thickness", options=[(m.key, m.title) for m in MAPS],
+                               width=MAP_PX, name="histogram-map")
         self.hist_map.on_change("value", lambda attr, old, new: self._histogram())
-        h = figure(title="histogram", width=MAP_SIZE + 40, height=180, tools="", name="histogram")
+        h = figure(title="Histogram", width=MAP_PX + 80, height=170, tools="", name="histogram")
         h.quad(left="left", right="right", top="top", bottom=0, source=self.hist_source)
         self.hist_fig = h
         controls = self._controls()
-        self.models = Div(text=("models: " + ", ".join(snap.meta.get("models", [])) +
-                                f" — store: {snap.meta.get('store', '')}"), name="models", sizing_mode="stretch_width")
-        side = column(self.pacbed_fig, self.pacbed_info, self.region_info, self.hist_map, self.hist_fig, controls)
+        meta = snap.meta
+        self.models = Div(text=(f"models: {', '.join(meta.get('models', [])) or '—'}"
+                                + (f" — store: {meta['store']}" if meta.get("store") else "")
+                                + f" — scan {sy}×{sx} px, blocks of {self.block[0]}×{self.block[1]} px"
+                                + (f", scan step {self.step:.4g} nm" if self.step else ", scan step unknown (axes in px)")),
+                          name="models", sizing_mode="stretch_width")
+        side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
         self.root.children = [
             self.status, self.probe, self.ack, self.models,
-            row(gridplot(figs, ncols=4, toolbar_location="right"), side),
+            row(gridplot(figs, ncols=3, toolbar_location="right"), side),
             Div(text="<b>Virtual detectors</b> (scan grid)"),
             gridplot(vfigs, ncols=4, toolbar_location="right") if vfigs else Div()]
         self.built = True
         self._histogram(derived)
 
-    def _image_figure(self, key, title, unit, values, sigma, palette, symmetric, registry, extent, factor=None):
-        sx, sy = extent
-        factor = self.factor if factor is None else factor
-        mapper = LinearColorMapper(palette=palette, nan_color=TRANSPARENT)  # unscanned: transparent
-        shown = downsample(np.asarray(values, np.float64), factor)
-        mapper.low, mapper.high = auto_range(shown, symmetric, key)
-        data = {"image": [shown]}
-        tooltips = [("scan", "($x{0}, $y{0}) px"), (title, f"@image{{0.00}} {unit}")]
-        if sigma is not None:
-            data["sigma"] = [downsample(np.asarray(sigma, np.float64), factor)]
-            tooltips.append(("σ", f"@sigma{{0.00}} {unit}"))
+    def _image_figure(self, key, title, unit, values, palette, kind, registry, extent, factor, blocks: bool):
+        dw, dh = extent
+        mapper = LinearColorMapper(palette=list(palette), nan_color=TRANSPARENT)  # unscanned: transparent
+        data = self._columns(key, values, factor, blocks)
+        mapper.low, mapper.high = auto_range(data["image"][0], kind)
         source = ColumnDataSource(data, name=f"source-{key}")
-        f = figure(title=f"{title}" + (f" [{unit}]" if unit else ""), width=MAP_SIZE, height=MAP_SIZE,
-                   x_range=self.x_range, y_range=self.y_range, name=f"map-{key}",
-                   tools="pan,wheel_zoom,box_zoom,box_select,tap,reset,save")
-        f.image(image="image", x=0, y=0, dw=sx, dh=sy, source=source, color_mapper=mapper)
-        f.add_tools(HoverTool(tooltips=tooltips))
+        hover_fmt = CustomJSHover(args=dict(by=self.block[0] * self.s, bx=self.block[1] * self.s), code=BLOCK_JS)
+        tooltips = [("block (i, j)", "$y{blk}"), ("at", f"$x{{0.0}}, $y{{pos}} {self.unit}"),
+                    (title.split(" (")[0], f"@image{{0.00}} {unit}")]
+        formatters = {"$y": hover_fmt}
+        if "sigma" in data:
+            tooltips.append(("σ", f"@sigma{{0.00}} {unit}"))
+        if "flag_bits" in data:
+            tooltips.append(("flags", "@flag_bits{names}"))
+            formatters["@flag_bits"] = CustomJSHover(args=dict(names=self.flag_names), code=FLAGS_JS)
+        axis = f"{self.unit}"
+        f = figure(title=title + (f" [{unit}]" if unit else ""), frame_width=self.frame[0],
+                   frame_height=self.frame[1], x_range=self.x_range, y_range=self.y_range, name=f"map-{key}",
+                   tools=[PanTool(), WheelZoomTool(zoom_on_axis=False), BoxZoomTool(match_aspect=True),
+                          BoxSelectTool(), TapTool(), ResetTool(), SaveTool(filename=f"stemlive-{key}")],
+                   x_axis_label=axis, y_axis_label=axis)
+        f.toolbar.logo = None
+        img = f.image(image="image", x=0, y=0, dw=dw, dh=dh, source=source, color_mapper=mapper)
+        f.add_tools(HoverTool(tooltips=tooltips, formatters=formatters, renderers=[img]))
         f.add_layout(ColorBar(color_mapper=mapper, width=8), "right")
-        registry[key] = {"source": source, "mapper": mapper, "symmetric": symmetric, "auto": True,
-                         "sigma": next((m[3] for m in MAPS if m[0] == key), None), "factor": factor}
+        if self.step:
+            f.add_layout(ScaleBar(range=f.x_range, unit="nm", dimensional=MetricLength(), location="bottom_left",
+                                  bar_length=0.2, background_fill_alpha=0.5, label_text_font_size="9px",
+                                  padding=2, margin=4))
+        registry[key] = {"source": source, "mapper": mapper, "kind": kind, "auto": True, "factor": factor,
+                         "figure": f, "title": title, "blocks": blocks}
         return f
 
-    def _controls(self):
-        """Colour range per map (auto from the data, or fixed -- set in the browser), theme, download."""
-        names = [(k, next(m[1] for m in MAPS if m[0] == k) if any(m[0] == k for m in MAPS) else k.upper())
-                 for k in list(self.maps) + list(self.virtual)]
-        which = Select(title="colour range of", value=names[0][0], options=names, width=140, name="range-map")
-        mode = RadioButtonGroup(labels=["auto", "fixed"], active=0, name="range-mode")
-        low = Spinner(title="low", value=0.0, step=0.1, width=90, name="range-low")
-        high = Spinner(title="high", value=1.0, step=0.1, width=90, name="range-high")
-        mappers = {k: v["mapper"] for k, v in {**self.maps, **self.virtual}.items()}
-        apply = CustomJS(args=dict(mappers=mappers, which=which, mode=mode, low=low, high=high), code="""
-            const m = mappers.get(which.value);
-            if (mode.active == 1) { m.low = low.value; m.high = high.value; }
-        """)
-        low.js_on_change("value", apply)
-        high.js_on_change("value", apply)
-        mode.js_on_change("active", apply)
-        mode.on_change("active", lambda attr, old, new: self._set_auto(which.value, new == 0))
-        which.js_on_change("value", CustomJS(args=dict(mappers=mappers, which=which, low=low, high=high), code="""
-            const m = mappers.get(which.value); low.value = m.low; high.value = m.high;"""))
-        theme = RadioButtonGroup(labels=["light", "dark"], active=0, name="theme")
-        theme.on_change("active", lambda attr, old, new: setattr(
-            self.doc, "theme", "dark_minimal" if new == 1 else "caliber"))
-        show_atoms = CheckboxGroup(labels=["atomic columns on the virtual images"], active=[0], name="show-atoms")
-        show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=show_atoms), code="""
-            for (const r of renderers) { r.visible = box.active.includes(0); }"""))
-        download = Button(label="download maps (CSV)", name="download", width=200)
-        download.js_on_event("button_click", CustomJS(args=dict(sources={k: v["source"] for k, v in self.maps.items()}),
-                                                      code="""
-            const keys = Array.from(sources.keys());
-            const first = sources.get(keys[0]).data.image[0];
-            const ny = first.length, nx = first[0].length;
-            const lines = ["block_row,block_col," + keys.join(",")];
-            for (let i = 0; i < ny; i++) for (let j = 0; j < nx; j++) {
-                lines.push([i, j].concat(keys.map(k => sources.get(k).data.image[0][i][j])).join(","));
-            }
-            const blob = new Blob([lines.join("\\n")], {type: "text/csv"});
-            const a = document.createElement("a"); a.href = URL.createObjectURL(blob);
-            a.download = "stemlive-maps.csv"; a.click();"""))
-        return column(Div(text="<b>Display</b> (the save tool of each plot exports a PNG)"),
-                      row(which, low, high), mode, theme, show_atoms, download)
+    def _columns(self, key: str, values: dict, factor: int, blocks: bool) -> dict:
+        data = {"image": [downsample(np.asarray(values[key], np.float64), factor)]}
+        if blocks:
+            sig = MAP_BY_KEY[key].sigma
+            if sig:
+                data["sigma"] = [downsample(values[sig], factor)]
+            bits = values["flag_bits"]
+            data["flag_bits"] = [bits if factor == 1 else downsample(bits, factor)]
+        return data
 
-    def _set_auto(self, key: str, auto: bool) -> None:
-        entry = self.maps.get(key) or self.virtual.get(key)
-        if entry is not None:
-            entry["auto"] = auto
+    def _controls(self):
+        """Colour range per map (auto from the data, or fixed), theme, overlays, CSV."""
+        names = [(k, v["title"]) for k, v in {**self.maps, **self.virtual}.items()]
+        self.range_map = Select(title="colour range of", value=names[0][0], options=names, width=150,
+                                name="range-map")
+        self.range_mode = RadioButtonGroup(labels=["auto", "fixed"], active=0, name="range-mode")
+        self.range_low = Spinner(title="low", step=0.1, width=90, format="0.[000]", name="range-low")
+        self.range_high = Spinner(title="high", step=0.1, width=90, format="0.[000]", name="range-high")
+        self._show_range()
+        self.range_map.on_change("value", lambda attr, old, new: self._show_range())
+        self.range_mode.on_change("active", self._on_range_mode)
+        self.range_low.on_change("value", self._on_range_value)
+        self.range_high.on_change("value", self._on_range_value)
+        self.theme = RadioButtonGroup(labels=["light", "dark"], active=0, name="theme")
+        self.theme.on_change("active", self._on_theme)
+        self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images"], active=[],
+                                        name="show-atoms")
+        self.show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=self.show_atoms),
+                                                        code="for (const r of renderers) { r.visible = box.active.includes(0); }"))
+        self.show_doubt = CheckboxGroup(labels=["grey out doubtful blocks on the thickness map (flags, σ > 5 nm)"],
+                                        active=[0], name="show-doubt")
+        self.show_doubt.js_on_change("active", CustomJS(args=dict(r=self.doubt_renderer, box=self.show_doubt),
+                                                        code="r.visible = box.active.includes(0);"))
+        # the CSV is written on the server (full resolution, flag names) and handed to the browser
+        self.csv_source = ColumnDataSource({"text": [], "name": []}, name="source-csv")
+        self.csv_source.js_on_change("data", CustomJS(args=dict(src=self.csv_source), code="""
+            if (!src.data.text.length) return;
+            const blob = new Blob([src.data.text[0]], {type: "text/csv"});
+            const a = document.createElement("a"); a.href = URL.createObjectURL(blob);
+            a.download = src.data.name[0]; document.body.appendChild(a); a.click(); a.remove();
+            setTimeout(() => URL.revokeObjectURL(a.href), 10000);"""))
+        download = Button(label="download maps (CSV)", name="download", width=200)
+        download.on_click(self._send_csv)
+        return column(Div(text="<b>Display</b> (each plot's save tool exports a PNG)"),
+                      row(self.range_map, self.range_low, self.range_high), self.range_mode, self.theme,
+                      self.show_atoms, self.show_doubt, download)
+
+    # -- control callbacks (server side: every session keeps its own ranges) ------------------
+    def _entry(self, key: str) -> dict:
+        return self.maps.get(key) or self.virtual[key]
+
+    def _show_range(self) -> None:
+        e = self._entry(self.range_map.value)
+        self._syncing = True
+        try:
+            self.range_mode.active = 0 if e["auto"] else 1
+            self.range_low.value, self.range_high.value = float(e["mapper"].low), float(e["mapper"].high)
+            span = abs(float(e["mapper"].high) - float(e["mapper"].low)) or 1.0
+            step = 10 ** math.floor(math.log10(span / 50))
+            self.range_low.step = self.range_high.step = step
+        finally:
+            self._syncing = False
+
+    def _on_range_mode(self, attr, old, new) -> None:
+        if getattr(self, "_syncing", False):
+            return
+        e = self._entry(self.range_map.value)
+        e["auto"] = new == 0
+        if e["auto"]:
+            e["mapper"].low, e["mapper"].high = auto_range(e["source"].data["image"][0], e["kind"])
+        else:  # fixed: keep the present range until the operator types another
+            self._on_range_value(None, None, None)
+        self._show_range()
+
+    def _on_range_value(self, attr, old, new) -> None:
+        if getattr(self, "_syncing", False):
+            return
+        e = self._entry(self.range_map.value)
+        if e["auto"]:
+            return
+        lo, hi = self.range_low.value, self.range_high.value
+        if lo is not None and hi is not None and hi > lo:
+            e["mapper"].update(low=float(lo), high=float(hi))
+
+    def _on_theme(self, attr, old, new) -> None:
+        dark = new == 1
+        self.doc.theme = "dark_minimal" if dark else None  # None: Bokeh's default, the page's first look
+        self.page_css.css = DARK_CSS if dark else ""
+        for f in self.figures:  # the doubt hatch and outlines stay visible on both
+            f.background_fill_color = "#20262b" if dark else "#ffffff"
+
+    def _send_csv(self) -> None:
+        snap = self.feed.snapshot
+        with self.feed.lock:
+            text = maps_csv(snap.maps, snap.done, self.flag_names, self.block, self.step)
+        self.csv_source.data = {"text": [text], "name": ["stemlive-maps.csv"]}
+
+    def _follow_latest(self) -> None:
+        self.chosen = None
+        self._shown = None
+        self._show_latest(self.feed.snapshot)
 
     # -- updates ------------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -266,9 +308,11 @@ class Page:
                 complete_log = len(changes) >= snap.version - self.version
                 kinds = {kind for kind, _ in changes}
                 full = not complete_log or "state" in kinds  # a resync: everything
+                vrows = [r for kind, r in changes if kind == "virtual"]
+                virtual_rows = None if full or any(r is None for r in vrows) else sorted(set().union(*vrows))
                 virtual = full or "virtual" in kinds
                 rows = sorted(set().union(*[r for kind, r in changes if kind == "blocks"]))
-                self._draw(snap, full, rows, virtual)
+                self._draw(snap, full, rows, virtual, virtual_rows)
                 if full or "atoms" in kinds:
                     self._draw_atoms(snap, full)
                 self.version = snap.version
@@ -297,47 +341,59 @@ class Page:
             acked = 0
         return acked >= self.sent_version or time.monotonic() - self.sent_at > 5.0
 
-    def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True) -> None:
+    def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True, virtual_rows=None) -> None:
         derived = derived_maps(snap.maps)
         for key, e in self.maps.items():
-            values = np.asarray(derived[key], np.float64)
-            sigma = np.asarray(derived[e["sigma"]], np.float64) if e["sigma"] else None
-            f = e["factor"]
-            if full or f > 1:
-                data = {"image": [downsample(values, f)]}
-                if sigma is not None:
-                    data["sigma"] = [downsample(sigma, f)]
-                e["source"].data = data
-            else:
-                for r in rows:  # only the changed block rows go to the browser
-                    patch = {"image": [((0, r, slice(None)), values[r])]}
-                    if sigma is not None:
-                        patch["sigma"] = [((0, r, slice(None)), sigma[r])]
-                    e["source"].patch(patch)
+            if full or e["factor"] > 1:
+                e["source"].data = self._columns(key, derived, e["factor"], True)
+            elif rows:  # only the changed block rows go to the browser
+                cols = self._columns(key, {k: v[rows] for k, v in derived.items()}, 1, True)
+                e["source"].patch({name: [((0, r, slice(None)), vals[0][n]) for n, r in enumerate(rows)]
+                                   for name, vals in cols.items()})
             if e["auto"]:
-                e["mapper"].low, e["mapper"].high = auto_range(values, e["symmetric"], key)
+                e["mapper"].low, e["mapper"].high = auto_range(derived[key], e["kind"])
+        if full or rows:
+            self.doubt_source.data = self._doubt_quads(snap)
         if virtual:
             for key, e in self.virtual.items():
-                values = downsample(np.asarray(snap.virtual[key], np.float64), e["factor"])
-                e["source"].data = {"image": [values]}
+                img = np.asarray(snap.virtual[key], np.float64)
+                if full or e["factor"] > 1 or not virtual_rows:
+                    e["source"].data = {"image": [downsample(img, e["factor"])]}
+                else:  # only the scan rows that changed
+                    e["source"].patch({"image": [((0, r, slice(None)), img[r]) for r in virtual_rows]})
                 if e["auto"]:
-                    e["mapper"].low, e["mapper"].high = auto_range(values, False)
+                    e["mapper"].low, e["mapper"].high = auto_range(img, "sequential")
+        if self.range_mode.active == 0:
+            self._show_range()  # the spinners show the auto range of the chosen map
         self._histogram(derived)
 
     def _draw_atoms(self, snap, full: bool) -> None:
         """Send the atoms found since the last draw (all of them after a resync)."""
         n = len(snap.atoms["positions"])
         if full or n < self.atoms_shown:
-            self.atom_source.data = atom_columns(snap.atoms)
+            self.atom_source.data = self._atom_columns(snap.atoms)
         elif n > self.atoms_shown:
-            self.atom_source.stream(atom_columns(snap.atoms, self.atoms_shown))
+            self.atom_source.stream(self._atom_columns(snap.atoms, self.atoms_shown))
         self.atoms_shown = n
+
+    def _atom_columns(self, atoms: dict, start: int = 0) -> dict[str, np.ndarray]:
+        """Atom table rows from ``start`` as plot columns (pixel (r, c) spans [c, c+1) × [r, r+1))."""
+        pos = np.asarray(atoms["positions"], np.float64)[start:]
+        return {"x": (pos[:, 1] + 0.5) * self.s, "y": (pos[:, 0] + 0.5) * self.s,
+                "confidence": np.asarray(atoms["confidence"], np.float64)[start:]}
+
+    def _doubt_quads(self, snap) -> dict:
+        ii, jj = np.nonzero(doubtful(snap.maps, list(snap.flag_names)))
+        by, bx = (b * self.s for b in self.block)
+        why = [flag_text(snap.maps["flags"][i, j], self.flag_names) or "large σ" for i, j in zip(ii, jj)]
+        return {"left": jj * bx, "right": (jj + 1) * bx, "top": ii * by, "bottom": (ii + 1) * by, "why": why}
 
     def _histogram(self, derived: dict | None = None) -> None:
         """Histogram of the chosen map (``derived``: the maps already computed for this draw)."""
         derived = derived if derived is not None else derived_maps(self.feed.snapshot.maps)
         values = derived[self.hist_map.value]
         finite = values[np.isfinite(values)]
+        self.hist_fig.title.text = f"Histogram: {MAP_BY_KEY[self.hist_map.value].title} ({finite.size} blocks)"
         if finite.size == 0:
             self.hist_source.data = {"left": [], "right": [], "top": []}
             return
@@ -346,56 +402,69 @@ class Page:
 
     def _status(self, snap) -> None:
         if snap is None:
+            where = getattr(self.feed, "req_address", "")
             err = getattr(self.feed, "error", "")
-            self.status.text = f"<b>waiting for the engine</b> (data being prepared?) {err}"
+            self.status.text = (f"<b>Waiting for the acquisition engine</b> at {where}: it has not answered yet"
+                                + (f" ({err})" if err else "") + ". The page fills in as soon as it does.")
             return
-        st = snap.status
-        conn = "" if getattr(self.feed, "connected", True) else f" — <b>engine not reachable</b>: {self.feed.error}"
-        delay = self.browser_delay_s
-        self.status.text = (
-            f"<b>{st.get('state', '?')}</b> — blocks {st.get('blocks_done', 0)}/{st.get('blocks_total', 0)}"
-            f" — frames {st.get('frames_seen', 0)}/{st.get('frames_total', 0)}"
-            f" — {st.get('frames_per_s', 0):.0f} frames/s"
-            + (f" — delay to this browser {delay * 1e3:.0f} ms" if delay is not None else "")
-            + (f" — atoms {len(snap.atoms['positions'])}" if len(snap.atoms["positions"]) else "")
-            + (f" ({st['atoms_waiting']} blocks waiting for their neighbours)" if st.get("atoms_waiting") else "")
-            + f" — dropped: {st.get('blocks_dropped', 0)} blocks, {st.get('frames_dropped', 0)} frames"
-            + (f" — {st['reason']}" if st.get("reason") else "") + conn)
+        self.status.text = status_text(snap.status, self.browser_delay_s, len(snap.atoms["positions"]),
+                                       getattr(self.feed, "connected", True), getattr(self.feed, "error", ""))
 
     # -- the chosen block and region -------------------------------------------------------------
+    def _block_at(self, x: float, y: float) -> tuple[int, int] | None:
+        i, j = int(y // (self.block[0] * self.s)), int(x // (self.block[1] * self.s))
+        ny, nx = self.feed.snapshot.done.shape
+        return (i, j) if 0 <= i < ny and 0 <= j < nx else None
+
     def _on_tap(self, event) -> None:
         if event.x is None or event.y is None:
             return
-        self.chosen = (int(event.y // self.block[0]), int(event.x // self.block[1]))
-        self.show_block(*self.chosen)
+        block = self._block_at(event.x, event.y)
+        if block is not None:
+            self.chosen = block
+            self.show_block(*block)
 
     def _show_latest(self, snap) -> None:
         latest = getattr(self.feed, "latest_block", None)
         if latest is None and snap.done.any():
             latest = tuple(int(v) for v in np.argwhere(snap.done)[-1])
-        if latest is not None and latest != getattr(self, "_shown", None):
-            self.show_block(*latest)
+        if latest is not None and latest != self._shown:
+            self._request(latest, pinned=False)
 
     def show_block(self, i: int, j: int) -> None:
-        self._shown = (i, j)
+        """Pin the PACBED panel to block (i, j): fetched off the event loop, drawn on the next tick."""
+        self.chosen = (i, j)
+        self._request((i, j), pinned=True)
+
+    def _request(self, block: tuple[int, int], pinned: bool) -> None:
+        self._wanted = (block, pinned)
+        self._shown = block
+        by, bx = (b * self.s for b in self.block)
+        i, j = block
+        self.chosen_source.data = {"left": [j * bx], "right": [(j + 1) * bx], "top": [i * by],
+                                   "bottom": [(i + 1) * by]}
+        if not self._busy:
+            self._busy = True
+            self._pool.submit(self._fetch, block, pinned)
+
+    def _fetch(self, block: tuple[int, int], pinned: bool) -> None:
+        """Worker thread: the (possibly slow) request; the document is touched only on the next tick."""
         try:
-            header, pac = self.feed.block_pacbed(i, j)
-        except (TimeoutError, ValueError, OSError) as exc:
-            self.pacbed_info.text = f"block ({i}, {j}): {exc}"
+            result, error = self.feed.block_pacbed(*block), None
+        except (TimeoutError, ValueError, OSError, KeyError) as exc:
+            result, error = None, exc
+        self.doc.add_next_tick_callback(partial(self._arrived, block, pinned, result, error))
+
+    def _arrived(self, block, pinned, result, error) -> None:
+        self._busy = False
+        if self._wanted != (block, pinned):  # the operator asked for another meanwhile
+            self._request(*self._wanted)
             return
-        h, w = pac.shape
-        self.pacbed_source.data = {"image": [np.asarray(pac[::-1], np.float64)], "dw": [w], "dh": [h]}
-        finite = pac[np.isfinite(pac)]
-        if finite.size:
-            self.pacbed_mapper.low, self.pacbed_mapper.high = float(finite.min()), float(np.percentile(finite, 99.5))
-        est = header.get("estimate", {})
-        c, r = est.get("center_px"), est.get("radius_px")
-        if c and r is not None and all(v is not None and np.isfinite(v) for v in list(c) + [r]):
-            # drawn with row 0 at the top: pixel (row, col) has its centre at (col + 0.5, h - row - 0.5)
-            self.circle_source.data = {"x": [c[1] + 0.5], "y": [h - c[0] - 0.5], "r": [r]}
-        else:
-            self.circle_source.data = {"x": [], "y": [], "r": []}
-        self.pacbed_info.text = block_text(i, j, header)
+        if error is not None:
+            self.pacbed.info.text = f"block {block}: {error}"
+            return
+        header, pac = result
+        self.pacbed.show(block, pinned, header, pac, block_text(*block, header, self.flag_names))
 
     def _on_select(self, event) -> None:
         g = event.geometry
@@ -404,43 +473,54 @@ class Page:
         x0, x1 = sorted((g["x0"], g["x1"]))
         y0, y1 = sorted((g["y0"], g["y1"]))
         snap = self.feed.snapshot
-        by, bx = self.block
-        i0, i1 = max(0, int(y0 // by)), min(snap.done.shape[0], int(math.ceil(y1 / by)))
-        j0, j1 = max(0, int(x0 // bx)), min(snap.done.shape[1], int(math.ceil(x1 / bx)))
+        by, bx = (b * self.s for b in self.block)
+        ny, nx = snap.done.shape
+        i0, i1 = max(0, int(y0 // by)), min(ny, int(math.ceil(y1 / by)))
+        j0, j1 = max(0, int(x0 // bx)), min(nx, int(math.ceil(x1 / bx)))
+        r0, r1 = max(0, int(y0 // self.s)), min(snap.scan_shape[0], int(math.ceil(y1 / self.s)))
+        c0, c1 = max(0, int(x0 // self.s)), min(snap.scan_shape[1], int(math.ceil(x1 / self.s)))
         with self.feed.lock:
-            sel = snap.maps["tilt_crystal_mrad"][i0:i1, j0:j1].reshape(-1, 2)
-            det = snap.maps["tilt_mrad"][i0:i1, j0:j1].reshape(-1, 2)
-        ok = np.isfinite(sel).all(axis=1)
-        if not ok.any():
-            self.region_info.text = "no analysed blocks in the selected region"
+            derived = derived_maps(snap.maps)
+            crystal = np.asarray(snap.maps["tilt_crystal_mrad"][i0:i1, j0:j1], np.float64).reshape(-1, 2)
+            virtual = {k: np.asarray(v, np.float64) for k, v in snap.virtual.items()}
+        if i1 <= i0 or j1 <= j0:
+            self.region_info.text = "the selected region holds no block"
             return
-        mean_c, mean_d = sel[ok].mean(axis=0), det[ok].mean(axis=0)
-        self.region_info.text = (f"<b>region</b> blocks {i0}-{i1 - 1} × {j0}-{j1 - 1} ({int(ok.sum())} analysed): "
-                                 f"detector t0 {mean_d[0]:+.2f}, t1 {mean_d[1]:+.2f} mrad; "
-                                 + crystal_correction(mean_c))
+        stats = region_stats(derived, [(m.key, m.title, m.unit) for m in MAPS if m.kind != "cyclic"],
+                             slice(i0, i1), slice(j0, j1))
+        stats += region_stats(virtual, [(k, t, "counts") for k, t in VIRTUAL if k in virtual],
+                              slice(r0, r1), slice(c0, c1))
+
+        def num(v):
+            return "—" if not math.isfinite(v) else f"{v:.3g}"
+
+        table = "".join(f"<tr><td>{s.title}</td><td>{num(s.mean)} ± {num(s.sd)} {s.unit}</td><td>{s.count}</td></tr>"
+                        for s in stats)
+        ok = np.isfinite(crystal).all(axis=1)
+        correction = crystal_correction(crystal[ok].mean(axis=0)) if ok.any() else "no analysed blocks"
+        self.region_info.text = (f"<b>Region</b> blocks {i0}–{i1 - 1} × {j0}–{j1 - 1}:"
+                                 f"<table class='region'><tr><th>map</th><th>mean ± sd</th><th>count</th></tr>"
+                                 f"{table}</table>{correction}")
 
 
-def atom_columns(atoms: dict, start: int = 0) -> dict[str, np.ndarray]:
-    """The atom table from row ``start`` as plot columns (x = col + 0.5, y = row + 0.5)."""
-    pos = np.asarray(atoms["positions"], np.float64)[start:]
-    return {"x": pos[:, 1] + 0.5, "y": pos[:, 0] + 0.5,
-            "confidence": np.asarray(atoms["confidence"], np.float64)[start:]}
-
-
-def block_text(i: int, j: int, header: dict) -> str:
+def block_text(i: int, j: int, header: dict, flag_names: list[str] = ()) -> str:
     est = header.get("estimate", {})
     if not header.get("done"):
-        return f"<b>block ({i}, {j})</b>: not analysed yet ({header.get('frames', 0)} frames so far)"
+        return f"<b>block ({i}, {j})</b>: not analysed yet ({header.get('frames', 0)} frames so far)."
 
     def num(v, fmt="{:.1f}"):
         return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
     t, ts = est.get("thickness_nm"), est.get("thickness_sigma_nm")
     tilt, tsig = est.get("tilt_mrad") or [None, None], est.get("tilt_sigma_mrad") or [None, None]
-    return (f"<b>block ({i}, {j})</b>, {header.get('frames')} frames: "
+    flags = flag_text(est.get("flags", 0) or 0, list(flag_names)) if flag_names else ""
+    method = {1: "networks", 2: "library check"}.get(est.get("method"), "")
+    return (f"<b>block ({i}, {j})</b>, {header.get('frames')} frames"
+            + (f", read by the {method}" if method else "") + ": "
             f"<span class='thickness'>thickness {num(t)} ± {num(ts)} nm</span>; "
             f"tilt t0 {num(tilt[0], '{:+.2f}')} ± {num(tsig[0], '{:.2f}')}, "
-            f"t1 {num(tilt[1], '{:+.2f}')} ± {num(tsig[1], '{:.2f}')} mrad")
+            f"t1 {num(tilt[1], '{:+.2f}')} ± {num(tsig[1], '{:.2f}')} mrad"
+            + (f"; flags: {flags}" if flags else "") + ".")
 
 
 def make_document(doc, feed) -> Page:

@@ -31,7 +31,8 @@ class Snapshot:
     done: np.ndarray
     counts: np.ndarray
     version: int = 0
-    # version -> (kind, block rows): ("blocks", rows), ("virtual", None), ("atoms", None), ("status", set()),
+    # version -> (kind, block rows): ("blocks", rows), ("virtual", scan rows or None for all),
+    # ("atoms", None), ("status", set()),
     # ("state", None)
     dirty_rows: dict = field(default_factory=dict)
     # the atom table: positions (n, 2) scan px, confidence, intensity, block; empty when none
@@ -194,7 +195,7 @@ class LiveFeed:
                 r0, r1 = header["rows"]
                 for k, v in arrays.items():
                     snap.virtual[k[8:]][r0:r1] = v
-                rows = ("virtual", None)
+                rows = ("virtual", set(range(r0, r1)))
             elif kind == "atoms":
                 new = atoms_from(arrays)
                 snap.atoms = {k: np.concatenate([snap.atoms[k], new[k]]) for k in ATOM_FIELDS}
@@ -267,6 +268,7 @@ class StoreFeed:
                   "atoms": len(r["atoms"]["positions"]) if "atoms" in r else 0}
         meta = {"alpha_mrad": float(a["alpha_mrad"]), "kv": float(a["kv"]), "store": str(self.path),
                 "models": [m.get("id") for m in a["models"]], "mrad_per_px": float(a["mrad_per_px"]),
+                "scan_step_nm": float(a.get("scan_step_nm", np.nan)), "rings": a.get("rings", {}),
                 "read_only": True}
         return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                         block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),

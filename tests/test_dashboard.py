@@ -8,7 +8,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from stemlive.dashboards.app import crystal_correction, derived_maps, downsample
+from stemlive.dashboards.display import crystal_correction, derived_maps, downsample
 from stemlive.dashboards.feed import LiveFeed, StoreFeed
 from stemlive.dashboards.server import make_server, serve_in_thread, signed_url
 from stemlive.live.publisher import Publisher
@@ -108,3 +108,75 @@ def test_display_helpers():
             "tilt_sigma_mrad": np.zeros((1, 1, 2)), "in_range": np.array([[1]], np.int8),
             "flags": np.zeros((1, 1), np.uint32)}
     assert derived_maps(maps)["tilt_azimuth"][0, 0] == pytest.approx(90.0)  # along axis 0: 90° from axis 1
+
+
+def _maps(**over):
+    maps = {"tilt_mrad": np.array([[[1.0, 0.0], [0.05, 0.0]]]), "tilt_crystal_mrad": np.zeros((1, 2, 2)),
+            "thickness_nm": np.array([[20.0, 30.0]]), "thickness_sigma_nm": np.array([[1.0, 8.0]]),
+            "tilt_sigma_mrad": np.full((1, 2, 2), 0.1), "in_range": np.array([[1, 1]], np.int8),
+            "flags": np.zeros((1, 2), np.uint32)}
+    maps.update(over)
+    return maps
+
+
+def test_azimuth_is_blank_where_the_tilt_is_within_its_sigma_and_doubt_is_flags_or_sigma():
+    from stemlive.dashboards.display import doubtful
+
+    d = derived_maps(_maps())
+    assert d["tilt_azimuth"][0, 0] == pytest.approx(90.0) and np.isnan(d["tilt_azimuth"][0, 1])
+    names = ["vacuum", "error", "ambiguous", "model-mismatch"]
+    assert doubtful(_maps(), names).tolist() == [[False, True]]  # σ 8 nm > 5 nm
+    flagged = _maps(flags=np.array([[1 << 3, 0]], np.uint32), thickness_sigma_nm=np.ones((1, 2)))
+    assert doubtful(flagged, names).tolist() == [[True, False]]  # model-mismatch
+    assert derived_maps(flagged)["flags"][0, 0] == 1.0  # the flags map counts the flags raised
+
+
+def test_palettes_are_continuous_and_azimuth_cyclic():
+    from stemlive.dashboards.display import CYCLIC, DIVERGING
+
+    assert len(DIVERGING) == 256 and len(set(DIVERGING)) > 200
+    first, last = (np.array([int(c[k:k + 2], 16) for k in (1, 3, 5)]) for c in (CYCLIC[0], CYCLIC[-1]))
+    assert np.abs(first - last).max() <= 8  # -180° and +180° look the same
+
+
+def test_region_stats_and_status_words():
+    from stemlive.dashboards.display import region_stats, status_text
+
+    v = {"a": np.array([[1.0, 3.0, np.nan], [5.0, 7.0, 9.0]])}
+    (s,) = region_stats(v, [("a", "A", "nm")], slice(0, 2), slice(0, 2))
+    assert (s.mean, s.count) == (4.0, 4) and s.sd == pytest.approx(np.std([1, 3, 5, 7], ddof=1))
+    running = status_text({"state": "running", "blocks_done": 3, "blocks_total": 8, "frames_seen": 100,
+                           "frames_total": 400, "frames_per_s": 50.0}, 0.12, 0)
+    assert "Scanning" in running and "3 of 8 blocks" in running and "50 frames/s" in running and "120 ms" in running
+    done = status_text({"state": "complete", "blocks_done": 8, "blocks_total": 8, "frames_seen": 400,
+                        "frames_total": 400, "frames_per_s": 50.0, "frames_dropped": 12}, None, 0)
+    assert "Finished" in done and "took 8.0 s" in done and "12 frames lost" in done and "frames/s" not in done
+
+
+def test_pacbed_display_scales_and_calibration():
+    from stemlive.dashboards.pacbed_panel import calibration, display_intensity, ring_radii
+
+    pac = np.array([[0.0, 1.0], [10.0, 1000.0]])
+    assert np.allclose(display_intensity(pac, "linear"), pac)
+    g = display_intensity(pac, "gamma", 0.5)
+    assert g.min() == 0 and g.max() == 1 and g[1, 0] == pytest.approx(0.1)
+    lg = display_intensity(pac, "log")
+    assert np.all(np.diff(lg.ravel()) > 0)
+    with pytest.raises(ValueError, match="scale"):
+        display_intensity(pac, "cubic")
+    assert calibration({"mrad_per_px": 1.5}, {})[0] == 1.5
+    assert calibration({"mrad_per_px": float("nan"), "alpha_mrad": 13.6}, {"radius_px": 6.8})[0] == pytest.approx(2.0)
+    assert ring_radii({"bf": (0, 0.5, "alpha"), "x": (20, 40, "mrad")}, 10.0) == [("bf", 0, 5.0), ("x", 20, 40)]
+
+
+def test_csv_has_every_block_and_flag_names():
+    import csv
+    import io
+
+    from stemlive.dashboards.exports import maps_csv
+
+    maps = _maps(flags=np.array([[0b101, 0]], np.uint32))
+    text = maps_csv(maps, np.array([[True, False]]), ["vacuum", "error", "ambiguous"], (4, 4), 0.1)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 2 and rows[0]["flags"] == "vacuum, ambiguous" and rows[1]["done"] == "0"
+    assert float(rows[1]["thickness_nm"]) == 30.0 and float(rows[1]["x0_nm"]) == pytest.approx(0.4)

@@ -1,0 +1,153 @@
+"""The PACBED panel: one block's mean pattern on log or gamma intensity, axes in mrad from the
+fitted disk centre, the fitted disk and the virtual detectors' rings drawn over it.
+
+A linear display clipped at a high percentile shows the zero disk only; thickness and tilt are
+read from the faint structure around it, so the panel opens on a log scale.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import (Button, ColorBar, ColumnDataSource, Div, LabelSet, LinearColorMapper,
+                          RadioButtonGroup, Range1d, Slider)
+from bokeh.plotting import figure
+
+from .display import SEQUENTIAL
+
+SCALES = ("linear", "log", "gamma")
+
+
+def display_intensity(pac: np.ndarray, scale: str, gamma: float = 0.3) -> np.ndarray:
+    """The pattern as drawn: linear, log10 above a floor, or (I - min)^γ normalised to [0, 1]."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown intensity scale {scale!r}; use one of {SCALES}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    p = np.asarray(pac, np.float64)
+    finite = p[np.isfinite(p)]
+    if finite.size == 0 or scale == "linear":
+        return p
+    lo, hi = float(finite.min()), float(finite.max())
+    if scale == "log":
+        # floor: a thousandth of the brightest pixel above the minimum (Poisson zeros stay drawable)
+        floor = max((hi - lo) * 1e-3, 1e-12)
+        return np.log10(p - lo + floor)
+    return np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1) ** gamma
+
+
+def calibration(meta: dict, estimate: dict) -> tuple[float | None, str]:
+    """mrad per detector pixel: the store's calibration, else α over the fitted disk radius."""
+    mpp = meta.get("mrad_per_px")
+    if mpp is not None and math.isfinite(float(mpp)) and float(mpp) > 0:
+        return float(mpp), "the detector calibration"
+    r, alpha = estimate.get("radius_px"), meta.get("alpha_mrad")
+    if r is not None and alpha and math.isfinite(float(r)) and float(r) > 0:
+        return float(alpha) / float(r), "α over the fitted disk radius"
+    return None, ""
+
+
+def ring_radii(rings: dict, alpha_mrad: float | None) -> list[tuple[str, float, float]]:
+    """(name, inner, outer) in mrad of the virtual detectors (radii in units of α or mrad)."""
+    out = []
+    for name, spec in (rings or {}).items():
+        inner, outer, unit = spec
+        scale = 1.0 if unit == "mrad" else alpha_mrad
+        if unit not in ("mrad", "alpha"):
+            raise ValueError(f"ring {name!r}: unit {unit!r}, expected 'alpha' or 'mrad'")
+        if scale:
+            out.append((name, float(inner) * scale, float(outer) * scale))
+    return out
+
+
+def block_title(block: tuple[int, int] | None, pinned: bool) -> str:
+    if block is None:
+        return "PACBED — waiting for the first analysed block"
+    i, j = block
+    return f"PACBED — pinned to block ({i}, {j})" if pinned else f"PACBED — following the latest block ({i}, {j})"
+
+
+class PacbedPanel:
+    """The figure, its display controls and what is drawn for the block shown."""
+
+    def __init__(self, size: int, on_follow):
+        self.mapper = LinearColorMapper(palette=SEQUENTIAL)
+        self.image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []}, name="source-pacbed")
+        self.disk = ColumnDataSource({"x": [], "y": [], "r": []}, name="source-pacbed-disk")
+        self.rings = ColumnDataSource({"x": [], "y": [], "r": [], "name": [], "lx": [], "ly": []},
+                                      name="source-pacbed-rings")
+        p = figure(title=block_title(None, False), frame_width=size, frame_height=size, match_aspect=True,
+                   tools="pan,wheel_zoom,reset,save", name="pacbed", x_axis_label="mrad (axis 1)",
+                   y_axis_label="mrad (axis 0)", x_range=Range1d(-1, 1), y_range=Range1d(1, -1))
+        p.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image, color_mapper=self.mapper)
+        p.circle(x="x", y="y", radius="r", source=self.rings, fill_alpha=0, line_color="white",
+                 line_dash="dashed", line_alpha=0.8, name="rings")
+        p.add_layout(LabelSet(x="lx", y="ly", text="name", source=self.rings, text_color="white",
+                              text_font_size="9px", x_offset=2))
+        p.circle(x="x", y="y", radius="r", source=self.disk, fill_alpha=0, line_color="red", line_width=2,
+                 name="disk")
+        p.scatter(x="x", y="y", source=self.disk, marker="cross", size=12, color="red")
+        p.add_layout(ColorBar(color_mapper=self.mapper, width=8), "right")
+        self.figure = p
+        self.scale = RadioButtonGroup(labels=list(SCALES), active=1, name="pacbed-scale")
+        self.gamma = Slider(title="γ", start=0.1, end=1.0, step=0.05, value=0.3, width=140, name="pacbed-gamma")
+        self.follow = Button(label="follow latest", name="pacbed-follow", width=110, disabled=True)
+        self.follow.on_click(on_follow)
+        self.info = Div(text="", width=size + 60, name="pacbed-info")
+        self.scale.on_change("active", lambda attr, old, new: self.redraw())
+        self.gamma.on_change("value_throttled", lambda attr, old, new: self.redraw())
+        self._pattern: np.ndarray | None = None
+        self._centre: tuple[float, float] | None = None
+        self._mpp: float | None = None
+
+    def layout(self):
+        return column(self.figure, row(self.scale, self.gamma, self.follow), self.info)
+
+    def show(self, block: tuple[int, int], pinned: bool, header: dict, pac: np.ndarray, text: str) -> None:
+        """Draw block ``block``'s pattern with its fitted disk and the virtual detectors."""
+        meta, est = header.get("meta", {}), header.get("estimate", {})
+        h, w = pac.shape
+        c = est.get("center_px")
+        ok = c is not None and all(v is not None and math.isfinite(v) for v in c)
+        centre = (float(c[0]), float(c[1])) if ok else ((h - 1) / 2, (w - 1) / 2)
+        mpp, source = calibration(meta, est)
+        scale = mpp or 1.0
+        unit = "mrad" if mpp else "px"
+        self.figure.xaxis.axis_label = f"{unit} (detector axis 1)"
+        self.figure.yaxis.axis_label = f"{unit} (detector axis 0)"
+        self._pattern, self._centre, self._mpp = np.asarray(pac, np.float64), centre, scale
+        self.redraw()
+        half = max(h, w) / 2 * scale
+        x0 = (w - 1) / 2 * scale - centre[1] * scale
+        y0 = (h - 1) / 2 * scale - centre[0] * scale
+        self.figure.x_range.update(start=x0 - half, end=x0 + half)
+        self.figure.y_range.update(start=y0 + half, end=y0 - half)  # axis 0 downwards, as stored
+        r = est.get("radius_px")
+        if ok and r is not None and math.isfinite(r):
+            self.disk.data = {"x": [0.0], "y": [0.0], "r": [float(r) * scale]}
+        else:
+            self.disk.data = {"x": [], "y": [], "r": []}
+        rings = ring_radii(meta.get("rings", {}), meta.get("alpha_mrad")) if mpp else []
+        radii = [(n, v) for name, inner, outer in rings for n, v in ((f"{name} in", inner), (name, outer)) if v > 0]
+        self.rings.data = {"x": [0.0] * len(radii), "y": [0.0] * len(radii), "r": [v for _, v in radii],
+                           "name": [n for n, _ in radii], "lx": [v * 0.7071 for _, v in radii],
+                           "ly": [-v * 0.7071 for _, v in radii]}
+        self.figure.title.text = block_title(block, pinned)
+        self.follow.disabled = not pinned
+        calib = f" Axes: {unit}" + (f" ({scale:.3g} mrad/px from {source})." if mpp else ".")
+        self.info.text = text + calib
+
+    def redraw(self) -> None:
+        """The same pattern on the chosen intensity scale."""
+        if self._pattern is None:
+            return
+        pac, (cr, cc), s = self._pattern, self._centre, self._mpp
+        shown = display_intensity(pac, SCALES[self.scale.active], float(self.gamma.value))
+        h, w = shown.shape
+        self.image.data = {"image": [shown], "x": [(-0.5 - cc) * s], "y": [(-0.5 - cr) * s],
+                           "dw": [w * s], "dh": [h * s]}
+        finite = shown[np.isfinite(shown)]
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            self.mapper.update(low=lo, high=hi if hi > lo else lo + 1)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import ThreadpoolController
 
 from . import canonical
 from .compact_library import WINDOW_ALPHA, CompactLibrary
@@ -67,6 +68,9 @@ class CheckOutcome:
 
 
 _flip = canonical.mirror
+# The check's products are small (≤ 3096 × 768): a second BLAS thread saves nothing on them and,
+# when the other core is busy (ingest, the networks), spin-waits: 5-10× slower measured here.
+_BLAS = ThreadpoolController()
 
 
 def _blur_stack(imgs: np.ndarray, sigma: float) -> np.ndarray:
@@ -136,6 +140,9 @@ class LibraryCheck:
             self.ua.append(ua)
             self.ub.append(ub)
             grams.append(self._entry_grams(ua, ub))
+        # the same templates per ψ as one (window px, 2·R) matrix: a crop's projections on them are
+        # one (F × M)·(M × 2R) product, several times faster than (R × M)·(M × F) products
+        self.proj_t = [np.ascontiguousarray(np.concatenate([ua, ub]).T) for ua, ub in zip(self.ua, self.ub)]
         self.gram = np.stack(grams)  # (Ψ, 3, E): |A−Ā|², |B−B̄|², (A−Ā)·(B−B̄) per entry
         c = (P - 1) / 2
         rr = np.hypot(*np.indices((P, P)) - c)[self.win] / canonical.ALPHA_PX
@@ -161,39 +168,29 @@ class LibraryCheck:
         vt = v - v.mean()
         return vt.astype(np.float32), float(vt @ vt)
 
-    def chi2_all(self, crop: np.ndarray, flips=None, psis=None, thick_mask: np.ndarray | None = None) -> np.ndarray:
-        """χ² of the best a, c, b for every (flip, ψ, tilt, thickness): (F, Ψ, T, K); entries
-        outside ``thick_mask`` (thickness indices) are not scored (inf).
+    def chi2_all(self, crop: np.ndarray, flips=None, psis=None, entries: np.ndarray | None = None) -> np.ndarray:
+        """χ² of the best a, c, b for every (flip, ψ, tilt, thickness): (F, Ψ, T, K); entries not
+        in ``entries`` (flat indices into tilt × thickness) are not scored (inf).
 
-        One matrix product for everything: the crop's mirror images projected on each ψ's
+        One matrix product for everything: the crop's mirror images projected on all ψ's
         templates of the basis, then the library's coefficients times those."""
         flips = range(len(FLIPS)) if flips is None else flips
-        psis = range(len(self.psf)) if psis is None else psis
+        psis = range(len(self.psf)) if psis is None else list(psis)
         vs = [self._vector(_flip(crop, *FLIPS[f])) for f in flips]
-        V = np.stack([v for v, _ in vs], axis=1)  # (M, F)
+        V = np.stack([v for v, _ in vs])  # (F, M)
         n2 = np.array([n for _, n in vs])[:, None]
-        proj = np.concatenate([np.concatenate([self.ua[p] @ V, self.ub[p] @ V], axis=1) for p in psis], axis=1)
-        rows = (slice(None) if thick_mask is None
-                else (np.arange(self.shape[0])[:, None] * self.shape[1] + np.flatnonzero(thick_mask)).ravel())
-        dots = (self.coef[rows] @ proj).astype(np.float64).reshape(-1, len(psis), 2, len(vs))  # (E', Ψ, 2, F)
+        R = self.coef.shape[1]
+        proj = np.stack([(V @ self.proj_t[p]).reshape(len(vs), 2, R) for p in psis], axis=1)  # (F, Ψ', 2, R)
+        rows = slice(None) if entries is None else entries
+        coef = self.coef[rows]
+        dots = (coef @ proj.reshape(-1, R).T).astype(np.float64).reshape(-1, len(vs), len(psis), 2)  # (E', F, Ψ', 2)
         out = np.full((len(vs), len(psis), self.coef.shape[0]), np.inf)
         for j, p in enumerate(psis):
             aa, bb, ab = self.gram[p][:, rows]
             det = np.maximum(aa * bb - ab**2, 1e-12 * aa * bb)
-            pa, pb = dots[:, j, 0].T, dots[:, j, 1].T
+            pa, pb = dots[:, :, j, 0].T, dots[:, :, j, 1].T
             out[:, j, rows] = n2 - (bb * pa**2 - 2 * ab * pa * pb + aa * pb**2) / det
         return out.reshape(len(vs), len(psis), *self.shape)
-
-    def templates(self, psi_i: int, ti: int, ki: int) -> tuple[np.ndarray, np.ndarray]:
-        """The elastic and inelastic templates (window pixels, float64) of one entry (the last
-        few hundred kept: a check asks for the same neighbours again and again)."""
-        key = (psi_i, ti, ki)
-        if key not in self._templates:
-            if len(self._templates) > 512:
-                self._templates.clear()
-            c = self.coef[ti * self.shape[1] + ki]
-            self._templates[key] = ((c @ self.ua[psi_i]).astype(np.float64), (c @ self.ub[psi_i]).astype(np.float64))
-        return self._templates[key]
 
     # -- geometry ----------------------------------------------------------------------------
     def refine_geometry(self, pattern: np.ndarray, geom, flip, model: list[np.ndarray], steps: int | None = None,
@@ -246,6 +243,10 @@ class LibraryCheck:
         The hypotheses are the few thickness modes that fit best anywhere in a search over the
         disk size, plus the networks' reading; each gets its own geometry refinement and the
         best fit within its band, and the best of those wins (its runner-up says how sure)."""
+        with _BLAS.limit(limits=1, user_api="blas"):
+            return self._check(pattern, estimate)
+
+    def _check(self, pattern: np.ndarray, estimate: PacbedEstimate) -> CheckOutcome:
         start = (*estimate.center_px, estimate.radius_px, estimate.rotation_deg)
         near = self._near_network_tilt(estimate)
         fits = [self._refine(pattern, geom, k, near) for geom, k in self._hypotheses(pattern, start, estimate, near)]
@@ -290,7 +291,10 @@ class LibraryCheck:
             g = (geom[0], geom[1], geom[2] * (1 + f), geom[3])
             geoms.append(g)
             crop = canonical_crop(pattern, g[:2], g[2], g[3])
-            here = self.chi2_all(crop, flips=flips, psis=[1]).min(axis=(0, 1, 2))
+            chi = self.chi2_all(crop, flips=flips, psis=[1], entries=self._entries(near, None))
+            if near is not None:
+                chi = np.where(near[flips][:, None, :, None], chi, np.inf)
+            here = chi.min(axis=(0, 1, 2))
             better = here < prof
             prof[better], where[better] = here[better], j
         chosen: list[int] = []
@@ -305,6 +309,15 @@ class LibraryCheck:
             if all(abs(thick[k] - thick[c]) >= ALT_MIN_NM for c in chosen):
                 chosen.append(k)
         return [(geoms[where[k]], k) for k in chosen]
+
+    def _entries(self, near: np.ndarray | None, band: np.ndarray | None) -> np.ndarray | None:
+        """Flat entry indices for `chi2_all`: the tilts near the networks' (any mirror) × the
+        thickness band; None for all."""
+        if near is None and band is None:
+            return None
+        tilts = np.arange(self.shape[0]) if near is None else np.flatnonzero(near.any(axis=0))
+        thick = np.arange(self.shape[1]) if band is None else np.flatnonzero(band)
+        return (tilts[:, None] * self.shape[1] + thick).ravel()
 
     def _near_network_tilt(self, estimate: PacbedEstimate) -> np.ndarray | None:
         """(F, T): the (mirror, tilt) entries within ``TILT_PRIOR_MRAD`` (or 3 of their σ, if
@@ -325,20 +338,21 @@ class LibraryCheck:
         among the tilts ``near``, if given), the geometry refined for it, ``rounds`` times; its
         χ² at the final geometry."""
         band = np.abs(self.lib.thickness_nm - self.lib.thickness_nm[k0]) < ALT_MIN_NM
+        flips = list(range(len(FLIPS))) if near is None else [f for f in range(len(FLIPS)) if near[f].any()]
         for r in range(self.rounds + 1):
             crop, valid = canonical_crop_valid(pattern, geom[:2], geom[2], geom[3])
-            chi = self.chi2_all(crop, thick_mask=band)
+            chi = self.chi2_all(crop, flips=flips, entries=self._entries(near, band))
             if near is not None:
-                chi = np.where(near[:, None, :, None], chi, np.inf)
-            entry = np.unravel_index(int(np.argmin(chi)), chi.shape)
+                chi = np.where(near[flips][:, None, :, None], chi, np.inf)
+            at = np.unravel_index(int(np.argmin(chi)), chi.shape)
+            fi, p, ti, ki = (int(i) for i in at)
+            f = flips[fi]
             if r == self.rounds:
                 break
-            f, p, ti, ki = entry
             real = _flip(valid, *FLIPS[f])[self.win]
             geom = self.refine_geometry(pattern, geom, FLIPS[f], self.columns(p, ti, ki)[0],
                                         rows=None if real.all() else real)
-        return {"chi2": float(chi[entry]), "entry": tuple(int(i) for i in entry), "geom": geom, "crop": crop,
-                "valid": valid}
+        return {"chi2": float(chi[at]), "entry": (f, p, ti, ki), "geom": geom, "crop": crop, "valid": valid}
 
     def _outcome(self, best: dict, estimate: PacbedEstimate, alt_t: float, delta: float) -> CheckOutcome:
         f, p, ti, ki = best["entry"]
@@ -386,15 +400,25 @@ class LibraryCheck:
     def columns(self, psi_i: int, ti: int, ki: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The local model's columns around one entry: A₀, ∂A/∂t, ∂A/∂τ₀, ∂A/∂τ₁ (from the
         neighbouring entries present; zero on a one-entry axis), B₀, 1; and each axis' range to
-        those neighbours."""
-        A0, B0 = self.templates(psi_i, ti, ki)
-        cols, lo_hi = [A0], []
-        for lo, hi, (x_lo, x0, x_hi) in self._neighbours(ti, ki):
+        those neighbours.  The entries' templates come from one product with the basis (the last
+        few hundred entries' columns kept: a check asks for the same neighbours again and again)."""
+        key = (psi_i, ti, ki)
+        if key in self._templates:
+            return self._templates[key]
+        neighbours = self._neighbours(ti, ki)
+        entries = [(ti, ki)] + [e for lo, hi, _ in neighbours for e in (hi, lo)]
+        coef = self.coef[[t * self.shape[1] + k for t, k in entries]]
+        A = (coef @ self.ua[psi_i]).astype(np.float64)
+        B0 = (coef[0] @ self.ub[psi_i]).astype(np.float64)
+        cols, lo_hi = [A[0]], []
+        for i, (_, _, (x_lo, x0, x_hi)) in enumerate(neighbours):
             step = x_hi - x_lo
-            cols.append((self.templates(psi_i, *hi)[0] - self.templates(psi_i, *lo)[0]) / step if step
-                        else np.zeros_like(A0))
+            cols.append((A[1 + 2 * i] - A[2 + 2 * i]) / step if step else np.zeros_like(A[0]))
             lo_hi.append((x_lo - x0, x_hi - x0))
-        return cols + [B0, np.ones_like(A0)], np.array(lo_hi)
+        if len(self._templates) > 256:
+            self._templates.clear()
+        self._templates[key] = out = (cols + [B0, np.ones_like(A[0])], np.array(lo_hi))
+        return out
 
     def local_fit(self, v: np.ndarray, psi_i: int, ti: int, ki: int, rows: np.ndarray | None = None) -> dict:
         """Thickness and tilt off the grid: v ≈ a·(A₀ + Σ δᵢ·∂A/∂xᵢ) + c·B₀ + b, linear in a, a·δᵢ,

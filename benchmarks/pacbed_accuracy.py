@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pacbed_common import (DOSES, arrays_to_estimates, as_arrays, cache_key, cached, estimates_to_arrays, library_for,
-                           print_table, row_scores, scores)
+from pacbed_common import (DOSES, arrays_to_estimates, as_arrays, cache_key, cached, check_library, estimates_to_arrays,
+                           library_for, print_table, row_scores, scores)
 from stemlive.models.cards import SHIPPED_DIR, sha256_of
+from stemlive.models.checked_analysis import Checker, check_one
 from stemlive.models.lsf import LsfAnalyzer
 from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate, field_alpha, partial_field
+from stemlive.models.pacbed_check import LibraryCheck
 from stemlive.simulate.heldout_patterns import heldout_raw_patterns
 from stemlive.simulate.recordings import FIELD_ALPHA, HeldoutSource, iter_recordings, stack_truth
 
@@ -215,6 +217,25 @@ def recordings_benchmark(args) -> None:
             rows.append((f"LSF (first {m})", s))
             rows.append((f"network (same {m})", row_scores(net[:m], sub)))
             per_alpha[alpha][f"LSF ({m})"] = (as_arrays(arrays_to_estimates(ld)), sub)
+        if args.check_n > 0:
+            cn = min(args.check_n, args.n)
+
+            def checked():
+                if len(frames) < cn:
+                    frames[:] = [f for f, _ in iter_recordings(src, cn, args.seed, tuple(args.field))]
+                checker = Checker(LibraryCheck(check_library(alpha)), Path("benchmark"), {})
+                t0 = time.perf_counter()
+                res = [check_one(checker, frames[i], e).estimate for i, e in enumerate(tqdm(net[:cn], desc="check", leave=False))]
+                return {**estimates_to_arrays(res), "ms_per_pattern": np.array(1e3 * (time.perf_counter() - t0) / cn)}
+
+            check_code = sha256_of(ROOT / "models" / "pacbed_check.py")
+            cd = cached("recordings-check", cache_key(key, check_code, cn), checked)
+            sub = {k: v[:cn] for k, v in truth.items()}
+            s = row_scores(arrays_to_estimates(cd), sub)
+            s["ms/pattern"] = float(cd["ms_per_pattern"])
+            rows.append((f"+ check (first {cn})", s))
+            rows.append((f"network (same {cn})", row_scores(net[:cn], sub)))
+            per_alpha[alpha][f"network + check ({cn})"] = (as_arrays(arrays_to_estimates(cd)), sub)
         print_columns(f"SrTiO3 [001], 200 kV, {alpha} mrad — realistic recordings ({args.n}, seed {args.seed}, "
                       f"field ±{args.field[0]:g}-{args.field[1]:g} α; partial-field below ±{threshold:g} α)", rows)
         print_columns(f"{alpha} mrad — networks by export (8-bit: gamma 0.5-1, clipped)", by_export(net, truth))
@@ -233,6 +254,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lsf-n", type=int, default=40, help="patterns per dose for LSF and hybrid (slow)")
     ap.add_argument("--alpha", type=float, nargs="+", default=[13.6, 19.1])
     ap.add_argument("--seed", type=int, default=100, help="recordings: the set's seed")
+    ap.add_argument("--check-n", type=int, default=100,
+                    help="recordings: the first N also through the library check (training orbits only; 0: none)")
     ap.add_argument("--by-field", action="store_true", help="recordings: the networks' accuracy by field shown")
     ap.add_argument("--field", type=float, nargs=2, default=list(FIELD_ALPHA), metavar=("LO", "HI"),
                     help="recordings: range of the field shown, ±α from the disk centre to the nearest edge")

@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pacbed_common import DOSES, DOUBT, as_arrays, library_for, print_table, scores
+from pacbed_common import DOSES, DOUBT, as_arrays, check_library, library_for, print_table, scores
 from stemlive.models.cards import SHIPPED_DIR
-from stemlive.models.compact_library import CompactLibrary, build_compact
+from stemlive.models.compact_library import CompactLibrary
 from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate
 from stemlive.models.pacbed_check import LibraryCheck
 from stemlive.simulate.heldout_patterns import heldout_raw_patterns
-from stemlive.simulate.library import PacbedLibrary
-from stemlive.simulate.pacbed_data import PacbedSampler
 
 
 
@@ -54,24 +52,17 @@ def main(argv=None) -> None:
     ap.add_argument("--dose", type=float, nargs="+", default=list(DOSES))
     ap.add_argument("--all-tilts", action="store_true", help="the check's library includes the held-out tilts")
     ap.add_argument("--models", type=Path, default=SHIPPED_DIR)
-    ap.add_argument("--rank", type=int, default=None, help="compact library rank (default: by tolerance)")
+    ap.add_argument("--rank", type=int, default=384, help="compact library rank (the shipped check data's)")
     ap.add_argument("--psf", type=float, nargs="+", default=None, help="detector blur σ list [canonical px]")
     ap.add_argument("--compact", type=Path, default=None, help="a compact library already built for this split")
     ap.add_argument("--start", choices=("network", "truth"), default="network",
                     help="the check starts from the networks' geometry or the true one (diagnosis)")
     args = ap.parse_args(argv)
     path = library_for(args.alpha)
-    lib = PacbedLibrary.load(path)
     t0 = time.perf_counter()
-    if not args.all_tilts:  # the networks' training split (same holdout fraction and seed)
-        held = PacbedSampler(lib, 0.1, seed=0).held_orbits
-        keep = ~np.isin(lib.tilt_source, held)
-        lib = PacbedLibrary(lib.patterns[keep], lib.thickness_nm, lib.tilt_mrad[keep], lib.mrad_per_px, lib.kv,
-                            lib.alpha_mrad, lib.attrs)
-        print(f"check library: {keep.sum()} of {len(keep)} tilts (held-out orbits {held} left out)")
-    compact = CompactLibrary.load(args.compact) if args.compact else build_compact(lib, rank=args.rank)
+    compact = CompactLibrary.load(args.compact) if args.compact else check_library(args.alpha, args.rank, args.all_tilts)
     print(f"compact library: rank {compact.attrs['rank']}, worst reconstruction "
-          f"{compact.attrs['max_relative_error']:.1e}, built in {time.perf_counter() - t0:.0f} s")
+          f"{compact.attrs['max_relative_error']:.1e}, ready in {time.perf_counter() - t0:.0f} s")
     check = LibraryCheck(compact, **({"psf_px": args.psf} if args.psf else {}))
     analyzer = PacbedAnalyzer.for_acquisition(200, args.alpha, args.models, backend="onnxruntime")
     rows = []

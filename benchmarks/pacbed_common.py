@@ -182,3 +182,29 @@ def arrays_to_estimates(d: dict[str, np.ndarray]) -> list[PacbedEstimate]:
             tilt_crystal_mrad=pair("tilt_crystal_mrad"),
             flags=[f for j, f in enumerate(FLAGS) if int(d["flag_bits"][i]) >> j & 1]))
     return out
+
+
+def check_library(alpha: float, rank: int | None = 384, all_tilts: bool = False):
+    """The library check's compact library for a benchmark: built from the networks' *training*
+    tilt orbits only (same holdout fraction and seed as training), so held-out patterns are not in
+    it, as a real specimen's pattern never is; cached in .bench-cache (a build takes minutes)."""
+    from stemlive.models.cards import sha256_of
+    from stemlive.models.compact_library import CompactLibrary, build_compact
+    from stemlive.simulate.library import PacbedLibrary
+    from stemlive.simulate.pacbed_data import PacbedSampler
+
+    path = library_for(alpha)
+    out = CACHE / f"check-{cache_key(sha256_of(path), rank, all_tilts)}.h5"
+    if out.exists():
+        return CompactLibrary.load(out)
+    lib = PacbedLibrary.load(path)
+    if not all_tilts:
+        held = PacbedSampler(lib, 0.1, seed=0).held_orbits
+        keep = ~np.isin(lib.tilt_source, held)
+        lib = PacbedLibrary(lib.patterns[keep], lib.thickness_nm, lib.tilt_mrad[keep], lib.mrad_per_px, lib.kv,
+                            lib.alpha_mrad, lib.attrs)
+        print(f"check library: {keep.sum()} of {len(keep)} tilts (held-out orbits {held} left out)")
+    compact = build_compact(lib, rank=rank)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    compact.save(out)
+    return CompactLibrary.load(out)

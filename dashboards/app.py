@@ -18,7 +18,7 @@ import numpy as np
 from bokeh.events import SelectionGeometry, Tap
 from bokeh.layouts import column, gridplot, row
 from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, ColorBar, ColumnDataSource,
-                          CustomJS, CustomJSHover, Div, GlobalInlineStyleSheet, HoverTool, LinearColorMapper,
+                          CustomJS, CustomJSHover, Div, HoverTool, LinearColorMapper,
                           MetricLength, PanTool, RadioButtonGroup, Range1d, ResetTool, SaveTool, ScaleBar,
                           Select, Spinner, TapTool, WheelZoomTool)
 from bokeh.plotting import figure
@@ -31,7 +31,6 @@ from .pacbed_panel import PacbedPanel
 TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
-DARK_CSS = "body { background: #15191c; color: #e6e6e6; } a { color: #8ab4f8; }"
 OUTLINE = "#ff00ff"
 
 # hover: the block under the pointer and flag names (bits -> names in the browser)
@@ -72,9 +71,7 @@ class Page:
         self.browser_delay_s: float | None = None  # engine publish -> this browser applied it
         self._sent_stamps: dict[int, float] = {}
         self.ack.on_change("text", self._on_ack)
-        self.page_css = GlobalInlineStyleSheet(css="", name="page-css")  # the dark theme's page colours
-        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width",
-                           stylesheets=[self.page_css])
+        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
         doc.add_root(self.root)
         doc.title = "stemlive"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stemlive-pacbed")  # block PACBED requests
@@ -112,8 +109,8 @@ class Page:
         self.atom_source = ColumnDataSource(self._atom_columns(snap.atoms), name="source-atoms")
         self.atoms_shown = len(snap.atoms["positions"])
         self.atom_renderers = [f.scatter(x="x", y="y", source=self.atom_source, marker="circle", size=5,
-                                         fill_alpha=0, line_color="red", line_width=1.2, name="atoms",
-                                         visible=False) for f in vfigs]
+                                         fill_alpha=0, line_color="red", line_width=1.2,
+                                         name=f"atoms-{f.name[4:]}", visible=False) for f in vfigs]
         # doubtful blocks hatched over the thickness map
         self.doubt_source = ColumnDataSource(self._doubt_quads(snap), name="source-doubt")
         self.doubt_renderer = self.maps["thickness"]["figure"].quad(
@@ -148,17 +145,22 @@ class Page:
                                 + (f", scan step {self.step:.4g} nm" if self.step else ", scan step unknown (axes in px)")),
                           name="models", sizing_mode="stretch_width")
         side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
+        grids = [gridplot(figs, ncols=3, toolbar_location="right")]
+        if vfigs:
+            grids.append(gridplot(vfigs, ncols=4, toolbar_location="right"))
+        for grid, name in zip(grids, ("stemlive-maps", "stemlive-virtual")):
+            for tool in grid.toolbar.tools:  # the merged save tool: a file name, no prompt
+                if isinstance(tool, SaveTool):
+                    tool.filename = name
         self.root.children = [
-            self.status, self.probe, self.ack, self.models,
-            row(gridplot(figs, ncols=3, toolbar_location="right"), side),
-            Div(text="<b>Virtual detectors</b> (scan grid)"),
-            gridplot(vfigs, ncols=4, toolbar_location="right") if vfigs else Div()]
+            self.status, self.probe, self.ack, self.models, row(grids[0], side),
+            Div(text="<b>Virtual detectors</b> (scan grid)"), grids[1] if vfigs else Div()]
         self.built = True
         self._histogram(derived)
 
     def _image_figure(self, key, title, unit, values, palette, kind, registry, extent, factor, blocks: bool):
         dw, dh = extent
-        mapper = LinearColorMapper(palette=list(palette), nan_color=TRANSPARENT)  # unscanned: transparent
+        mapper = LinearColorMapper(palette=list(palette), nan_color=TRANSPARENT, name=f"mapper-{key}")  # unscanned: transparent
         data = self._columns(key, values, factor, blocks)
         mapper.low, mapper.high = auto_range(data["image"][0], kind)
         source = ColumnDataSource(data, name=f"source-{key}")
@@ -214,6 +216,10 @@ class Page:
         self.range_high.on_change("value", self._on_range_value)
         self.theme = RadioButtonGroup(labels=["light", "dark"], active=0, name="theme")
         self.theme.on_change("active", self._on_theme)
+        self.theme.js_on_change("active", CustomJS(args=dict(theme=self.theme), code="""
+            const dark = theme.active == 1;  // the page around the plots (Divs, widgets' labels)
+            document.body.style.backgroundColor = dark ? "#15191c" : "";
+            document.body.style.color = dark ? "#e6e6e6" : "";"""))
         self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images"], active=[],
                                         name="show-atoms")
         self.show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=self.show_atoms),
@@ -230,7 +236,8 @@ class Page:
             const a = document.createElement("a"); a.href = URL.createObjectURL(blob);
             a.download = src.data.name[0]; document.body.appendChild(a); a.click(); a.remove();
             setTimeout(() => URL.revokeObjectURL(a.href), 10000);"""))
-        download = Button(label="download maps (CSV)", name="download", width=200)
+        download = Button(label="download maps (CSV)", name="download", width=200,
+                          tags=[self.csv_source])  # the tag puts the source in the document
         download.on_click(self._send_csv)
         return column(Div(text="<b>Display</b> (each plot's save tool exports a PNG)"),
                       row(self.range_map, self.range_low, self.range_high), self.range_mode, self.theme,
@@ -276,7 +283,6 @@ class Page:
     def _on_theme(self, attr, old, new) -> None:
         dark = new == 1
         self.doc.theme = "dark_minimal" if dark else None  # None: Bokeh's default, the page's first look
-        self.page_css.css = DARK_CSS if dark else ""
         for f in self.figures:  # the doubt hatch and outlines stay visible on both
             f.background_fill_color = "#20262b" if dark else "#ffffff"
 

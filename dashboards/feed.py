@@ -1,15 +1,14 @@
 """What the dashboard shows, kept once per server process and shared by every browser session.
 
 `LiveFeed`: one ZMQ SUB (blocks, virtual rows, status) and one REQ (the full state on start and
-after any gap, a block's PACBED on demand) to a running engine.  `StoreFeed`: a finished (or
-running) result store read from disk.  Both expose the same `Snapshot` and a version number that
+after any gap, a block's PACBED on demand) to a running engine.  `StoreFeed` (store_feed.py): a
+result store read from disk, followed while its run still writes it.  Both expose the same `Snapshot` and a version number that
 grows with every change, so a session knows whether it must redraw.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,51 +16,8 @@ import zmq
 
 from ..live.security import secure_client
 from ..live.wire import WireError, decode
-
-
-@dataclass
-class Snapshot:
-    meta: dict
-    status: dict
-    scan_shape: tuple[int, int]
-    block_shape: tuple[int, int]
-    flag_names: list[str]
-    maps: dict[str, np.ndarray]
-    virtual: dict[str, np.ndarray]
-    done: np.ndarray
-    counts: np.ndarray
-    version: int = 0
-    # version -> (kind, block rows): ("blocks", rows), ("virtual", scan rows or None for all),
-    # ("atoms", None), ("status", set()),
-    # ("state", None)
-    dirty_rows: dict = field(default_factory=dict)
-    # the atom table: positions (n, 2) scan px, confidence, intensity, block; empty when none
-    atoms: dict = field(default_factory=lambda: empty_atoms())
-
-
-ATOM_FIELDS = ("positions", "confidence", "intensity", "block")
-
-
-def empty_atoms() -> dict:
-    return {"positions": np.zeros((0, 2), np.float32), "confidence": np.zeros(0, np.float32),
-            "intensity": np.zeros(0, np.float32), "block": np.zeros((0, 2), np.int32)}
-
-
-def atoms_from(arrays: dict, prefix: str = "atoms/") -> dict:
-    """The atom table out of a message's or a store's arrays (empty when it has none)."""
-    if f"{prefix}positions" not in arrays:
-        return empty_atoms()
-    return {k: np.array(arrays[f"{prefix}{k}"]) for k in ATOM_FIELDS}
-
-
-def snapshot_from_state(header: dict, arrays: dict) -> Snapshot:
-    maps = {k.split("/", 1)[1]: np.array(v) for k, v in arrays.items() if k.startswith("maps/")}
-    virtual = {k.split("/", 1)[1]: np.array(v) for k, v in arrays.items() if k.startswith("virtual/")}
-    return Snapshot(meta=header.get("meta", {}), status=header.get("status", {}),
-                    scan_shape=tuple(header["scan_shape"]), block_shape=tuple(header["block_shape"]),
-                    flag_names=list(header.get("flag_names", [])), maps=maps, virtual=virtual,
-                    done=np.array(arrays["blocks/done"]), counts=np.array(arrays["blocks/counts"]),
-                    atoms=atoms_from(arrays))
+from .snapshot import ATOM_FIELDS, Snapshot, atoms_from, empty_atoms, snapshot_from_state  # noqa: F401
+from .store_feed import StoreFeed, store_block_pacbed  # noqa: F401  (the old import path)
 
 
 class LiveFeed:
@@ -228,56 +184,3 @@ class LiveFeed:
             self.connected, self.error = True, ""
 
 
-def store_block_pacbed(path, snap: Snapshot, i: int, j: int) -> tuple[dict, np.ndarray]:
-    """A block's mean PACBED and estimates read from a result store."""
-    import h5py
-
-    ny, nx = snap.done.shape
-    if not (0 <= i < ny and 0 <= j < nx):
-        raise ValueError(f"block ({i}, {j}) is outside the {ny}×{nx} block grid")
-    with h5py.File(path, "r", locking=False) as f:
-        n = int(f["blocks/counts"][i, j])
-        pac = f["blocks/pacbed"][i, j] / max(n, 1)
-        est = {k: np.asarray(f[f"maps/{k}"][i, j]).tolist() for k in f["maps"]}
-        done = bool(f["blocks/done"][i, j])
-    return {"type": "pacbed", "block": [i, j], "done": done, "frames": n, "estimate": est, "meta": snap.meta}, pac
-
-
-class StoreFeed:
-    """A result store on disk (read-only); re-read when it changes while its run goes on."""
-
-    def __init__(self, path):
-        from ..live.store import read_store
-
-        self.path = path
-        self._read = read_store
-        self.lock = threading.Lock()
-        self.connected = True
-        self.error = ""
-        self.received = 0
-        self.snapshot = self._load(version=1)
-
-    def _load(self, version: int) -> Snapshot:
-        r = self._read(self.path)
-        a = r["attrs"]
-        status = {"state": a["state"], "blocks_done": int(r["blocks"]["done"].sum()),
-                  "blocks_total": int(r["blocks"]["done"].size), "frames_seen": int(r["progress"][0]),
-                  "frames_total": int(np.prod(a["scan_shape"])), "reason": a.get("reason", ""),
-                  "frames_per_s": 0.0, "blocks_dropped": int(a.get("blocks_dropped", 0)),
-                  "frames_dropped": int(a.get("frames_dropped", 0)),
-                  "atoms": len(r["atoms"]["positions"]) if "atoms" in r else 0}
-        meta = {"alpha_mrad": float(a["alpha_mrad"]), "kv": float(a["kv"]), "store": str(self.path),
-                "models": [m.get("id") for m in a["models"]], "mrad_per_px": float(a["mrad_per_px"]),
-                "scan_step_nm": float(a.get("scan_step_nm", np.nan)), "rings": a.get("rings", {}),
-                "read_only": True}
-        return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
-                        block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
-                        maps=r["maps"], virtual=r["virtual"], done=r["blocks"]["done"],
-                        counts=r["blocks"]["counts"], version=version, dirty_rows={version: ("state", None)},
-                        atoms=atoms_from(r.get("atoms", {}), prefix=""))
-
-    def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
-        return store_block_pacbed(self.path, self.snapshot, i, j)
-
-    def close(self) -> None:
-        pass

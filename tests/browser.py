@@ -88,3 +88,105 @@ def click_data_point(driver, figure_name: str, x: float, y: float) -> None:
     actions.pointer_action.move_to_location(int(px), int(py)).click()
     actions.perform()
     ActionChains(driver).reset_actions()
+
+
+def widget_element(driver, name: str, selector: str, index: int = 0):
+    """An element inside a Bokeh widget's shadow DOM (by the widget's model name), scrolled into view."""
+    el = driver.execute_script("""
+        const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        if (!m) return null;
+        const v = [...Bokeh.index.all_views()].find(v => v.model === m);
+        if (!v) return null;
+        const els = (v.shadow_el || v.el).querySelectorAll(arguments[1]);
+        const el = els[arguments[2]] || null;
+        if (el) el.scrollIntoView({block: "center"});
+        return el;""", name, selector, index)
+    if el is None:
+        raise LookupError(f"no {selector!r} #{index} in the widget named {name!r}")
+    return el
+
+
+def click_widget(driver, name: str, selector: str = "button", index: int = 0) -> None:
+    widget_element(driver, name, selector, index).click()
+
+
+def choose(driver, name: str, value: str) -> None:
+    """Pick an option of a Bokeh Select by its value, as a user would."""
+    from selenium.webdriver.support.ui import Select
+
+    label = driver.execute_script("""
+        const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        const o = m.options.find(o => (Array.isArray(o) ? o[0] : o) == arguments[1]);
+        return o === undefined ? null : (Array.isArray(o) ? o[1] : o);""", name, value)
+    if label is None:
+        raise LookupError(f"the Select {name!r} has no option {value!r}")
+    Select(widget_element(driver, name, "select")).select_by_visible_text(label)
+
+
+def type_number(driver, name: str, value: float) -> None:
+    """Type a number into a Bokeh Spinner/NumericInput and press Enter."""
+    from selenium.webdriver.common.keys import Keys
+
+    el = widget_element(driver, name, "input")
+    el.click()
+    el.send_keys(Keys.END)
+    el.send_keys(*([Keys.BACKSPACE] * len(el.get_attribute("value") or "")))
+    el.send_keys(str(value), Keys.ENTER)
+
+
+def tool_button(driver, figure_name: str, tool_type: str):
+    """The toolbar button of a figure's tool (merged gridplot toolbars included)."""
+    el = driver.execute_script("""
+        const fig = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        const mine = new Set(fig.toolbar.tools.filter(t => t.type == arguments[1]));
+        const owns = t => t && (mine.has(t) || (t.tools || []).some(u => mine.has(u)));
+        const buttons = [...Bokeh.index.all_views()].filter(v => v.model.tool !== undefined && owns(v.model.tool));
+        if (!buttons.length) {  // a merged save tool: the one of the toolbar holding the figure's tools
+          const any = [...Bokeh.index.all_views()].filter(v => v.model.tool && v.model.tool.type == arguments[1]
+              && v.parent && v.parent.model.tools.some(t => (t.tools || []).some(u => fig.toolbar.tools.includes(u))));
+          buttons.push(...any);
+        }
+        if (!buttons.length) return null;
+        buttons[0].el.scrollIntoView({block: "center"});
+        return buttons[0].el;""", figure_name, tool_type)
+    if el is None:
+        raise LookupError(f"no {tool_type} button for the figure {figure_name!r}")
+    return el
+
+
+def data_to_screen(driver, figure_name: str, x: float, y: float) -> tuple[int, int]:
+    box = driver.execute_script("""
+        const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        const v = Bokeh.index.find_one(m); v.el.scrollIntoView({block: "center"});
+        const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;
+        return [r.left + f.left, r.top + f.top, f.width, f.height,
+                m.x_range.start, m.x_range.end, m.y_range.start, m.y_range.end];""", figure_name)
+    left, top, w, h, x0, x1, y0, y1 = box
+    return int(left + (x - x0) / (x1 - x0) * w), int(top + (1 - (y - y0) / (y1 - y0)) * h)
+
+
+def drag(driver, figure_name: str, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A real pointer drag between two data points of a figure (box select, box zoom)."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    (x0, y0), (x1, y1) = data_to_screen(driver, figure_name, *start), data_to_screen(driver, figure_name, *end)
+    actions = ActionBuilder(driver)
+    p = actions.pointer_action
+    p.move_to_location(x0, y0).pointer_down()
+    for k in range(1, 6):
+        p.move_to_location(x0 + (x1 - x0) * k // 5, y0 + (y1 - y0) * k // 5)
+    p.pointer_up()
+    actions.perform()
+
+
+def allow_downloads(driver, folder) -> None:
+    """Headless Chromium saves downloads into ``folder`` (CSV and PNG exports)."""
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+
+
+def model_prop(driver, name: str, path: str):
+    """A property of a named model as the browser has it (``path`` like "low" or "title.text")."""
+    return driver.execute_script("""
+        let m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        for (const k of arguments[1].split(".")) { if (m == null) return null; m = m[k]; }
+        return m;""", name, path)

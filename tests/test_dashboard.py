@@ -180,3 +180,77 @@ def test_csv_has_every_block_and_flag_names():
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 2 and rows[0]["flags"] == "vacuum, ambiguous" and rows[1]["done"] == "0"
     assert float(rows[1]["thickness_nm"]) == 30.0 and float(rows[1]["x0_nm"]) == pytest.approx(0.4)
+
+
+def test_store_feed_follows_a_store_being_written(tmp_path):
+    from stemlive.live.store import ResultStore
+    from stemlive.models.pacbed_analysis import PacbedEstimate
+
+    s = ResultStore.create(tmp_path / "r.h5", LAYOUT, alpha_mrad=13.6, kv=200, scan_step_nm=0.1, models=[{"id": "m"}])
+    feed = StoreFeed(tmp_path / "r.h5", poll_s=0.05)
+    try:
+        assert feed.following and feed.snapshot.status["state"] == "running"
+        v0 = feed.snapshot.version
+        est = PacbedEstimate(center_px=(2.0, 2.0), radius_px=1.0, rotation_deg=0.0, thickness_nm=21.0,
+                             thickness_sigma_nm=1.0, tilt_mrad=(0.1, 0.2), tilt_sigma_mrad=(0.1, 0.1),
+                             tilt_crystal_mrad=(0.1, 0.2), background=0.0, in_range=True)
+        s.write_blocks(np.array([[1, 2]]), np.ones((1, 5, 5), np.float32), np.array([16]), [est],
+                       np.array([False]), 16)
+        assert wait_for(lambda: feed.snapshot.maps["thickness_nm"][1, 2] == 21.0)
+        changes = [c for v, c in feed.snapshot.dirty_rows.items() if v > v0]
+        assert ("blocks", {1}) in changes and feed.latest_block == (1, 2)
+        img = np.full(LAYOUT.scan_shape, np.nan, np.float32)
+        img[3] = 5.0
+        s.write_virtual({"bf": img}, 32)
+        assert wait_for(lambda: feed.snapshot.virtual["bf"][3, 0] == 5.0)
+        assert ("virtual", {3}) in feed.snapshot.dirty_rows.values()
+        s.finish("complete")
+        assert wait_for(lambda: feed.snapshot.status["state"] == "complete")
+        assert wait_for(lambda: not feed.following)  # done: it stops polling
+        assert "elapsed_s" in feed.snapshot.status
+    finally:
+        feed.close()
+
+
+def test_block_pacbed_requests_run_off_the_event_loop():
+    """A slow REQ (here 1 s) must not hold the session's callback: the answer lands on a next tick."""
+    import threading
+
+    from bokeh.document import Document
+
+    from stemlive.dashboards.app import Page
+    from stemlive.dashboards.snapshot import Snapshot
+
+    maps = {k: np.full((2, 3, *t), f, d) for k, (t, d, f) in __import__("stemlive.live.store", fromlist=["x"]).MAP_FIELDS.items()}
+    maps["in_range"][:] = 1
+    maps["thickness_nm"][:] = 10.0
+    snap = Snapshot(meta={"scan_step_nm": 0.1, "alpha_mrad": 13.6, "mrad_per_px": 1.0}, status={"state": "running"},
+                    scan_shape=(8, 12), block_shape=(4, 4), flag_names=["vacuum"], maps=maps,
+                    virtual={"bf": np.zeros((8, 12), np.float32)}, done=np.ones((2, 3), bool),
+                    counts=np.ones((2, 3), int), version=1)
+    release = threading.Event()
+
+    class SlowFeed:
+        lock = threading.Lock()
+        snapshot = snap
+        latest_block = (0, 0)
+
+        def block_pacbed(self, i, j):
+            release.wait(5)
+            return {"done": True, "frames": 16, "estimate": {"thickness_nm": 10.0, "center_px": [2, 2],
+                                                             "radius_px": 1.0}, "meta": snap.meta}, np.ones((5, 5))
+
+    doc = Document()
+    page = Page(doc, SlowFeed())
+    ticks = []
+    doc.add_next_tick_callback = ticks.append  # what the server's loop would run on its next tick
+    t = time.perf_counter()
+    page.show_block(1, 2)
+    assert time.perf_counter() - t < 0.5  # returned at once, the request waits on its own thread
+    assert "pinned" not in page.pacbed.figure.title.text
+    release.set()
+    for _ in range(2):  # the latest block (asked for on the first draw), then the pinned one
+        assert wait_for(lambda: ticks)
+        ticks.pop(0)()
+    assert page.pacbed.figure.title.text == "PACBED — pinned to block (1, 2)"
+    assert page.chosen_source.data["left"] == [2 * 4 * 0.1]

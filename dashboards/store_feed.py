@@ -1,0 +1,191 @@
+"""A result store as a feed: read with plain h5py (the layout is DESIGN.md's contract), and
+followed while its run is still writing it.
+
+The writer (live/store.py) pre-allocates every dataset, writes raw data only and marks a block
+done last, so a reader that opens the file between two writes sees whole blocks.  The file is
+polled (its size, modification time and ``/progress``): on a change it is read again and only
+what changed is marked for the pages -- the rows of blocks that changed, the scan rows of the
+virtual images that changed.  A read that meets the file in the middle of a write (an HDF5 error)
+is retried at the next poll; the feed stops following once the store says complete or aborted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .snapshot import Snapshot, atoms_from
+
+REQUIRED_ATTRS = ("scan_shape", "block_shape", "models", "flag_names", "state")
+
+
+def read_view(path: str | Path) -> dict:
+    """What the page shows of a store: attributes, maps, virtual images, block flags, atoms."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path} is not an HDF5 file (a stemlive result store is)")
+    with h5py.File(path, "r", locking=False) as f:
+        missing = [k for k in REQUIRED_ATTRS if k not in f.attrs] + [g for g in ("maps", "blocks") if g not in f]
+        if missing:
+            raise ValueError(f"{path} is not a stemlive result store (it lacks {', '.join(missing)})")
+        attrs = dict(f.attrs)
+        for k in ("models", "rings", "flag_names"):
+            if isinstance(attrs.get(k), (str, bytes)):
+                attrs[k] = json.loads(attrs[k])
+        out = {"attrs": attrs, "maps": {k: ds[()] for k, ds in f["maps"].items()},
+               "virtual": {k: ds[()] for k, ds in f["virtual"].items() if ds.ndim == 2} if "virtual" in f else {},
+               "done": f["blocks/done"][()], "counts": f["blocks/counts"][()],
+               "progress": f["progress"][()] if "progress" in f else np.zeros(3)}
+        if "atoms" in f:
+            g = f["atoms"]
+            n = int(g["count"][()])
+            out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block")}
+    return out
+
+
+def _seconds(a: dict) -> float | None:
+    try:
+        return (datetime.fromisoformat(a["finished"]) - datetime.fromisoformat(a["started"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def snapshot_of(view: dict, path, version: int) -> Snapshot:
+    a = view["attrs"]
+    frames = int(np.prod(a["scan_shape"]))
+    seen = int(view["progress"][0])
+    status = {"state": str(a["state"]), "blocks_done": int(view["done"].sum()), "blocks_total": int(view["done"].size),
+              "frames_seen": seen, "frames_total": frames, "reason": str(a.get("reason", "")),
+              "blocks_dropped": int(a.get("blocks_dropped", 0)), "frames_dropped": int(a.get("frames_dropped", 0)),
+              "atoms": len(view["atoms"]["positions"]) if "atoms" in view else 0}
+    took = _seconds(a)
+    if took is not None:
+        status["elapsed_s"] = took
+    elif status["state"] == "running":
+        started = a.get("started")
+        try:
+            elapsed = time.time() - datetime.fromisoformat(started).timestamp()
+            status["frames_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+        except (TypeError, ValueError):
+            status["frames_per_s"] = 0.0
+    step = float(a.get("scan_step_nm", math.nan))
+    meta = {"alpha_mrad": float(a.get("alpha_mrad", math.nan)), "kv": float(a.get("kv", math.nan)),
+            "store": str(path), "models": [m.get("id") for m in a["models"]],
+            "mrad_per_px": float(a.get("mrad_per_px", math.nan)), "scan_step_nm": step,
+            "rings": a.get("rings", {}), "read_only": True}
+    return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
+                    block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
+                    maps=view["maps"], virtual=view["virtual"], done=view["done"], counts=view["counts"],
+                    version=version, dirty_rows={version: ("state", None)},
+                    atoms=atoms_from(view.get("atoms", {}), prefix=""))
+
+
+def changed_rows(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> set[int]:
+    """Rows (axis 0) where any array differs (NaN equal to NaN)."""
+    rows: set[int] = set()
+    for k, b in new.items():
+        a = old.get(k)
+        if a is None or a.shape != b.shape:
+            return set(range(b.shape[0]))
+        diff = ~((a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else a == b)
+        rows |= set(np.nonzero(diff.reshape(diff.shape[0], -1).any(axis=1))[0].tolist())
+    return rows
+
+
+def store_block_pacbed(path, snap: Snapshot, i: int, j: int) -> tuple[dict, np.ndarray]:
+    """A block's mean PACBED and estimates read from a result store."""
+    ny, nx = snap.done.shape
+    if not (0 <= i < ny and 0 <= j < nx):
+        raise ValueError(f"block ({i}, {j}) is outside the {ny}×{nx} block grid")
+    with h5py.File(path, "r", locking=False) as f:
+        n = int(f["blocks/counts"][i, j])
+        pac = f["blocks/pacbed"][i, j] / max(n, 1)
+        est = {k: np.asarray(f[f"maps/{k}"][i, j]).tolist() for k in f["maps"]}
+        done = bool(f["blocks/done"][i, j])
+    return {"type": "pacbed", "block": [i, j], "done": done, "frames": n, "estimate": est, "meta": snap.meta}, pac
+
+
+class StoreFeed:
+    """A result store on disk (read-only); followed while its ``state`` is running."""
+
+    def __init__(self, path, poll_s: float = 0.5, follow: bool = True):
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self.lock = threading.Lock()
+        self.connected = True
+        self.error = ""
+        self.received = 0
+        self.latest_block: tuple[int, int] | None = None
+        self.snapshot = snapshot_of(read_view(self.path), self.path, version=1)
+        self._stamp = self._file_stamp()
+        self._stop = threading.Event()
+        self._thread = None
+        if follow and self.snapshot.status["state"] == "running":
+            self._thread = threading.Thread(target=self._follow, name="stemlive-store-follow", daemon=True)
+            self._thread.start()
+
+    @property
+    def following(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                continue
+            try:
+                view = read_view(self.path)
+            except (OSError, KeyError, ValueError) as exc:  # met a write half-way: try again next poll
+                self.error = f"re-reading {self.path}: {exc}"
+                continue
+            self._stamp, self.error = stamp, ""
+            self.received += 1
+            self._apply(view)
+            if self.snapshot.status["state"] != "running":
+                return
+
+    def _apply(self, view: dict) -> None:
+        with self.lock:
+            old = self.snapshot
+            new = snapshot_of(view, self.path, old.version)
+            rows = changed_rows({**old.maps, "done": old.done}, {**new.maps, "done": new.done})
+            vrows = changed_rows(old.virtual, new.virtual)
+            fresh = np.argwhere(new.done & ~old.done)
+            if len(fresh):
+                self.latest_block = tuple(int(v) for v in fresh[-1])
+            changes = [("blocks", rows)] if rows else []
+            changes += [("virtual", vrows)] if vrows else []
+            changes += [("atoms", None)] if len(new.atoms["positions"]) != len(old.atoms["positions"]) else []
+            changes += [("status", set())]
+            # the pages hold references to the snapshot: update it in place
+            old.maps, old.virtual, old.done, old.counts, old.atoms = new.maps, new.virtual, new.done, new.counts, new.atoms
+            old.status, old.meta = new.status, new.meta
+            for change in changes:
+                old.version += 1
+                old.dirty_rows[old.version] = change
+            for v in [v for v in old.dirty_rows if v < old.version - 1000]:
+                del old.dirty_rows[v]
+
+    def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
+        return store_block_pacbed(self.path, self.snapshot, i, j)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)

@@ -1,0 +1,132 @@
+"""Every control of the dashboard clicked in a real browser, each checked for its effect.
+
+Shared by the live browser test (tests/test_dashboard_browser.py) and the store-view test; the
+page must be fully drawn (scan complete) when `exercise_controls` starts.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import browser as br
+
+LOOKS = ("background_fill_color", "border_fill_color", "outline_line_color", "title.text_color")
+
+
+def _looks(d, figures):
+    return {(f, p): br.model_prop(d, f, p) for f in figures for p in LOOKS}
+
+
+def _wait_file(folder: Path, pattern: str, timeout: float = 30.0) -> Path:
+    def found():
+        done = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload") and p.stat().st_size > 0]
+        return done[0] if done else None
+    return br.wait_for(found, timeout, what=f"a download {pattern} in {folder}")
+
+
+def exercise_controls(d, store: dict, downloads: Path) -> None:
+    """Click every control; ``store``: `read_store` of the finished run the page shows."""
+    maps, attrs = store["maps"], store["attrs"]
+    step = float(attrs["scan_step_nm"]) if math.isfinite(float(attrs["scan_step_nm"])) else 1.0
+    by, bx = (int(v) * step for v in attrs["block_shape"])
+    br.allow_downloads(d, downloads)
+
+    # colour range: auto shows the data range; fixed takes typed values; auto again restores
+    br.choose(d, "range-map", "tilt0")
+    t0 = maps["tilt_mrad"][..., 0]
+    want = float(np.nanmax(np.abs(t0)))
+    br.wait_for(lambda: abs(br.model_prop(d, "range-high", "value") - want) < 1e-3 * max(1, want),
+                10, what="the spinners showing tilt0's auto range")
+    assert br.model_prop(d, "mapper-tilt0", "high") == br.model_prop(d, "range-high", "value")
+    br.click_widget(d, "range-mode", "button", 1)  # fixed
+    br.type_number(d, "range-low", -0.25)
+    br.type_number(d, "range-high", 0.5)
+    br.wait_for(lambda: (br.model_prop(d, "mapper-tilt0", "low"), br.model_prop(d, "mapper-tilt0", "high"))
+                == (-0.25, 0.5), 10, what="the fixed range applied to the tilt0 map")
+    br.choose(d, "range-map", "thickness")  # another map: its own (auto) range and mode
+    br.wait_for(lambda: br.model_prop(d, "range-mode", "active") == 0, 10, what="thickness still auto")
+    assert br.model_prop(d, "mapper-tilt0", "low") == -0.25  # tilt0 keeps its fixed range
+    br.choose(d, "range-map", "tilt0")
+    br.wait_for(lambda: br.model_prop(d, "range-mode", "active") == 1, 10, what="tilt0 shown as fixed")
+    br.click_widget(d, "range-mode", "button", 0)  # auto again
+    br.wait_for(lambda: abs(br.model_prop(d, "mapper-tilt0", "high") - want) < 1e-3 * max(1, want), 10,
+                what="tilt0 back on its data range")
+
+    # CSV: every block, the store's values, flags by name
+    br.click_widget(d, "download")
+    path = _wait_file(downloads, "stemlive-maps*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == maps["thickness_nm"].size
+    got = np.array([float(r["thickness_nm"]) if r["thickness_nm"] else np.nan for r in rows])
+    np.testing.assert_allclose(got, maps["thickness_nm"].ravel(), rtol=1e-5)
+
+    # PNG: the save tool of the map grid
+    br.tool_button(d, "map-thickness", "SaveTool").click()
+    png = _wait_file(downloads, "*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # theme: dark darkens the page and the plots; light gives back the first look exactly
+    figs = ["map-thickness", "map-tilt0", "pacbed", "histogram"]
+    first = _looks(d, figs)
+    body = d.execute_script("return getComputedStyle(document.body).backgroundColor")
+    br.click_widget(d, "theme", "button", 1)
+    br.wait_for(lambda: d.execute_script("return getComputedStyle(document.body).backgroundColor") != body, 10,
+                what="a dark page")
+    br.wait_for(lambda: all(br.model_prop(d, f, "border_fill_color") != first[(f, "border_fill_color")] for f in figs),
+                10, what="dark plots")
+    br.click_widget(d, "theme", "button", 0)
+    br.wait_for(lambda: _looks(d, figs) == first, 10, what="the first look restored")
+    assert d.execute_script("return getComputedStyle(document.body).backgroundColor") == body
+
+    # histogram of another map
+    br.choose(d, "histogram-map", "tilt1")
+    br.wait_for(lambda: "Tilt t1" in (br.model_prop(d, "histogram", "title.text") or ""), 10, what="tilt1 histogram")
+    tops = br.wait_for(lambda: d.execute_script(
+        "return Array.from(Bokeh.documents[0].get_model_by_name('source-histogram').data.top)"), 10)
+    assert sum(tops) == int(np.isfinite(maps["tilt_mrad"][..., 1]).sum())
+
+    # overlays: atoms off at first, on when ticked; doubtful blocks on at first, off when unticked
+    names = [n for n in ("atoms-bf", "atoms-abf", "atoms-adf", "atoms-haadf") if br.model_prop(d, n, "visible") is not None]
+    assert names and not any(br.model_prop(d, n, "visible") for n in names)
+    br.click_widget(d, "show-atoms", "input")
+    br.wait_for(lambda: all(br.model_prop(d, n, "visible") for n in names), 10, what="the atom overlay shown")
+    assert br.model_prop(d, "doubt", "visible")
+    br.click_widget(d, "show-doubt", "input")
+    br.wait_for(lambda: br.model_prop(d, "doubt", "visible") is False, 10, what="the doubt hatching hidden")
+    br.click_widget(d, "show-doubt", "input")
+
+    # block click: the panel pins to it, outlines it on every map; "follow latest" lets go
+    i, j = 1, 2
+    br.click_data_point(d, "map-tilt1", (j + 0.5) * bx, (i + 0.5) * by)
+    br.wait_for(lambda: f"pinned to block ({i}, {j})" in (br.model_prop(d, "pacbed", "title.text") or ""), 20,
+                what="the panel pinned to the clicked block")
+    outline = d.execute_script("const s = Bokeh.documents[0].get_model_by_name('source-chosen').data;"
+                               "return [s.left[0], s.top[0], s.right[0], s.bottom[0]]")
+    np.testing.assert_allclose(outline, [j * bx, i * by, (j + 1) * bx, (i + 1) * by], rtol=1e-6)
+    info = br.text_of(d, "pacbed-info")
+    assert f"thickness {maps['thickness_nm'][i, j]:.1f} ± {maps['thickness_sigma_nm'][i, j]:.1f} nm" in info
+    assert "mrad" in br.model_prop(d, "pacbed", "below.0.axis_label")
+    # log (default) -> gamma: the drawn pattern goes to [0, 1]
+    br.click_widget(d, "pacbed-scale", "button", 2)
+    br.wait_for(lambda: (lambda v: v is not None and min(x for r in v for x in r if x is not None) == 0
+                         and max(x for r in v for x in r if x is not None) == 1)(br.model_data(d, "source-pacbed")),
+                10, what="the gamma display")
+    br.click_widget(d, "pacbed-follow")
+    br.wait_for(lambda: "following the latest block" in (br.model_prop(d, "pacbed", "title.text") or ""), 20,
+                what="follow latest")
+
+    # box select on a map: mean ± sd and count of every map in the region
+    br.tool_button(d, "map-thickness", "BoxSelectTool").click()
+    br.drag(d, "map-thickness", (0.2 * bx, 0.2 * by), (2.8 * bx, 1.8 * by))
+    text = br.wait_for(lambda: (lambda t: t if "Region" in t else None)(br.text_of(d, "region-info")), 20,
+                       what="region statistics")
+    region = maps["thickness_nm"][0:2, 0:3]
+    region = region[np.isfinite(region)]
+    assert f"<td>Thickness</td><td>{region.mean():.3g} ± {region.std(ddof=1):.3g} nm</td><td>{region.size}</td>" in text
+    assert "Tilt t0" in text and "HAADF" in text and "zone axis" in text
+    time.sleep(0.5)
+    assert br.console_errors(d) == []

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import DEFAULT_RINGS, RingScale
-from ..udf.virtual_detector import ring_images
+from ..udf.virtual_detector import frame_profiles, ring_images
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
@@ -308,6 +308,8 @@ class BlockEngine:
                 self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
+            if center is not None and self.store.layout.radial_bins:
+                self.store.write_radial(flat, frame_profiles(self._bins, self.bin_px, center, flat), center)
 
     # -- second stage: the library check -------------------------------------------------------
     def _queue_checks(self, idx, means, estimates, part, t_complete) -> None:

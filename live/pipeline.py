@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..udf import BlockGrid, BlockPacbedUDF, VirtualDetectorUDF
-from ..udf.radial_bins import DEFAULT_RINGS
+from ..udf.radial_bins import DEFAULT_RINGS, n_bins_for
 from .engine import BlockEngine
 from .processes import signals_deferred
 from .publisher import Publisher
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # in-plane unit cell of the zone axes the shipped models cover [nm]: a block must span one
 UNIT_CELL_NM = {("SrTiO3", "[001]"): 0.3905}
+
+
+BIN_PX = 0.5  # width of the per-frame radial bins (VirtualDetectorUDF's default)
 
 
 class AcquisitionError(RuntimeError):
@@ -168,7 +171,7 @@ def make_udfs(settings: Settings, record: Path | None = None) -> list:
     # images=False: the engine evaluates the rings of new frames itself, incrementally
     udfs = [BlockPacbedUDF(block=settings.block),
             VirtualDetectorUDF(center=settings.center_px, alpha_mrad=settings.alpha_mrad,
-                               mrad_per_px=settings.mrad_per_px, rings=settings.rings, images=False)]
+                               mrad_per_px=settings.mrad_per_px, rings=settings.rings, bin_px=BIN_PX, images=False)]
     if record is not None:
         from libertem_live.udf.record import RecordUDF  # raw frames (.npy) for a later replay
 
@@ -196,7 +199,8 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         warnings.warn(warning, stacklevel=2)
     atoms = load_atom_stitcher(settings, grid)
     layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings),
-                         atoms=atoms.image_name if atoms else None)
+                         atoms=atoms.image_name if atoms else None, radial_bins=n_bins_for(sig_shape, BIN_PX),
+                         radial_bin_px=BIN_PX)
     cards = [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
     meta = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
             "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
@@ -224,7 +228,7 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     try:  # from the store's creation on, every way out closes it honestly
         engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
                              mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
-                             atoms=atoms, checker=checker, check_timeout=settings.check_timeout_s,
+                             bin_px=BIN_PX, atoms=atoms, checker=checker, check_timeout=settings.check_timeout_s,
                              progress=settings.progress)
         _iterate(ctx, dataset, settings, engine, roi, grid, record, timing, received)
         final, reason = "complete", ""
@@ -298,7 +302,7 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
             for res in it:
                 blocks, virtual = res.buffers[0], res.buffers[1]
                 engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},
-                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used", "ring_values",
+                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used",
                                                                "recorded")},
                                  res.damage.data)
                 n = int(np.count_nonzero(res.damage.data))

@@ -40,7 +40,10 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     check = checker.info if checker is not None else {}
     grid = BlockGrid(scan, block)
     atoms = load_atom_stitcher(settings, grid) if settings.atoms in old["virtual"] else None
-    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]), atoms=atoms.image_name if atoms else None)
+    radial = old.get("radial")
+    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]), atoms=atoms.image_name if atoms else None,
+                         radial_bins=radial["profiles"].shape[-1] if radial else 0,
+                         radial_bin_px=radial["bin_px"] if radial else 0.5)
     store = ResultStore.create(out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv, mrad_per_px=mpp,
                                scan_step_nm=step, scan_rotation_deg=settings.scan_rotation_deg,
                                models=[c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else []),
@@ -57,6 +60,9 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
         engine.on_result({"counts": np.where(done, old["blocks"]["counts"], 0), "pacbed": pac}, None,
                          np.zeros(scan, bool))
         store.write_virtual(old["virtual"], int(old["progress"][0]))
+        if radial is not None:
+            store.write_radial(np.arange(int(np.prod(scan))), radial["profiles"].reshape(-1, layout.radial_bins),
+                               radial["center_px"])
         if atoms is not None:  # every block whose window of the stored image is complete
             image = old["virtual"][atoms.image_name]
             blocks = atoms.ready(np.isfinite(image))

@@ -25,6 +25,18 @@ library check found (`stemlive pacbed analyze` JSON schema 2 has the same fields
   the check data file, its sha256, kV, α, rank; {} without the check), and at the end
   ``checks_done``, ``checks_unfinished`` (blocks left with the networks' values because the
   run closed first) and ``checks_failed``.
+
+Per-frame radial profiles (``/virtual/radial``, float32, (scan_y, scan_x, n_bins)): frame (y, x)'s
+intensity in the radial bins [k·Δ, (k+1)·Δ) px around the calibrated disk centre, k = 0 …
+n_bins-1, with Δ = attribute ``bin_px`` (0.5 px; pixels split into 4×4 sub-pixels, so bin edges
+are not quantised to whole pixels) out to the frame's half diagonal, and the centre in the
+attribute ``center_px`` (row, col; NaN until calibrated).  NaN for frames not recorded yet.  Any
+virtual ring [a, b) px is a sum over bins, the two edge bins weighted by the fraction they
+cover (``stemlive.udf.radial_bins.ring_bin_weights``: ``profiles @ ring_bin_weights(n_bins, a,
+b, Δ)``) -- which is how ``/virtual/{bf, abf, adf, haadf}`` are made (exactly for frames
+recorded around the calibrated centre).  Frames recorded before the centre was known are stored
+recentred to first order from their bin dipoles (their ring images may then differ from a sum of
+stored bins by a fraction of the edge bins' content).
 """
 from __future__ import annotations
 
@@ -85,6 +97,8 @@ class StoreLayout:
     sig_shape: tuple[int, int]
     virtual: tuple[str, ...] = ("bf", "abf", "adf", "haadf")
     atoms: str | None = None  # the virtual image atoms are found in ("haadf", "abf"), or none
+    radial_bins: int = 0  # per-frame radial profiles of this many bins in /virtual/radial (0: none)
+    radial_bin_px: float = 0.5
 
     @property
     def max_atoms(self) -> int:
@@ -167,6 +181,10 @@ class ResultStore:
                 f.create_dataset(f"maps/{name}", data=np.full((ny, nx, *trail), fill, dtype))
             for name in layout.virtual:
                 f.create_dataset(f"virtual/{name}", data=np.full((sy, sx), np.nan, np.float32))
+            if layout.radial_bins:
+                ds = f.create_dataset("virtual/radial", data=np.full((sy, sx, layout.radial_bins), np.nan, np.float32))
+                ds.attrs["bin_px"] = float(layout.radial_bin_px)
+                ds.attrs["center_px"] = np.full(2, np.nan)
             f.create_dataset("blocks/pacbed", data=np.zeros((ny, nx, *layout.sig_shape), np.float32))
             f.create_dataset("blocks/counts", data=np.zeros((ny, nx), np.int64))
             f.create_dataset("blocks/done", data=np.zeros((ny, nx), bool))
@@ -245,6 +263,24 @@ class ResultStore:
             if frames_seen is not None:
                 f["progress"][0] = frames_seen
                 f["progress"][2] = time.time()
+            f.flush()
+
+    def write_radial(self, frames: np.ndarray, profiles: np.ndarray, center_px: tuple[float, float]) -> None:
+        """Per-frame radial profiles (flat scan indices ``frames``, (n, n_bins)) around ``center_px``.
+
+        The scan rows they span are read, updated and written whole (frames arrive in runs of
+        whole rows, so this is one contiguous write, not one per frame)."""
+        frames = np.asarray(frames, np.int64)
+        if not self.layout.radial_bins or frames.size == 0:
+            return
+        sx = self.layout.scan_shape[1]
+        r0, r1 = int(frames.min()) // sx, int(frames.max()) // sx + 1
+        with self._lock, self._open() as f:
+            ds = f["virtual/radial"]
+            rows = ds[r0:r1]
+            rows.reshape(-1, rows.shape[-1])[frames - r0 * sx] = profiles
+            ds[r0:r1] = rows
+            ds.attrs["center_px"] = np.asarray(center_px, np.float64)
             f.flush()
 
     def write_atoms(self, rows, analysed: np.ndarray) -> None:
@@ -331,7 +367,10 @@ def estimate_row(est: PacbedEstimate | None, partial: bool, check=None) -> dict:
 
 
 def read_store(path: str | Path) -> dict:
-    """Everything in a store as numpy arrays and attributes (for the dashboard, reanalyse, tests)."""
+    """Everything in a store as numpy arrays and attributes (for the dashboard, reanalyse, tests).
+
+    ``out["virtual"]`` holds the ring images only; the per-frame profiles, where the store has
+    them, are ``out["radial"]`` = {"profiles" (scan_y, scan_x, n_bins), "bin_px", "center_px"}."""
     out: dict = {"maps": {}, "virtual": {}, "blocks": {}}
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -348,6 +387,10 @@ def read_store(path: str | Path) -> dict:
                 attrs[k] = json.loads(attrs[k])
         for group in ("maps", "virtual", "blocks"):
             for name, ds in f[group].items():
+                if group == "virtual" and name == "radial":  # per-frame profiles, not an image
+                    out["radial"] = {"profiles": ds[()], "bin_px": float(ds.attrs["bin_px"]),
+                                     "center_px": np.asarray(ds.attrs["center_px"], np.float64)}
+                    continue
                 out[group][name] = ds[()]
         if "atoms" in f:
             g = f["atoms"]

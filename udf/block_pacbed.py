@@ -8,9 +8,10 @@ summed in float32, which holds integer counts exactly up to 2**24 per pixel and 
 from __future__ import annotations
 
 import numpy as np
-from libertem.udf.base import UDF
+from libertem.udf.base import UDF, UDFPreprocessMixin
 
 from .block_grid import BlockGrid
+from .kernels import add_block_sums
 
 
 def sum_runs(frames: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -29,7 +30,7 @@ def sum_runs(frames: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
     return out
 
 
-class BlockPacbedUDF(UDF):
+class BlockPacbedUDF(UDF, UDFPreprocessMixin):
     """Sum of frames and frame count per scan block.
 
     Parameters
@@ -45,6 +46,10 @@ class BlockPacbedUDF(UDF):
     expected : (ny, nx) int64, frames the block holds when the scan (within the ROI) is done
     partial : (ny, nx) bool, ragged edge blocks
 
+    A partition's buffers hold only the blocks it touches (a range of flat block indices,
+    ``first_block`` onwards): a partition of a few scan rows allocates, ships and merges a few
+    blocks, not the whole grid.
+
     Examples
     --------
     >>> udf = BlockPacbedUDF(block=(8, 8))
@@ -53,7 +58,10 @@ class BlockPacbedUDF(UDF):
     """
 
     def __init__(self, block: tuple[int, int] = (8, 8)):
-        super().__init__(block=tuple(int(b) for b in block))
+        block = tuple(int(b) for b in block)
+        if len(block) != 2 or min(block) < 1:
+            raise ValueError(f"block must be two positive frame counts (by, bx), got {block}")
+        super().__init__(block=block)
 
     def _grid(self) -> BlockGrid:
         nav = tuple(self.meta.dataset_shape.nav)
@@ -69,39 +77,57 @@ class BlockPacbedUDF(UDF):
         """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
         return self.USE_NATIVE_DTYPE
 
+    def _block_range(self) -> tuple[int, int] | None:
+        """(first, count) of the flat block indices this partition touches; None in the main
+        process (the whole grid)."""
+        try:
+            self.meta.partition_shape
+        except ValueError:  # main process: no partition
+            return None
+        ids = self._grid().flat_block_of(self.meta.coordinates)
+        if len(ids) == 0:
+            return (0, 1)
+        return (int(ids.min()), int(ids.max()) - int(ids.min()) + 1)
+
     def get_result_buffers(self):
         grid = self._grid()
         sig = tuple(self.meta.dataset_shape.sig)
+        span = self._block_range()
+        lead = grid.shape if span is None else (span[1],)
         return {
-            "pacbed": self.buffer(kind="single", extra_shape=(*grid.shape, *sig), dtype=np.float32),
-            "counts": self.buffer(kind="single", extra_shape=grid.shape, dtype=np.int64),
+            "pacbed": self.buffer(kind="single", extra_shape=(*lead, *sig), dtype=np.float32),
+            "counts": self.buffer(kind="single", extra_shape=lead, dtype=np.int64),
+            "first_block": self.buffer(kind="single", dtype=np.int64, use="private"),
             "expected": self.buffer(kind="single", extra_shape=grid.shape, dtype=np.int64, use="result_only"),
             "partial": self.buffer(kind="single", extra_shape=grid.shape, dtype=bool, use="result_only"),
         }
 
     def process_tile(self, tile):
-        grid = self._grid()
-        ids = grid.flat_block_of(self.meta.coordinates)
-        # frames of a tile come in raster order: sum each run of frames of the same block at once
-        # (float32 is exact for integer counts below 2**24 per pixel and run), then the runs of
-        # each block (a tile spanning several scan rows meets a block more than once)
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-        run_lengths = np.diff(np.r_[starts, len(ids)])
-        run_sums = sum_runs(np.asarray(tile), starts, run_lengths)
-        run_ids = ids[starts]
-        order = np.argsort(run_ids, kind="stable")
-        sorted_ids = run_ids[order]
-        firsts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        if len(firsts) < len(order):
-            run_sums = np.add.reduceat(run_sums[order], firsts, axis=0)
-            run_lengths = np.add.reduceat(run_lengths[order], firsts)
-        else:
-            run_sums, run_lengths = run_sums[order], run_lengths[order]
-        rows, cols = np.divmod(sorted_ids[firsts], grid.shape[1])
+        first = self._first_block()
+        slots = self._grid().flat_block_of(self.meta.coordinates) - first
         sig_part = tuple(self.meta.sig_slice.get(sig_only=True))
-        self.results.pacbed[(rows, cols) + sig_part] += run_sums  # unique blocks: no repeated index
+        pac = self.results.pacbed
+        if self._whole_frames():  # the live case: one compiled pass over the tile
+            add_block_sums(np.asarray(tile).reshape(len(tile), -1), slots, pac.reshape(len(pac), -1))
+        else:  # frames cut into signal tiles (file readers): sum runs of frames per block
+            starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
+            lengths = np.diff(np.r_[starts, len(slots)])
+            run_sums = sum_runs(np.asarray(tile), starts, lengths)
+            for s, r in zip(slots[starts], run_sums):
+                pac[(int(s),) + sig_part] += r
         if self._first_sig_tile():
-            self.results.counts[rows, cols] += run_lengths
+            np.add.at(self.results.counts, slots, 1)
+
+    def preprocess(self):
+        """Where this partition's blocks start on the grid (0 in the main process)."""
+        span = self._block_range()
+        self.results.first_block[:] = 0 if span is None else span[0]
+
+    def _first_block(self) -> int:
+        return int(self.results.first_block[0])
+
+    def _whole_frames(self) -> bool:
+        return tuple(self.meta.sig_slice.shape) == tuple(self.meta.dataset_shape.sig)
 
     def _first_sig_tile(self) -> bool:
         """Count frames once even when LiberTEM splits frames into several signal tiles."""
@@ -109,9 +135,13 @@ class BlockPacbedUDF(UDF):
         return all(o == 0 for o in origin[-len(self.meta.dataset_shape.sig):])
 
     def merge(self, dest, src):
-        touched = np.nonzero(src.counts)  # a partition touches few blocks: add only those
-        dest.pacbed[touched] += src.pacbed[touched]
-        dest.counts[:] += src.counts
+        """Add a partition's blocks into their place on the grid (only those it touched)."""
+        first = int(src.first_block[0])
+        n = len(src.counts.reshape(-1))
+        sig = dest.pacbed.shape[2:]
+        touched = np.flatnonzero(src.counts.reshape(-1))
+        dest.pacbed.reshape(-1, *sig)[first + touched] += src.pacbed.reshape(n, *sig)[touched]
+        dest.counts.reshape(-1)[first:first + n] += src.counts.reshape(-1)
 
     def get_results(self):
         grid = self._grid()

@@ -1,17 +1,20 @@
 """`VirtualDetectorUDF`: BF/ABF/ADF/HAADF images, with rings that may be chosen after calibration.
 
-Two ways of recording a frame:
+Every frame is recorded as its radial profile: sums in fine radial bins (``bin_px``, default
+0.5 px, sub-pixel weighted) around a centre, out to the frame's half diagonal, as abTEM's
+FlexibleAnnularDetector does.  Any ring is then a sum over bins (linear inside the edge bins),
+chosen before, during or after the run.  Two ways of recording:
 
-* *bins*: radial bins (and their dipoles) around the current centre -- any ring can be read
-  from them later, and frames binned around a provisional centre are corrected to the
-  calibrated one to first order (see `radial_bins`).  Used while the disk centre or size is
-  not known yet, or always with ``mode="bins"``.
-* *rings*: once centre and ring radii are known, each frame is multiplied with the ring masks
-  (sub-pixel weights, one dense matrix product) -- a single pass over the frame, so the live
-  path keeps up with the detector.
+* *centred* (``recorded`` = 2): around the given (calibrated) centre -- the profile alone, one
+  sparse product per tile (`kernels.radial_profiles`).
+* *provisional* (``recorded`` = 1): while the centre is not known, around a provisional one
+  (each partition's bright-disk centroid), with each bin's dipole moment as well, so frames
+  binned around it are corrected to the calibrated centre to first order (see `radial_bins`).
+  Only these partitions carry the per-frame dipoles; once the centre is given, partitions
+  neither allocate nor ship them.
 
 The live engine passes the centre and disk radius found on the first analysed block with
-LiberTEM's ``update_parameters_experimental``; frames already recorded as bins are not lost.
+LiberTEM's ``update_parameters_experimental``; frames already recorded are not lost.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from types import SimpleNamespace
 import numpy as np
 from libertem.udf.base import UDF
 
-from .radial_bins import (DEFAULT_RINGS, BinnedFrames, RingScale, bin_frames, bin_matrix, bright_disk_center,
-                          n_bins_for, ring_masks)
+from .kernels import radial_profiles
+from .radial_bins import DEFAULT_RINGS, BinnedFrames, RingScale, bin_matrix_t, bright_disk_center, n_bins_for
 
 PROVISIONAL_FRAMES = 8
-BINS, RINGS = 1, 2  # values of the per-frame ``recorded`` result
-RECORD = ("radial", "dipole", "center_used", "ring_values", "recorded")  # the per-frame results
+PROVISIONAL, CENTRED = 1, 2  # values of the per-frame ``recorded`` result (0: not yet)
+BINS, RINGS = PROVISIONAL, CENTRED  # earlier names
+RECORD = ("radial", "dipole", "center_used", "recorded")  # the per-frame results
 
 
 class _FirstFrames:
@@ -61,15 +65,16 @@ class VirtualDetectorUDF(UDF):
         Centre to evaluate binned frames around, when it differs from the recording centre
         (first-order dipole correction); default: ``center``.
     mode
-        "auto": rings directly once ``center`` and the ring radii are known, bins before;
-        "bins": always bins (rings can still be changed after the run).
+        "auto": dipoles only while the centre is not known; "bins": dipoles for every frame
+        (so a ``true_center`` given later can still correct them).
     images
         Compute the ring images in ``get_results`` (off in the live engine, which does it itself).
 
     Results
     -------
-    One image per ring; per frame ``radial`` (n_bins), ``dipole`` (n_bins, 2), ``center_used``
-    (2), ``ring_values`` (n_rings) and ``recorded`` (1 bins, 2 rings, 0 not yet).
+    One image per ring; per frame ``radial`` (n_bins), ``dipole`` (n_bins, 2; zero for frames
+    recorded around a given centre), ``center_used`` (2) and ``recorded`` (1 provisional centre,
+    2 given centre, 0 not yet).
 
     Examples
     --------
@@ -137,13 +142,27 @@ class VirtualDetectorUDF(UDF):
         """Frames as they come (e.g. uint16): cast per tile here, and recorders keep the native type."""
         return self.USE_NATIVE_DTYPE
 
+    def _dipoles(self) -> bool:
+        """Per-frame dipoles are recorded (and their buffer allocated) only while they can be needed."""
+        return self.params.center is None or self.params.mode == "bins"
+
+    def _dipole_bins(self, nb: int) -> int:
+        """Bins of the dipole buffer: all of them in the main process (its buffer outlives a centre
+        update; untouched pages cost nothing), one in a partition that does not record them."""
+        try:
+            self.meta.partition_shape
+        except ValueError:  # the main process
+            return nb
+        return nb if self._dipoles() else 1
+
     def get_result_buffers(self):
         nb = n_bins_for(self._sig(), self.params.bin_px)
         bufs = {
             "radial": self.buffer(kind="nav", extra_shape=(nb,), dtype=np.float32),
-            "dipole": self.buffer(kind="nav", extra_shape=(nb, 2), dtype=np.float32),
+            # (n, 1, 2) in partitions that start with the centre known: next to nothing to zero or
+            # ship (LiberTEM takes an empty buffer for an empty ROI)
+            "dipole": self.buffer(kind="nav", extra_shape=(self._dipole_bins(nb), 2), dtype=np.float32),
             "center_used": self.buffer(kind="nav", extra_shape=(2,), dtype=np.float32),
-            "ring_values": self.buffer(kind="nav", extra_shape=(max(1, len(self.params.rings)),), dtype=np.float32),
             "recorded": self.buffer(kind="nav", dtype=np.uint8),
         }
         if self.params.images:
@@ -154,12 +173,19 @@ class VirtualDetectorUDF(UDF):
     def get_task_data(self):
         return {"matrices": {}}
 
+    def merge(self, dest, src):
+        """Nav buffers into place; a partition without dipoles leaves them zero."""
+        for k in dest:
+            part, whole = getattr(src, k), getattr(dest, k)
+            if part.shape == whole.shape:
+                whole[:] = part
+
     def process_tile(self, tile):
         if self.params.center is None and "provisional" not in self.task_data.matrices:
             if not self._gather_first_frames(tile):
                 return  # held back until the partition's first frames are whole
-        self._record(np.asarray(tile, np.float32).reshape(len(tile), -1),
-                     tuple(self.meta.sig_slice.get(sig_only=True)), self.results)
+        self._record(np.asarray(tile).reshape(len(tile), -1), tuple(self.meta.sig_slice.get(sig_only=True)),
+                     self.results)
 
     def postprocess(self):
         """Tiles still held at the end of a partition (its first frames never came whole) are
@@ -207,26 +233,25 @@ class VirtualDetectorUDF(UDF):
             self._record(flat, sig_part, views)
 
     def _record(self, flat: np.ndarray, sig_part: tuple, out) -> None:
-        """One tile, frames flattened (n, pixels) float32, into the result views ``out``."""
+        """One tile, frames flattened (n, pixels) in any real dtype, into the result views ``out``."""
         cache = self.task_data.matrices
         center = self._center()
-        radii = self.rings_px() if (self.params.mode == "auto" and self.params.center is not None) else None
-        geometry = (center, tuple(radii) if radii else None)
-        key = geometry + (tuple((s.start, s.stop) for s in sig_part),)
+        dipoles = self._dipoles() and out.dipole.shape[-2] == out.radial.shape[-1]
+        nb = out.radial.shape[-1]
+        key = (center, dipoles, tuple((s.start, s.stop) for s in sig_part))
         matrix = cache.get(key)
         if matrix is None:
-            for k in [k for k in cache if isinstance(k, tuple) and k[:2] != geometry]:
-                del cache[k]  # a new centre or scale: the old matrices are not needed again
-            matrix = cache[key] = (ring_masks(self._sig(), center, radii, self.params.bin_px, sig_part) if radii else
-                                   bin_matrix(self._sig(), center, self.params.bin_px, out.radial.shape[-1], sig_part))
-        if radii:
-            out.ring_values[:] += flat @ matrix  # sig tiles add up
-            out.recorded[:] = RINGS
+            for k in [k for k in cache if isinstance(k, tuple) and k[:2] != key[:2]]:
+                del cache[k]  # a new centre: the old matrices are not needed again
+            matrix = cache[key] = bin_matrix_t(self._sig(), center, self.params.bin_px, nb, sig_part, dipoles)
+        if dipoles:
+            prof = np.zeros((len(flat), 3 * nb), np.float32)
+            radial_profiles(flat, matrix, prof)
+            out.radial[:] += prof[:, :nb]  # sig tiles add up
+            out.dipole[:] += np.stack([prof[:, nb:2 * nb], prof[:, 2 * nb:]], axis=-1)
         else:
-            radial, dipole = bin_frames(flat, matrix)
-            out.radial[:] += radial
-            out.dipole[:] += dipole
-            out.recorded[:] = BINS
+            radial_profiles(flat, matrix, out.radial)
+        out.recorded[:] = CENTRED if self.params.center is not None else PROVISIONAL
         out.center_used[:] = center
 
     def get_results(self):
@@ -237,35 +262,63 @@ class VirtualDetectorUDF(UDF):
         return out
 
 
+def _binned(record: dict, bin_px: float, true_center: tuple[float, float] | None,
+            frames: np.ndarray | None) -> tuple[tuple, int, list]:
+    """The recorded frames of a VirtualDetectorUDF record as `BinnedFrames`, in two groups:
+    recorded around ``true_center`` (read as they are) and around another centre (recentred).
+    Returns (leading shape, number of frames asked, [(mask over them, BinnedFrames)])."""
+    lead_nd = len(record["recorded"].shape)
+    flat = {k: v.reshape(-1, *v.shape[lead_nd:]) for k, v in record.items() if k in RECORD}
+    lead = record["recorded"].shape if frames is None else (len(frames),)
+    frames = np.arange(len(flat["recorded"])) if frames is None else np.asarray(frames)
+    recorded = flat["recorded"][frames] > 0
+    groups = []
+    if recorded.any():
+        idx = frames[recorded]
+        shift = np.zeros((len(idx), 2))
+        if true_center is not None:
+            shift = np.asarray(true_center, np.float64) - flat["center_used"][idx].astype(np.float64)
+        moved = np.any(shift != 0, axis=1)
+        has_dipoles = flat["dipole"].shape[1] == flat["radial"].shape[1]
+        for sel, shifted in ((~moved, False), (moved, True)):
+            if not sel.any():
+                continue
+            mask = np.zeros(len(frames), bool)
+            mask[np.flatnonzero(recorded)[sel]] = True
+            rad = flat["radial"][idx[sel]]
+            dip = flat["dipole"][idx[sel]] if has_dipoles else np.zeros((*rad.shape, 2), np.float32)
+            groups.append((mask, BinnedFrames(rad, dip, bin_px, shift[sel] if shifted else None)))
+    return lead, len(frames), groups
+
+
 def ring_images(record: dict, rings: dict, scale: RingScale, bin_px: float,
                 true_center: tuple[float, float] | None, frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Ring signals from a VirtualDetectorUDF record (``radial``, ``dipole``, ``center_used``,
-    ``ring_values``, ``recorded``); NaN where the ring scale is not known yet or the frame was not
-    recorded.  All frames, in the record's leading shape; or only the flat frame indices
-    ``frames`` (1D result) -- the bins are then gathered for the binned ones alone."""
-    flat = {k: v.reshape(-1, *v.shape[len(record["recorded"].shape):]) for k, v in record.items()}
-    lead = record["recorded"].shape if frames is None else (len(frames),)
-    frames = np.arange(len(flat["recorded"])) if frames is None else np.asarray(frames)
-    recorded = flat["recorded"][frames]
-    direct, binned = recorded == RINGS, recorded == BINS
-    ring_values = flat["ring_values"][frames[direct]]
-    binned_frames = None
-    if binned.any():
-        idx = frames[binned]
-        shift = None
-        if true_center is not None:
-            shift = np.asarray(true_center, np.float64) - flat["center_used"][idx].astype(np.float64)
-        binned_frames = BinnedFrames(flat["radial"][idx], flat["dipole"][idx], bin_px, shift)
+    ``recorded``): each ring a sum over the frame's radial bins, recentred to ``true_center``
+    (first order, through the dipoles) where a frame was recorded around another centre; NaN
+    where the ring scale is not known yet or the frame was not recorded.  All frames, in the
+    record's leading shape; or only the flat frame indices ``frames`` (1D result)."""
+    lead, n, groups = _binned(record, bin_px, true_center, frames)
     out = {}
-    for i, (name, (inner, outer, unit)) in enumerate(rings.items()):
-        img = np.full(len(frames), np.nan, np.float32)
-        img[direct] = ring_values[:, i]
-        if binned_frames is not None:
-            try:
-                lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
-            except ValueError:  # the scale is not known yet: NaN until it is
-                lo = hi = None
-            if lo is not None:
-                img[binned] = binned_frames.ring(lo, hi)
+    for name, (inner, outer, unit) in rings.items():
+        img = np.full(n, np.nan, np.float32)
+        try:
+            lo, hi = scale.to_px(inner, unit), scale.to_px(outer, unit)
+        except ValueError:  # the scale is not known yet: NaN until it is
+            lo = hi = None
+        if lo is not None:
+            for mask, binned in groups:
+                img[mask] = binned.ring(lo, hi)
         out[name] = img.reshape(lead)
     return out
+
+
+def frame_profiles(record: dict, bin_px: float, true_center: tuple[float, float] | None,
+                   frames: np.ndarray | None = None) -> np.ndarray:
+    """Per-frame radial profiles around ``true_center`` ((..., n_bins) float32, NaN where not
+    recorded): as recorded where the frame was binned around it, else recentred (first order)."""
+    lead, n, groups = _binned(record, bin_px, true_center, frames)
+    out = np.full((n, record["radial"].shape[-1]), np.nan, np.float32)
+    for mask, binned in groups:
+        out[mask] = binned.profile()
+    return out.reshape(*lead, -1)

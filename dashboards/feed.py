@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from ..live.security import secure_client
-from ..live.wire import WireError, decode
+from ..protocol import WireError, decode, pacbed_request, secure_client, state_request
 from .snapshot import ATOM_FIELDS, Snapshot, atoms_from, empty_atoms, snapshot_from_state  # noqa: F401
 from .store_feed import StoreFeed, store_block_pacbed  # noqa: F401  (the old import path)
 
@@ -72,7 +71,7 @@ class LiveFeed:
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
         """From the engine; once the engine has gone (scan over), from its result store."""
         try:
-            header, arrays = self.request({"type": "pacbed", "block": [int(i), int(j)]})
+            header, arrays = self.request(pacbed_request(i, j))
             return header, arrays["pacbed"]
         except TimeoutError:
             store = (self.snapshot.meta.get("store") if self.snapshot else None) or ""
@@ -81,7 +80,7 @@ class LiveFeed:
             return store_block_pacbed(store, self.snapshot, i, j)
 
     def _resync(self) -> None:
-        header, arrays = self.request({"type": "state"})
+        header, arrays = self.request(state_request())
         snap = snapshot_from_state(header, arrays)
         with self.lock:
             snap.version = (self.snapshot.version + 1) if self.snapshot else 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..live.security import check_token, is_loopback
+from ..protocol.security import check_token, is_loopback
 
 
 def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str | None = None):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .pipeline import AcquisitionError, RunSummary, Settings, StreamStalled
 from .processes import end_children
-from .security import check_token
+from ..protocol.security import check_token
 
 
 def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> None:

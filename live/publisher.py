@@ -1,16 +1,15 @@
 """`Publisher`: ZMQ PUB of each analysed block batch, and a REP socket for late joiners.
 
-PUB messages (wire format, `wire.py`): ``blocks`` (indices and their map values; header
+PUB messages (wire format, `stemlive.protocol.wire`): ``blocks`` (indices and their map values; header
 ``stage`` "network" when the networks have read the blocks, "check" when the library check's
 values replace them later -- ``maps/method`` says the same per block), ``virtual``
 (rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
 Both sockets bind 127.0.0.1 unless told otherwise; any other address needs an access token
-(`security.py`: CURVE keys derived from it).
+(`stemlive.protocol.security`: CURVE keys derived from it).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,9 +17,8 @@ import time
 import numpy as np
 import zmq
 
-from .security import check_bind, secure_server
+from ..protocol import RequestError, check_bind, encode, parse_request, secure_server
 from .state import LiveState
-from .wire import encode
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +86,15 @@ class Publisher:
                 continue
             raw = self._rep.recv_multipart()
             try:
-                req = json.loads(raw[0])
-                kind = req.get("type")
+                kind, args = parse_request(raw[0])
                 if kind == "state":
                     header, arrays = self.state.full_state()
-                elif kind == "pacbed":
-                    i, j = (int(v) for v in req["block"])
-                    header, arrays = self.state.block_pacbed(i, j)
-                else:
-                    raise ValueError(f"unknown request type {kind!r}; use 'state' or 'pacbed'")
+                else:  # "pacbed"
+                    header, arrays = self.state.block_pacbed(*args)
                 reply = encode(header, arrays)
-            except Exception as exc:  # a bad request gets an error reply, never kills the server
+            except RequestError as exc:
+                reply = encode({"type": "error", "error": str(exc)})
+            except Exception as exc:  # a failing answer gets an error reply, never kills the server
                 reply = encode({"type": "error", "error": f"{type(exc).__name__}: {exc}"})
             self._rep.send_multipart(reply, copy=False)
 

@@ -13,7 +13,7 @@ import zmq
 from stemlive.live.publisher import Publisher
 from stemlive.live.state import LiveState
 from stemlive.live.store import STORE_FLAGS, ResultStore, StoreLayout, flag_bits, flag_names, read_store
-from stemlive.live.wire import WireError, decode, encode
+from stemlive.protocol import RequestError, WireError, decode, encode, parse_request
 from stemlive.models.pacbed_analysis import PacbedEstimate
 
 LAYOUT = StoreLayout(scan_shape=(10, 12), block_shape=(4, 4), sig_shape=(6, 5))
@@ -156,7 +156,7 @@ def test_publisher_binds_loopback_by_default():
 
 
 def test_beyond_loopback_needs_a_token_and_the_token_guards_the_sockets():
-    from stemlive.live.security import is_loopback, secure_client
+    from stemlive.protocol.security import is_loopback, secure_client
 
     assert is_loopback("tcp://127.0.0.1:5557") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
     assert not is_loopback("tcp://0.0.0.0:5557") and not is_loopback("tcp://*:5557")
@@ -207,3 +207,31 @@ def test_atom_table_is_cut_at_finish_and_marked_when_full(tmp_path):
     np.testing.assert_array_equal(r["atoms"]["positions"][:3], rows.positions_px)
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f["atoms"].attrs["truncated"] and f["atoms/positions"].shape == (n, 2)
+
+
+def test_requests_checked_on_arrival_and_old_import_paths_kept():
+    import stemlive.live.security as old_security
+    import stemlive.live.wire as old_wire
+    from stemlive.protocol import pacbed_request, security, state_request, wire
+
+    assert parse_request(json.dumps(state_request()).encode()) == ("state", ())
+    assert parse_request(json.dumps(pacbed_request(3, 4)).encode()) == ("pacbed", (3, 4))
+    for raw, why in ((b"{", "not JSON"), (b'{"type": "atoms"}', "unknown request type"),
+                     (b'{"type": "pacbed", "block": [1]}', "two integers"), (b"[1]", "unknown request type")):
+        with pytest.raises(RequestError, match=why):
+            parse_request(raw)
+    assert old_wire.encode is wire.encode and old_security.check_bind is security.check_bind
+
+
+def test_dashboards_do_not_import_live():
+    """The dashboard speaks to the engine through stemlive.protocol only."""
+    import ast
+    from pathlib import Path
+
+    import stemlive.dashboards as d
+
+    for path in Path(d.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.level == 2 and (node.module or "").startswith("live")), f"{path.name} imports live"
+                assert not (node.module or "").startswith("stemlive.live"), f"{path.name} imports live"

@@ -129,10 +129,16 @@ class PacbedPanel:
         else:
             self.disk.data = {"x": [], "y": [], "r": []}
         rings = ring_radii(meta.get("rings", {}), meta.get("alpha_mrad")) if mpp else []
-        radii = [(n, v) for name, inner, outer in rings for n, v in ((f"{name} in", inner), (name, outer)) if v > 0]
-        self.rings.data = {"x": [0.0] * len(radii), "y": [0.0] * len(radii), "r": [v for _, v in radii],
-                           "name": [n for n, _ in radii], "lx": [v * 0.7071 for _, v in radii],
-                           "ly": [-v * 0.7071 for _, v in radii]}
+        # each ring edge drawn once, named at its outer edge ("bf" out to 0.5 α, "abf" 0.5-1 α, ...)
+        edges: dict[float, str] = {}
+        for name, inner, outer in rings:
+            edges[round(outer, 6)] = name.upper()
+            if inner > 0:
+                edges.setdefault(round(inner, 6), "")
+        radii = sorted(edges.items())
+        self.rings.data = {"x": [0.0] * len(radii), "y": [0.0] * len(radii), "r": [v for v, _ in radii],
+                           "name": [n for _, n in radii], "lx": [v * 0.7071 for v, _ in radii],
+                           "ly": [-v * 0.7071 for v, _ in radii]}
         self.figure.title.text = block_title(block, pinned)
         self.follow.disabled = not pinned
         calib = f" Axes: {unit}" + (f" ({scale:.3g} mrad/px from {source})." if mpp else ".")

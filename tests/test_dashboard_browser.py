@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,67 @@ def test_dashboard_live(live_scan, tmp_path):
             drv.quit()
         for p in procs:
             kill(p)
+
+
+def write_blocks_slowly(store, layout, n_blocks: int, pause_s: float, rng) -> None:
+    """A stand-in run writing a store block by block (synthetic estimates), then finishing it."""
+    from stemlive.models.pacbed_analysis import PacbedEstimate
+
+    ny, nx = layout.grid_shape
+    sig = layout.sig_shape
+    yy, xx = np.mgrid[:sig[0], :sig[1]]
+    img = np.full(layout.scan_shape, np.nan, np.float32)
+    for k, (i, j) in enumerate(np.ndindex(ny, nx)):
+        if k >= n_blocks:
+            break
+        est = PacbedEstimate(center_px=(sig[0] / 2, sig[1] / 2), radius_px=sig[0] / 5, rotation_deg=0.0,
+                             thickness_nm=10 + 2 * j + rng.normal(0, 0.5), thickness_sigma_nm=1.0 + 6 * ((i + j) % 5 == 0),
+                             tilt_mrad=(0.3 * (i - ny / 2), 0.2 * (j - nx / 2)), tilt_sigma_mrad=(0.1, 0.1),
+                             tilt_crystal_mrad=(0.3 * (i - ny / 2), 0.2 * (j - nx / 2)), background=0.0,
+                             in_range=True, flags=["ambiguous"] if (i * j) % 7 == 3 else [])
+        pac = 1000.0 * (np.hypot(yy - sig[0] / 2, xx - sig[1] / 2) < sig[0] / 5) + rng.poisson(5, sig)
+        store.write_blocks(np.array([[i, j]]), pac[None].astype(np.float32), np.array([64]), [est],
+                           np.array([False]), (k + 1) * 64)
+        by, bx = layout.block_shape
+        img[i * by:(i + 1) * by, j * bx:(j + 1) * bx] = rng.normal(100, 10, (by, bx))
+        store.write_virtual({"bf": img, "haadf": img}, (k + 1) * 64)
+        time.sleep(pause_s)
+
+
+def test_dashboard_follows_a_store_being_written(tmp_path):
+    """`stemlive dashboard RESULT.h5` on a store whose run is still writing it: the page grows with
+    the store, says when it is finished, and every control works on it."""
+    from stemlive.live.store import ResultStore, StoreLayout
+
+    layout = StoreLayout(scan_shape=(48, 64), block_shape=(8, 8), sig_shape=(40, 40), virtual=("bf", "haadf"))
+    path = tmp_path / "r.h5"
+    store = ResultStore.create(path, layout, alpha_mrad=13.6, kv=200, mrad_per_px=1.2, scan_step_nm=0.1,
+                               models=[{"id": "stand-in"}], rings={"bf": [0, 0.5, "alpha"], "haadf": [3, 4.5, "alpha"]})
+    rng = np.random.default_rng(1)
+    write_blocks_slowly(store, layout, 4, 0.0, rng)
+    web = free_port()
+    dash = stemlive("dashboard", str(path), "--port", str(web), stdout=subprocess.PIPE, text=True)
+    d = None
+    try:
+        assert "dashboard: http://127.0.0.1:" in dash.stdout.readline()
+        d = br.browser()
+        d.get(f"http://127.0.0.1:{web}/")
+        br.wait_for(lambda: finite_count(br.model_data(d, "source-thickness") or [[]]) == 4, 30, what="the 4 blocks written")
+        assert "Scanning" in br.text_of(d, "status")
+        writer = threading.Thread(target=write_blocks_slowly, args=(store, layout, 48, 0.05, rng))
+        writer.start()
+        br.wait_for(lambda: 4 < finite_count(br.model_data(d, "source-thickness")) < 48, 30, what="the page growing")
+        ARTIFACTS.mkdir(exist_ok=True)
+        d.save_screenshot(str(ARTIFACTS / "dashboard-store-midscan.png"))
+        writer.join()
+        store.finish("complete")
+        br.wait_for(lambda: "Finished" in br.text_of(d, "status"), 30, what="status: finished")
+        br.wait_for(lambda: finite_count(br.model_data(d, "source-thickness")) == 48, 30, what="every block")
+        final = read_store(path)
+        np.testing.assert_allclose(np.array(br.model_data(d, "source-thickness"), float),
+                                   final["maps"]["thickness_nm"], rtol=1e-6)
+        exercise_controls(d, final, tmp_path / "downloads")
+    finally:
+        if d is not None:
+            d.quit()
+        kill(dash)

@@ -279,3 +279,163 @@ def tilted_zone_cell(system: str, angles_deg, zone: str, a_site: str = "Sr", b_s
     """Build and project in one step (square_xy where the zone needs it)."""
     s = build(system, angles_deg, a_site, b_site, square_xy=(zone == "[110]"))
     return project(s, zone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-unit-cell truth in projection
+#
+# What the projected positions carry (`sign_visibility`, all angles positive; tests check it):
+#
+#   system    [001]pc: signs / magnitudes    [110]pc: signs / magnitudes
+#   a0a0c-    -   / γ                         -   / γ
+#   a0a0c+    γ   / γ                         -   / γ
+#   a-a-a-    -   / αβγ                       αβ  / αβγ
+#   a-a-c+    γ   / αβγ                       αβ  / αβγ
+#   a0b-b-    -   / βγ                        βγ  / βγ
+#   a+b-b-    -   / αβγ                       βγ  / αβγ
+#
+# Why: a sign shows where the octahedra stacked along the beam all turn alike about an axis with
+# a component along the beam (in-phase about z in [001]; α+β, the [110] component, in [110] for
+# a-a-); anti-phase stacking about the beam ('-' in [001]) splits each O column symmetrically
+# (magnitude only), and rotations about in-plane axes mostly move O along the beam.  In [110],
+# γ (about the in-plane [001]) never shows its sign: flipping it mirrors the projection onto
+# itself.  Signs also depend on relative signs: a-a-a- with α = −β has no [110] component, and
+# then no sign shows at all.  Magnitudes: every tilt moves some O in-plane, so all show, but
+# those about in-plane axes only through O-column broadening (~d·sinθ spread), which ABF
+# resolves far less well than a displacement.
+# ---------------------------------------------------------------------------------------------
+
+# the table above, as tested: (system, zone) -> (signed, visible magnitudes)
+SIGNS_IN_PROJECTION = {
+    ("a0a0c-", "[001]"): ("", "γ"), ("a0a0c+", "[001]"): ("γ", "γ"), ("a-a-a-", "[001]"): ("", "αβγ"),
+    ("a-a-c+", "[001]"): ("γ", "αβγ"), ("a0b-b-", "[001]"): ("", "βγ"), ("a+b-b-", "[001]"): ("", "αβγ"),
+    ("a0a0c-", "[110]"): ("", "γ"), ("a0a0c+", "[110]"): ("", "γ"), ("a-a-a-", "[110]"): ("αβ", "αβγ"),
+    ("a-a-c+", "[110]"): ("αβ", "αβγ"), ("a0b-b-", "[110]"): ("βγ", "βγ"), ("a+b-b-", "[110]"): ("βγ", "αβγ"),
+}
+
+
+@dataclass(frozen=True)
+class ProjectedTruth:
+    """Tilts per projected unit cell, one cell per B column (the cation lattice a network is
+    registered on).  Positions are in the oriented cell [Å], (axis 0, axis 1)."""
+
+    zone: str
+    system: str
+    positions_A: np.ndarray  # (n, 2) B-column positions
+    angles_deg: np.ndarray  # (n, 3) (α, β, γ): signed where ``signed``, else magnitudes
+    octahedra: tuple[tuple[int, ...], ...]  # octahedron indices stacked along each column
+    signed: tuple[bool, bool, bool]  # does the projection carry the sign of α, β, γ?
+    visible: tuple[bool, bool, bool]  # does it carry the magnitude at all?
+    cell_A: tuple[float, float]
+
+
+def _projected_sites(zc: ZoneCell) -> dict[str, np.ndarray]:
+    """In-plane positions per element, wrapped into the cell."""
+    cell = np.diag(np.asarray(zc.atoms.cell))[:2]
+    xy = np.mod(zc.atoms.positions[:, :2], cell)
+    sym = np.array(zc.atoms.get_chemical_symbols())
+    return {s: xy[sym == s] for s in set(sym)}
+
+
+def _same_projection(a: ZoneCell, b: ZoneCell, tol_A: float = 1e-3) -> bool:
+    """Equal multisets of projected positions per element (no translation allowed: the network
+    sees each column's surroundings in the fixed image frame)."""
+    cell = np.diag(np.asarray(a.atoms.cell))[:2]
+    if not np.allclose(cell, np.diag(np.asarray(b.atoms.cell))[:2], atol=1e-9):
+        return False
+    pa, pb = _projected_sites(a), _projected_sites(b)
+    if pa.keys() != pb.keys():
+        return False
+    for s in pa:
+        if len(pa[s]) != len(pb[s]):
+            return False
+        d = pa[s][:, None] - pb[s][None]
+        d -= np.round(d / cell) * cell
+        dist = np.linalg.norm(d, axis=2)
+        # multiset: greedy one-to-one matching within tol
+        used = np.zeros(len(pb[s]), bool)
+        for row in dist:
+            free = np.flatnonzero(~used & (row < tol_A))
+            if free.size == 0:
+                return False
+            used[free[0]] = True
+    return True
+
+
+def sign_visibility(system: str, angles_deg, zone: str, a_site: str = "Sr",
+                    b_site: str = "Ti") -> tuple[tuple[bool, bool, bool], tuple[bool, bool, bool]]:
+    """Which tilt signs and magnitudes a projection carries.
+
+    The sign of angle X is recoverable iff no combination of sign flips that includes X leaves
+    the projected structure unchanged (flips that change nothing form a group; X is determined
+    iff every member keeps X).  A magnitude is visible iff halving it changes the projection.
+    This is geometry only: what the atoms' projected positions allow, not how strongly an ABF
+    image shows it.
+    """
+    ang = np.asarray(angles_deg, float)
+    ref = tilted_zone_cell(system, ang, zone, a_site, b_site)
+    signed = [True, True, True]
+    for flips in np.ndindex(2, 2, 2):
+        f = np.where(np.asarray(flips) == 1, -1.0, 1.0)
+        if np.all(f == 1) or np.all(f[ang != 0] == 1):
+            continue
+        if _same_projection(ref, tilted_zone_cell(system, ang * f, zone, a_site, b_site)):
+            for axis in range(3):
+                if f[axis] < 0:
+                    signed[axis] = False
+    visible = []
+    g = parse_glazer(system)
+    for axis in range(3):
+        if ang[axis] == 0:
+            signed[axis] = False
+            visible.append(False)
+            continue
+        # halving one angle of a letter-tied pair is not allowed: halve the tied ones together
+        tied = [b for b in range(3) if g.letters[b] == g.letters[axis]]
+        half = ang.copy()
+        half[tied] /= 2
+        visible.append(not _same_projection(ref, tilted_zone_cell(system, half, zone, a_site, b_site)))
+    return tuple(signed), tuple(visible)  # type: ignore[return-value]
+
+
+def projected_truth(structure: TiltedPerovskite, zone: str, tol_A: float = 0.1) -> ProjectedTruth:
+    """The (α, β, γ) of every projected unit cell (B column) of ``structure`` along ``zone``.
+
+    Angles are the realised ones (`realised_angles_deg`) averaged over the octahedra stacked along
+    the column; where the projection carries no sign (`sign_visibility`) the magnitude is given.
+    """
+    zc = project(structure, zone)
+    atoms = zc.atoms
+    cell = np.diag(np.asarray(atoms.cell))[:2]
+    b = np.flatnonzero(atoms.get_array("site") == 1)
+    xy = np.mod(atoms.positions[b, :2], cell)
+    octa = atoms.get_array("octahedron")[b]
+    centres: list[np.ndarray] = []
+    members: list[list[int]] = []
+    for p, o in zip(xy, octa):
+        for k, c in enumerate(centres):
+            d = p - c
+            d -= np.round(d / cell) * cell
+            if np.hypot(*d) < tol_A:
+                members[k].append(int(o))
+                break
+        else:
+            centres.append(p)
+            members.append([int(o)])
+    order = np.lexsort((np.array(centres)[:, 1], np.array(centres)[:, 0]))
+    realised = realised_angles_deg(structure).reshape(8, 3)
+    signed, visible = sign_visibility(structure.system, structure.angles_deg, zone, structure.a_site, structure.b_site)
+    angles = np.zeros((len(order), 3))
+    for n, k in enumerate(order):
+        r = realised[members[k]]
+        for axis in range(3):
+            if signed[axis]:
+                if np.ptp(np.sign(np.round(r[:, axis], 9))) != 0:
+                    raise RuntimeError(f"{structure.system} {zone}: sign of axis {axis} said visible but the "
+                                       f"octahedra of a column disagree ({r[:, axis]})")
+                angles[n, axis] = r[:, axis].mean()
+            else:
+                angles[n, axis] = np.abs(r[:, axis]).mean()
+    return ProjectedTruth(zone=zone, system=structure.system, positions_A=np.array(centres)[order],
+                          angles_deg=angles, octahedra=tuple(tuple(sorted(members[k])) for k in order),
+                          signed=signed, visible=visible, cell_A=(float(cell[0]), float(cell[1])))

@@ -23,10 +23,14 @@ from pacbed_common import DOSES, DOUBT, as_arrays, check_library, library_for, p
 from stemlive.models.cards import SHIPPED_DIR
 from stemlive.models.compact_library import CompactLibrary
 from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate
-from stemlive.models.pacbed_check import LibraryCheck
+from stemlive.models.checked_analysis import check_data_path, sigma_calibration_path
+from stemlive.models.pacbed_check import LibraryCheck, SigmaCalibration, calibrate_sigma
 from stemlive.simulate.heldout_patterns import heldout_raw_patterns
 
 
+
+
+CALIBRATION_SEED = 7  # the benchmark's patterns are drawn with seed 100
 
 
 def gross(results, truth) -> dict[str, float]:
@@ -45,6 +49,25 @@ def truth_estimates(truth, n: int) -> list[PacbedEstimate]:
                            rotation_deg=float(truth["rotation_deg"][i]), flags=[], in_range=True) for i in range(n)]
 
 
+def calibrate(check: LibraryCheck, analyzer, path: Path, args, out: Path) -> None:
+    """Fit κ of the check's σ on held-out patterns of their own seed and write it to ``out``."""
+    fits, ests, t_true, tilt_true = [], [], [], []
+    for dose in args.dose:
+        x, truth = heldout_raw_patterns(path, args.n, dose, seed=CALIBRATION_SEED)
+        for i, (p, e) in enumerate(tqdm(list(zip(x, analyzer.analyze(x))), desc=f"fit {dose:.1e}", leave=False)):
+            if e.error is None and e.thickness_nm is not None:
+                fits.append(check.fit(p, e))
+                ests.append(e)
+                t_true.append(truth["thickness_nm"][i])
+                tilt_true.append(truth["tilt_mrad"][i])
+    doses = ", ".join(f"{d:.1e}" for d in args.dose)
+    cal = calibrate_sigma(check, fits, ests, np.array(t_true), np.array(tilt_true),
+                          f"{args.alpha:g} mrad, {len(fits)} held-out patterns (seed {CALIBRATION_SEED}, {doses} e), "
+                          f"training-orbit library, rank {check.coef.shape[1]}")
+    cal.save(out)
+    print(f"wrote {out}: {cal}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300)
@@ -55,6 +78,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=384, help="compact library rank (the shipped check data's)")
     ap.add_argument("--psf", type=float, nargs="+", default=None, help="detector blur σ list [canonical px]")
     ap.add_argument("--compact", type=Path, default=None, help="a compact library already built for this split")
+    ap.add_argument("--sigma", type=Path, default=None,
+                    help="σ calibration JSON (default: the one shipped beside the check data, else the defaults)")
+    ap.add_argument("--calibrate-sigma", action="store_true",
+                    help=f"fit the σ calibration on {CALIBRATION_SEED}-seeded held-out patterns (--n per dose; never "
+                         "the benchmark's seed) and write it to --sigma's path")
     ap.add_argument("--start", choices=("network", "truth"), default="network",
                     help="the check starts from the networks' geometry or the true one (diagnosis)")
     args = ap.parse_args(argv)
@@ -63,8 +91,14 @@ def main(argv=None) -> None:
     compact = CompactLibrary.load(args.compact) if args.compact else check_library(args.alpha, args.rank, args.all_tilts)
     print(f"compact library: rank {compact.attrs['rank']}, worst reconstruction "
           f"{compact.attrs['max_relative_error']:.1e}, ready in {time.perf_counter() - t0:.0f} s")
-    check = LibraryCheck(compact, **({"psf_px": args.psf} if args.psf else {}))
     analyzer = PacbedAnalyzer.for_acquisition(200, args.alpha, args.models, backend="onnxruntime")
+    sigma_file = args.sigma or sigma_calibration_path(check_data_path(200, args.alpha, args.models))
+    if args.calibrate_sigma:
+        check = LibraryCheck(compact, **({"psf_px": args.psf} if args.psf else {}))
+        return calibrate(check, analyzer, path, args, sigma_file)
+    sigma = SigmaCalibration.load(sigma_file) if sigma_file.exists() else SigmaCalibration()
+    print(f"σ calibration: {sigma_file.name if sigma_file.exists() else 'defaults'} ({sigma.fitted_on})")
+    check = LibraryCheck(compact, sigma=sigma, **({"psf_px": args.psf} if args.psf else {}))
     rows = []
     for dose in args.dose:
         x, truth = heldout_raw_patterns(path, args.n, dose, seed=100)

@@ -85,6 +85,21 @@ def load_check_data(path: str | Path, kv: float, alpha_mrad: float):
     return lib
 
 
+def sigma_calibration_path(check_data: str | Path) -> Path:
+    """Where the check's per-setting σ calibration lies: beside its check data."""
+    check_data = Path(check_data)
+    return check_data.with_name(check_data.stem + "_sigma.json")
+
+
+def load_sigma_calibration(check_data: str | Path):
+    """The σ calibration fitted for this check data (`SigmaCalibration`), or the defaults (fitted
+    on 13.6 mrad) when none ships beside it; an unreadable file is refused by name."""
+    from .pacbed_check import SigmaCalibration
+
+    path = sigma_calibration_path(check_data)
+    return SigmaCalibration.load(path) if path.exists() else SigmaCalibration()
+
+
 def applies(est: PacbedEstimate | None) -> bool:
     """Whether the check has something to re-fit: an estimate without error, with a thickness."""
     return (est is not None and est.error is None and est.thickness_nm is not None
@@ -109,7 +124,9 @@ class Checker:
                 "rank": int(lib.basis.shape[0]), "entries": int(np.prod(lib.coef.shape[:2])),
                 "thickness_nm": [float(lib.thickness_nm.min()), float(lib.thickness_nm.max())],
                 "source_sha256": lib.attrs.get("source_sha256")}
-        return cls(LibraryCheck(lib), path, info)
+        sigma = load_sigma_calibration(path)
+        info["sigma_calibration"] = sigma.fitted_on
+        return cls(LibraryCheck(lib, sigma=sigma), path, info)
 
     def __call__(self, pattern: np.ndarray, est: PacbedEstimate):
         """The check's `CheckOutcome` for one raw pattern and its networks' estimate.

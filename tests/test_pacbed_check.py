@@ -84,3 +84,52 @@ def test_compact_library_command(quadrant_library, tmp_path):
     assert c.attrs["max_relative_error"] <= 2e-3 and c.attrs["source_sha256"]
     assert main(["simulate", "compact-library", str(quadrant_library), "--out", str(quadrant_library)]) == 2
     assert main(["simulate", "compact-library", str(quadrant_library), "--out", str(out)]) == 2  # exists
+
+
+def _noisy_patterns(lib, n: int, seed: int):
+    """(raw patterns, networks-like starts, true thickness, true detector tilt) on the test library."""
+    rng = np.random.default_rng(seed)
+    a = lib.alpha_mrad / lib.mrad_per_px
+    out = []
+    for _ in range(n):
+        t = float(rng.choice(lib.thickness_nm[1:-1]))
+        tilt = tuple(float(v) for v in lib.tilt_mrad[rng.integers(len(lib.tilt_mrad))])
+        clean = place(lib.pattern(t, tilt), a, (100, 120), 15.0, (48.3, 61.7), 0.0)
+        raw = rng.poisson(clean / clean.mean() * 30).astype(float)  # ~30 counts per pixel: errors from noise
+        start = PacbedEstimate(center_px=(48.5, 61.5), radius_px=15.2, rotation_deg=0.5, thickness_nm=t,
+                               thickness_sigma_nm=1.0, tilt_crystal_mrad=tilt, tilt_mrad=tilt, tilt_sigma_mrad=(0.5, 0.5),
+                               flags=[], in_range=True)
+        out.append((raw, start, t, tilt))
+    return out
+
+
+def test_sigma_calibration_reaches_its_coverage_and_round_trips(compact, lib, tmp_path):
+    from stemlive.models.checked_analysis import load_sigma_calibration, sigma_calibration_path
+    from stemlive.models.pacbed_check import SigmaCalibration, calibrate_sigma
+
+    check = LibraryCheck(compact, sigma=SigmaCalibration(thickness_floor_nm=0.0, tilt_floor_mrad=0.0))
+    data = _noisy_patterns(lib, 24, seed=3)
+    fits = [check.fit(raw, start) for raw, start, _, _ in data]
+    starts = [d[1] for d in data]
+    t_true, tilt_true = np.array([d[2] for d in data]), np.array([d[3] for d in data])
+    cal = calibrate_sigma(check, fits, starts, t_true, tilt_true, "test", target=0.5)
+    est = [check.outcome(f, s, cal).estimate for f, s in zip(fits, starts)]
+    cover = np.mean([abs(e.thickness_nm - t) <= e.thickness_sigma_nm for e, t in zip(est, t_true)])
+    assert 0.4 <= cover <= 0.65 and cal.fitted_on == "test"
+    wider = replace_scale(cal, 3.0)
+    assert all(check.outcome(f, s, wider).estimate.thickness_sigma_nm >= e.thickness_sigma_nm for f, s, e in
+               zip(fits, starts, est))
+    data_file = tmp_path / "x_check.h5"
+    path = sigma_calibration_path(data_file)
+    assert path.name == "x_check_sigma.json" and load_sigma_calibration(data_file) == SigmaCalibration()
+    cal.save(path)
+    assert load_sigma_calibration(data_file) == cal
+    path.write_text('{"thickness_scale": -1}')
+    with pytest.raises(ValueError, match="x_check_sigma.json"):
+        load_sigma_calibration(data_file)
+
+
+def replace_scale(cal, factor: float):
+    from dataclasses import replace
+
+    return replace(cal, thickness_scale=cal.thickness_scale * factor, tilt_scale=cal.tilt_scale * factor)

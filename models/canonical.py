@@ -19,6 +19,7 @@ at R(θ)·d, so aligned pixel u samples the raw pattern at centre + R(−θ)·u�
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy import ndimage
 
@@ -92,6 +93,68 @@ def to_canonical_stack_valid(stack: np.ndarray, centers: np.ndarray, radii: np.n
     out = ndimage.map_coordinates(np.asarray(stack, np.float32), [idx, grids[0], grids[1]], order=1, mode="constant")
     scaled = out * (np.asarray(radii, np.float32) / np.float32(ALPHA_PX))[:, None, None] ** 2
     return scaled, _on_frame(grids, np.shape(stack))
+
+
+def sample_grids(centers: np.ndarray, radii: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """(2, N, PIXELS, PIXELS): :func:`sample_grid` for N crops in one array operation."""
+    c = (PIXELS - 1) / 2
+    u = np.stack(np.meshgrid(np.arange(PIXELS) - c, np.arange(PIXELS) - c, indexing="ij"))  # (2, P, P)
+    t = np.deg2rad(-np.asarray(rotations, float))
+    s = np.asarray(radii, float) / ALPHA_PX
+    cos, sin = np.cos(t) * s, np.sin(t) * s
+    rows = cos[:, None, None] * u[0] - sin[:, None, None] * u[1]
+    cols = sin[:, None, None] * u[0] + cos[:, None, None] * u[1]
+    centers = np.asarray(centers, float).reshape(-1, 2)
+    return np.stack([rows + centers[:, 0, None, None], cols + centers[:, 1, None, None]])
+
+
+def bilinear_stack(stack: np.ndarray, grids: np.ndarray) -> np.ndarray:
+    """Frame i of ``stack`` (N, H, W) sampled at ``grids[:, i]`` (2, N, ...), linearly: what
+    ``ndimage.map_coordinates(order=1, mode="constant")`` gives (0 beyond the outermost pixel
+    centres), in one compiled loop instead of its generic per-point one (~10× faster)."""
+    stack = np.ascontiguousarray(stack, np.float32)
+    rows = np.ascontiguousarray(grids[0], np.float64).reshape(len(stack), -1)
+    cols = np.ascontiguousarray(grids[1], np.float64).reshape(len(stack), -1)
+    out = np.empty(rows.shape, np.float32)
+    _bilinear(stack, rows, cols, out)
+    return out.reshape(grids.shape[1:])
+
+
+@numba.njit(nogil=True, cache=True)
+def _bilinear(stack, rows, cols, out):
+    n, h, w = stack.shape
+    for i in range(n):
+        for k in range(rows.shape[1]):
+            r, c = rows[i, k], cols[i, k]
+            if r < 0 or r > h - 1 or c < 0 or c > w - 1:
+                out[i, k] = 0.0
+                continue
+            r0 = min(int(r), max(h - 2, 0))
+            c0 = min(int(c), max(w - 2, 0))
+            fr, fc = r - r0, c - c0
+            r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
+            top = stack[i, r0, c0] * (1 - fc) + stack[i, r0, c1] * fc
+            bottom = stack[i, r1, c0] * (1 - fc) + stack[i, r1, c1] * fc
+            out[i, k] = top * (1 - fr) + bottom * fr
+
+
+def to_canonical_batch_valid(stack: np.ndarray, centers: np.ndarray, radii: np.ndarray,
+                             rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`to_canonical_stack_valid` as one batched operation: all sampling grids at once
+    (:func:`sample_grids`) and one gather interpolation (:func:`bilinear_stack`); the same crops
+    to float rounding.  Frames whose disk is larger than 1.5 canonical disks are smoothed first,
+    each with its own width, as :func:`to_canonical_valid` does."""
+    radii = np.asarray(radii, float)
+    scale = radii / ALPHA_PX
+    src = np.asarray(stack, np.float32)
+    big = np.flatnonzero(scale > 1.5)
+    if len(big):
+        src = src.copy()
+        for i in big:
+            src[i] = ndimage.gaussian_filter(src[i], 0.42 * scale[i])
+    grids = sample_grids(centers, radii, rotations)
+    out = bilinear_stack(src, grids) * (scale.astype(np.float32) ** 2)[:, None, None]
+    return out, _on_frame(grids, np.shape(stack))
 
 
 MIRRORS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (sign of t0, sign of t1): the crystal's mirrors on [001]

@@ -217,3 +217,27 @@ def test_pacbed_analyze_reads_png_and_jpeg(tiny_models, raw_patterns, tmp_path, 
     doc = json.loads(out.read_text())
     assert rc == 0 and len(doc["patterns"]) == 1 and doc["patterns"][0].get("error") is None
     assert np.hypot(*np.subtract(doc["patterns"][0]["center_px"], (50, 60))) < 6
+
+
+def test_batched_crops_equal_the_per_pattern_crops():
+    """The batched canonical crops (one gather interpolation for the stack) are the crops of
+    the per-pattern and stack functions, on and off the frame, small and large disks."""
+    from stemlive.models import canonical
+
+    rng = np.random.default_rng(3)
+    stack = (rng.random((12, 70, 64)) * 1000).astype(np.float32)
+    centers = rng.uniform(10, 55, (12, 2))
+    radii = rng.uniform(4, 9, 12)
+    rotations = rng.uniform(-45, 45, 12)
+    centers[0], centers[1] = (0.0, 63.0), (69.0, 2.5)  # on the frame's edge: half the crop off it
+    radii[2] = 25.0  # larger than 1.5 canonical disks: smoothed first
+    got, got_valid = canonical.to_canonical_batch_valid(stack, centers, radii, rotations)
+    small = np.flatnonzero(radii < 1.5 * canonical.ALPHA_PX)
+    want, want_valid = canonical.to_canonical_stack_valid(stack[small], centers[small], radii[small], rotations[small])
+    np.testing.assert_allclose(got[small], want, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(got_valid[small], want_valid)
+    for i in range(len(stack)):
+        one, one_valid = canonical.to_canonical_valid(stack[i], centers[i], radii[i], rotations[i])
+        np.testing.assert_allclose(got[i], one, rtol=1e-5, atol=1e-3, err_msg=str(i))
+        np.testing.assert_array_equal(got_valid[i], one_valid)
+    assert got_valid[0].mean() < 0.5 and got_valid.any(axis=(1, 2)).all()

@@ -1,13 +1,23 @@
-"""Dashboard latency: a block's analysis -> its pixel in the browser (issue 5's benchmark).
+"""Dashboard latency, frame -> pixel, with the real engine end to end; or a long load test.
 
-A stand-in engine (LiveState + the real Publisher) publishes analysed blocks of a 256×256-block
-map at an even rate for --minutes; `stemlive dashboard` (its own process) serves two headless
-Chromium sessions.  Each session's page notes, in the browser, the arrival of the newest drawn
-block's publish time (the page's hidden latency probe, updated in the same document patch as the
-maps); the script reads those delays every 10 s and prints the median per interval, so a growing
-backlog would show as a rising median.
+Default (the real path): `stemlive sim-detector` streams the demo wedge scan at --dwell-us per
+frame (DECTRIS SIMPLON over ZMQ), `stemlive live` acquires it with LiberTEM-live, analyses each
+block with the shipped networks and publishes it, `stemlive dashboard` serves --sessions headless
+Chromium pages (each redrawing at 10 Hz).  Each page records, on every animation frame, the
+first time each block of the thickness map holds a value (the pixel is drawn).  When a block's
+last frame left the simulator is the frame schedule: the simulator paces frame k at t0 + k·dwell;
+t0 is taken from the engine's status messages (frames received by time t, read here on a third
+subscription) as min(t - (n - 1)·dwell), the earliest the schedule can have started -- so the
+figures leave out the engine's smallest receive lag (a few ms).  Prints per session the median
+and 90th percentile of (pixel drawn - last frame sent) over the scan's blocks.
 
-    python benchmarks/dashboard_latency.py [--minutes 5] [--blocks 256]
+    python benchmarks/dashboard_latency.py [--scan 64 64] [--block 8 8] [--dwell-us 10000] [--sessions 2]
+
+--stand-in: a stand-in engine (LiveState + the real Publisher) publishes a --blocks² map evenly
+over --minutes and the script prints each 10 s the median publish -> browser delay per session,
+so a backlog would show as a rising median.
+
+    python benchmarks/dashboard_latency.py --stand-in [--minutes 5] [--blocks 256]
 """
 from __future__ import annotations
 
@@ -73,17 +83,10 @@ def engine(n: int, minutes: float, pub_port: int, rep_port: int, stop: threading
     pub.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--blocks", type=int, default=256, help="blocks per side of the map")
-    ap.add_argument("--sessions", type=int, default=2)
-    args = ap.parse_args()
+def stand_in(args) -> None:
+    """A stand-in engine publishing a large map for --minutes: does a backlog build up?"""
     from tests import browser as br
 
-    why = br.available()
-    if why:
-        sys.exit(f"cannot run: {why}")
     pub_port, rep_port, web = free_port(), free_port(), free_port()
     stop = threading.Event()
     eng = threading.Thread(target=engine, args=(args.blocks, args.minutes, pub_port, rep_port, stop), daemon=True)
@@ -128,6 +131,169 @@ def main() -> None:
     print(f"delay analysis -> pixel: median {summary['median_ms']:.0f} ms (target ≤ 500), 90th percentile "
           f"{summary['p90_ms']:.0f} ms; first 30 s {summary['first_30s_median_ms']:.0f} ms, last 30 s "
           f"{summary['last_30s_median_ms']:.0f} ms (a backlog would grow)")
+
+
+RECORDER = """
+window.stemliveDrawn = {};  // flat block index -> unix time its pixel was first drawn
+const src = Bokeh.documents[0].get_model_by_name('source-thickness');
+const seen = window.stemliveDrawn;
+for (const v of Array.from(src.data.image[0].shape ? src.data.image[0] : src.data.image[0].flat()).entries())
+  if (v[1] != null && !Number.isNaN(v[1])) seen[v[0]] = -1;  // already there: not measured
+function tick() {
+  const img = src.data.image[0], now = Date.now() / 1000;
+  const flat = img.shape ? img : img.flat();
+  for (let k = 0; k < flat.length; k++)
+    if (!(k in seen) && flat[k] != null && !Number.isNaN(flat[k])) seen[k] = now;
+  requestAnimationFrame(tick);
+}
+requestAnimationFrame(tick);
+"""
+
+
+def last_frame_index(scan: tuple[int, int], block: tuple[int, int]) -> np.ndarray:
+    """Row-major index of the last frame of each block (ragged edges included)."""
+    sy, sx = scan
+    by, bx = block
+    ny, nx = -(-sy // by), -(-sx // bx)
+    rows = np.minimum((np.arange(ny) + 1) * by, sy) - 1
+    cols = np.minimum((np.arange(nx) + 1) * bx, sx) - 1
+    return rows[:, None] * sx + cols[None, :]
+
+
+def status_listener(address: str, stop: threading.Event, out: list, published: dict) -> None:
+    """(time received, frames seen) of every status message the engine publishes, and the time
+    each block was first published (engine clock = this machine's)."""
+    import zmq
+
+    from stemlive.protocol import decode
+
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(address)
+    while not stop.is_set():
+        if not sub.poll(100):
+            continue
+        header, arrays = decode(sub.recv_multipart())
+        if header.get("type") == "status" and header["status"].get("frames_seen"):
+            out.append((time.time(), int(header["status"]["frames_seen"])))
+        elif header.get("type") == "blocks":
+            for i, j in arrays["indices"]:
+                published.setdefault((int(i), int(j)), float(header["sent"]))
+    sub.close()
+
+
+def real_engine(args) -> None:
+    from stemlive.live.demo import demo_scan
+    from tests import browser as br
+
+    scan, block, dwell = tuple(args.scan), tuple(args.block), args.dwell_us * 1e-6
+    d = demo_scan(scan_shape=scan, progress=True)
+    meta = json.loads((d / "params.json").read_text())
+    api, data, pub, rep, web = (free_port() for _ in range(5))
+    sub_addr, req_addr = f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{rep}"
+    cli = [sys.executable, "-m", "stemlive.live.cli"]
+    procs, drivers, statuses, published = [], [], [], {}
+    stop = threading.Event()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        sim = subprocess.Popen(cli + ["sim-detector", str(d / "frames.npy"), "--dwell-us", str(args.dwell_us),
+                                      "--api-port", str(api), "--data-port", str(data), "--cache", str(work)],
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(sim)
+        if "simulated DECTRIS detector" not in sim.stdout.readline():
+            sys.exit("the simulator did not start")
+        dash = subprocess.Popen(cli + ["dashboard", "--sub", sub_addr, "--req", req_addr, "--port", str(web)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(dash)
+        if "dashboard:" not in dash.stdout.readline():
+            sys.exit("the dashboard did not start")
+        listener = threading.Thread(target=status_listener, args=(sub_addr, stop, statuses, published), daemon=True)
+        listener.start()
+        engine = subprocess.Popen(cli + ["live", "--detector", "dectris", "--api-port", str(api), "--data-port", str(data),
+                                         "--scan-shape", *map(str, scan), "--block", *map(str, block),
+                                         "--alpha-mrad", str(meta.get("alpha_mrad", 13.6)), "--kv", str(meta.get("kv", 200)),
+                                         "--mrad-per-px", str(meta["mrad_per_px"]),
+                                         "--scan-step-nm", str(meta["scan_step_nm"]), "--method", args.method,
+                                         "--out", str(work / "latency.h5"), "--overwrite", "--pub", sub_addr,
+                                         "--rep", req_addr, "--quiet", "--executor", "inline"],
+                                  start_new_session=True)
+        procs.append(engine)
+        for _ in range(args.sessions):
+            drv = br.browser()
+            drv.get(f"http://127.0.0.1:{web}/")
+            drivers.append(drv)
+        for drv in drivers:  # the page is built once the engine's first state arrived
+            br.wait_for(lambda drv=drv: drv.execute_script(
+                "return typeof Bokeh !== 'undefined' && Bokeh.documents.length > 0 && "
+                "Bokeh.documents[0].get_model_by_name('source-thickness') !== null"), 120, what="the page")
+            drv.execute_script(RECORDER)
+        if engine.wait(timeout=args.timeout) != 0:
+            sys.exit(f"the engine failed (exit {engine.returncode})")
+        time.sleep(2.0)  # the last blocks reach the pages
+        drawn = [drv.execute_script("return window.stemliveDrawn") for drv in drivers]
+        errors = [e for drv in drivers for e in br.console_errors(drv)]
+    finally:
+        stop.set()
+        for drv in drivers:
+            drv.quit()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    st = np.array(statuses, float)
+    if len(st) < 3:
+        sys.exit("too few status messages from the engine to place the frame schedule")
+    t0 = float(np.min(st[:, 0] - (st[:, 1] - 1) * dwell))
+    rate = np.polyfit(st[:, 0], st[:, 1], 1)[0]
+    sent = t0 + last_frame_index(scan, block).ravel() * dwell
+    print(f"demo scan {scan[0]}×{scan[1]} frames of {meta['frame_shape']}, blocks {block[0]}×{block[1]} "
+          f"({sent.size}), dwell {args.dwell_us} µs ({1 / dwell:.0f} frames/s; engine received {rate:.0f} frames/s), "
+          f"method {args.method}, {args.sessions} Chromium sessions at 10 Hz; load: {os.getloadavg()[0]:.1f}")
+    nx = -(-scan[1] // block[1])
+    pub_t = np.array([published.get((k // nx, k % nx), np.nan) for k in range(sent.size)])
+    engine_part = pub_t - sent
+    summary = {"blocks": int(sent.size), "console_errors": len(errors), "sessions": [],
+               "last_frame_to_published_median_s": float(np.nanmedian(engine_part)),
+               "last_frame_to_published_p90_s": float(np.nanpercentile(engine_part, 90))}
+    print(f"engine: last frame sent -> block published: median {np.nanmedian(engine_part) * 1e3:.0f} ms, "
+          f"90th percentile {np.nanpercentile(engine_part, 90) * 1e3:.0f} ms")
+    for n, rec in enumerate(drawn):
+        idx = np.array([int(k) for k, v in rec.items() if v > 0])
+        lat = np.array([rec[str(k)] for k in idx]) - sent[idx]
+        med, p90 = float(np.median(lat)), float(np.percentile(lat, 90))
+        page = np.array([rec[str(k)] for k in idx]) - pub_t[idx]
+        summary["sessions"].append({"measured_blocks": int(idx.size), "median_s": med, "p90_s": p90,
+                                    "max_s": float(lat.max()), "published_to_drawn_median_s": float(np.nanmedian(page)),
+                                    "published_to_drawn_p90_s": float(np.nanpercentile(page, 90))})
+        print(f"session {n}: {idx.size} blocks, last frame sent -> pixel drawn: median {med * 1e3:.0f} ms, "
+              f"90th percentile {p90 * 1e3:.0f} ms, max {lat.max() * 1e3:.0f} ms; of which published -> drawn "
+              f"median {np.nanmedian(page) * 1e3:.0f} ms, 90th percentile {np.nanpercentile(page, 90) * 1e3:.0f} ms")
+    print(json.dumps(summary))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stand-in", action="store_true", help="the long load test with a stand-in engine")
+    ap.add_argument("--sessions", type=int, default=2)
+    ap.add_argument("--scan", type=int, nargs=2, default=(64, 64), help="demo scan shape (real engine)")
+    ap.add_argument("--block", type=int, nargs=2, default=(8, 8))
+    ap.add_argument("--dwell-us", type=int, default=10000, help="frame time of the simulator")
+    ap.add_argument("--method", choices=("network", "check"), default="network")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds the engine may take")
+    ap.add_argument("--work", default=str(ROOT / ".bench-cache" / "dashboard_latency"), help="store and stream dump")
+    ap.add_argument("--minutes", type=float, default=5.0, help="stand-in: how long")
+    ap.add_argument("--blocks", type=int, default=256, help="stand-in: blocks per side of the map")
+    args = ap.parse_args()
+    from tests import browser as br
+
+    why = br.available()
+    if why:
+        sys.exit(f"cannot run: {why}")
+    (stand_in if args.stand_in else real_engine)(args)
+
 
 
 if __name__ == "__main__":

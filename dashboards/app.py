@@ -31,6 +31,7 @@ from .pacbed_panel import PacbedPanel
 TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
+FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this often
 OUTLINE = "#ff00ff"
 
 # hover: the block under the pointer and flag names (bits -> names in the browser)
@@ -78,6 +79,7 @@ class Page:
         self._busy = False
         self._wanted: tuple[tuple[int, int], bool] | None = None
         self._shown: tuple[int, int] | None = None
+        self._followed_at = -math.inf
         doc.on_session_destroyed(lambda ctx: self._pool.shutdown(wait=False, cancel_futures=True))
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
         self._refresh()
@@ -295,7 +297,7 @@ class Page:
     def _follow_latest(self) -> None:
         self.chosen = None
         self._shown = None
-        self._show_latest(self.feed.snapshot)
+        self._show_latest(self.feed.snapshot, force=True)
 
     # -- updates ------------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -307,7 +309,6 @@ class Page:
             with self.feed.lock:
                 self._build(snap)
                 self.version = snap.version
-            self._show_latest(snap)
         elif snap.version != self.version and self._browser_ready():
             with self.feed.lock:
                 changes = [rows for v, rows in snap.dirty_rows.items() if v > self.version]
@@ -327,8 +328,8 @@ class Page:
                 if sent is not None and rows:
                     self._sent_stamps = {snap.version: sent}
                 self.probe.text = f"{sent if sent is not None and rows else 'nan'} {snap.version}"
-            if self.chosen is None:
-                self._show_latest(snap)
+        if self.chosen is None:
+            self._show_latest(snap)
         self._status(snap)
 
     def _on_ack(self, attr, old, new) -> None:
@@ -430,11 +431,15 @@ class Page:
             self.chosen = block
             self.show_block(*block)
 
-    def _show_latest(self, snap) -> None:
+    def _show_latest(self, snap, force: bool = False) -> None:
+        """Follow the newest block, at most once per FOLLOW_S: the pattern is for the eye, and
+        every fetch is a request to the engine and a new image to the browser."""
         latest = getattr(self.feed, "latest_block", None)
         if latest is None and snap.done.any():
             latest = tuple(int(v) for v in np.argwhere(snap.done)[-1])
-        if latest is not None and latest != self._shown:
+        now = time.monotonic()
+        if latest is not None and latest != self._shown and (force or now - self._followed_at >= FOLLOW_S):
+            self._followed_at = now
             self._request(latest, pinned=False)
 
     def show_block(self, i: int, j: int) -> None:

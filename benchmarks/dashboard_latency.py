@@ -234,6 +234,8 @@ def real_engine(args) -> None:
             sys.exit(f"the engine failed (exit {engine.returncode})")
         time.sleep(2.0)  # the last blocks reach the pages
         drawn = [drv.execute_script("return window.stemliveDrawn") for drv in drivers]
+        # the page's own probe: publish -> the update carrying it reached the browser (before drawing)
+        arrived = [np.array(drv.execute_script("return window.stemliveDelays || []"), float) for drv in drivers]
         errors = [e for drv in drivers for e in br.console_errors(drv)]
     finally:
         stop.set()
@@ -270,7 +272,9 @@ def real_engine(args) -> None:
                                     "published_to_drawn_p90_s": float(np.nanpercentile(page, 90))})
         print(f"session {n}: {idx.size} blocks, last frame sent -> pixel drawn: median {med * 1e3:.0f} ms, "
               f"90th percentile {p90 * 1e3:.0f} ms, max {lat.max() * 1e3:.0f} ms; of which published -> drawn "
-              f"median {np.nanmedian(page) * 1e3:.0f} ms, 90th percentile {np.nanpercentile(page, 90) * 1e3:.0f} ms")
+              f"median {np.nanmedian(page) * 1e3:.0f} ms, 90th percentile {np.nanpercentile(page, 90) * 1e3:.0f} ms "
+              f"(the newest block's update reached the page {np.median(arrived[n]) * 1e3:.0f} ms after publishing, "
+              f"median of {arrived[n].size} updates)")
     print(json.dumps(summary))
 
 

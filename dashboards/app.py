@@ -32,6 +32,7 @@ TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
 FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this often
+BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
 OUTLINE = "#ff00ff"
 
 # hover: the block under the pointer and flag names (bits -> names in the browser)
@@ -80,6 +81,7 @@ class Page:
         self._wanted: tuple[tuple[int, int], bool] | None = None
         self._shown: tuple[int, int] | None = None
         self._followed_at = -math.inf
+        self._drawn_at = -math.inf
         doc.on_session_destroyed(lambda ctx: self._pool.shutdown(wait=False, cancel_futures=True))
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
         self._refresh()
@@ -315,6 +317,13 @@ class Page:
                 complete_log = len(changes) >= snap.version - self.version
                 kinds = {kind for kind, _ in changes}
                 full = not complete_log or "state" in kinds  # a resync: everything
+                if not full and kinds <= {"virtual", "status"} and time.monotonic() - self._drawn_at < BACKGROUND_S \
+                        and snap.status.get("state", "running") == "running":
+                    # new scan rows only: they wait (at most BACKGROUND_S), so the browser is free
+                    # when analysed blocks come -- the maps' delay is what the operator watches
+                    self._status(snap)
+                    return
+                self._drawn_at = time.monotonic()
                 vrows = [r for kind, r in changes if kind == "virtual"]
                 virtual_rows = None if full or any(r is None for r in vrows) else sorted(set().union(*vrows))
                 virtual = full or "virtual" in kinds

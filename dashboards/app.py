@@ -459,10 +459,6 @@ class Page:
     def _request(self, block: tuple[int, int], pinned: bool) -> None:
         self._wanted = (block, pinned)
         self._shown = block
-        by, bx = (b * self.s for b in self.block)
-        i, j = block
-        self.chosen_source.data = {"left": [j * bx], "right": [(j + 1) * bx], "top": [i * by],
-                                   "bottom": [(i + 1) * by]}
         if not self._busy:
             self._busy = True
             self._pool.submit(self._fetch, block, pinned)
@@ -485,6 +481,10 @@ class Page:
             return
         header, pac = result
         self.pacbed.show(block, pinned, header, pac, block_text(*block, header, self.flag_names))
+        by, bx = (b * self.s for b in self.block)  # outlined on every map with the pattern shown
+        i, j = block
+        self.chosen_source.data = {"left": [j * bx], "right": [(j + 1) * bx], "top": [i * by],
+                                   "bottom": [(i + 1) * by]}
 
     def _on_select(self, event) -> None:
         g = event.geometry

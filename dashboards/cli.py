@@ -1,4 +1,4 @@
-"""`stemlive dashboard`: the operator's page against a running engine or a finished store."""
+"""`stemlive dashboard`: the operator's page against a running engine or a result store (followed while written)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     ap = sub.add_parser("dashboard", help="the operator dashboard (Bokeh server) for a live engine or a result store")
-    ap.add_argument("store", nargs="?", type=Path, default=None, help="a result store to open read-only")
+    ap.add_argument("store", nargs="?", type=Path, default=None, help="a result store to open read-only (followed while its run is still writing it)")
     ap.add_argument("--sub", default="tcp://127.0.0.1:5557", help="the engine's PUB address")
     ap.add_argument("--req", default="tcp://127.0.0.1:5558", help="the engine's REP address")
     ap.add_argument("--port", type=int, default=5006)

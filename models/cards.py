@@ -159,9 +159,15 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
     return props
 
 
+# JSON files beside the cards that are not cards: the library check's σ calibration
+NOT_CARDS = ("_check_sigma.json",)
+
+
 def find_cards(directory: str | Path = SHIPPED_DIR, task: str | None = None) -> list[ModelCard]:
     cards = []
     for p in sorted(Path(directory).glob("*.json")):
+        if p.name.endswith(NOT_CARDS):
+            continue
         card = load_card(p)
         if task is None or card.task == task:
             cards.append(card)

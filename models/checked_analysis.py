@@ -87,8 +87,10 @@ def load_check_data(path: str | Path, kv: float, alpha_mrad: float):
 
 def sigma_calibration_path(check_data: str | Path) -> Path:
     """Where the check's per-setting σ calibration lies: beside its check data."""
+    from .cards import NOT_CARDS
+
     check_data = Path(check_data)
-    return check_data.with_name(check_data.stem + "_sigma.json")
+    return check_data.with_name(check_data.name.removesuffix(CHECK_SUFFIX) + NOT_CARDS[0])
 
 
 def load_sigma_calibration(check_data: str | Path):

@@ -33,6 +33,7 @@ MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
 FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this often
 BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
+STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
 
 # hover: the block under the pointer and flag names (bits -> names in the browser)
@@ -43,10 +44,32 @@ if (format == "blk") {
 }
 return value.toFixed(2);"""
 FLAGS_JS = """
-if (value == null || Number.isNaN(value)) return "—";
+if (format != "flags") return value.toFixed(2);
+const img = src.data.bits[0];
+const ny = img.shape ? img.shape[0] : img.length, nx = img.shape ? img.shape[1] : img[0].length;
+const i = Math.floor(special_vars.y / by), j = Math.floor(special_vars.x / bx);
+if (i < 0 || j < 0 || i >= ny || j >= nx) return "—";
+const v = img.shape ? img[i * nx + j] : img[i][j];
+if (v == null || Number.isNaN(v)) return "—";
 const out = [];
-for (let i = 0; i < names.length; i++) { if (Math.floor(value / 2 ** i) % 2 == 1) out.push(names[i]); }
+for (let k = 0; k < names.length; k++) { if (Math.floor(v / 2 ** k) % 2 == 1) out.push(names[k]); }
 return out.length ? out.join(", ") : "none";"""
+
+
+def row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs: one patch entry per run instead of one per row."""
+    runs: list[list[int]] = []
+    for r in sorted(rows):
+        if runs and r == runs[-1][1]:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [(a, b) for a, b in runs]
+
+
+def row_patch(values: np.ndarray, rows: list[int]) -> list:
+    """Patch entries replacing ``rows`` of a 2-D image column (values flattened row by row)."""
+    return [((0, slice(a, b), slice(None)), np.ascontiguousarray(values[a:b]).ravel()) for a, b in row_runs(rows)]
 
 
 class Page:
@@ -82,6 +105,8 @@ class Page:
         self._shown: tuple[int, int] | None = None
         self._followed_at = -math.inf
         self._drawn_at = -math.inf
+        self._status_at = -math.inf
+        self._range_at = -math.inf
         doc.on_session_destroyed(lambda ctx: self._pool.shutdown(wait=False, cancel_futures=True))
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
         self._refresh()
@@ -103,6 +128,8 @@ class Page:
         derived = derived_maps(snap.maps)
         gy, gx = snap.done.shape
         block_extent = (gx * self.block[1] * self.s, gy * self.block[0] * self.s)
+        # the flag bits of each block, read by every map's hover (names in the browser)
+        self.flag_source = ColumnDataSource({"bits": [self._flag_bits(derived)]}, name="source-flag-bits")
         figs = [self._image_figure(m.key, m.title, m.unit, derived, m.palette, m.kind, self.maps, block_extent,
                                    self.factor, blocks=True) for m in MAPS]
         vf = display_factor(snap.scan_shape)
@@ -115,12 +142,13 @@ class Page:
         self.atom_renderers = [f.scatter(x="x", y="y", source=self.atom_source, marker="circle", size=5,
                                          fill_alpha=0, line_color="red", line_width=1.2,
                                          name=f"atoms-{f.name[4:]}", visible=False) for f in vfigs]
-        # doubtful blocks hatched over the thickness map
-        self.doubt_source = ColumnDataSource(self._doubt_quads(snap), name="source-doubt")
-        self.doubt_renderer = self.maps["thickness"]["figure"].quad(
-            left="left", right="right", top="top", bottom="bottom", source=self.doubt_source, fill_color="#888888",
-            fill_alpha=0.55, hatch_pattern="/", hatch_color="#222222", hatch_alpha=0.6, line_alpha=0,
-            name="doubt")
+        # doubtful blocks greyed over the thickness map: an image on the block grid, patched by rows
+        # like the maps (a glyph per doubtful block grew too slow on large grids)
+        self.doubt_source = ColumnDataSource({"image": [self._doubt_mask(snap)]}, name="source-doubt")
+        self.doubt_renderer = self.maps["thickness"]["figure"].image(
+            image="image", x=0, y=0, dw=block_extent[0], dh=block_extent[1], source=self.doubt_source,
+            color_mapper=LinearColorMapper(palette=["#5f5f5f"], low=0, high=1, nan_color=TRANSPARENT),
+            global_alpha=0.7, name="doubt")
         # the block whose PACBED is shown, outlined on every map and image
         self.chosen_source = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []},
                                               name="source-chosen")
@@ -168,15 +196,16 @@ class Page:
         data = self._columns(key, values, factor, blocks)
         mapper.low, mapper.high = auto_range(data["image"][0], kind)
         source = ColumnDataSource(data, name=f"source-{key}")
-        hover_fmt = CustomJSHover(args=dict(by=self.block[0] * self.s, bx=self.block[1] * self.s), code=BLOCK_JS)
-        tooltips = [("block (i, j)", "$y{blk}"), ("at", f"$x{{0.0}}, $y{{pos}} {self.unit}"),
+        by, bx = self.block[0] * self.s * self.factor, self.block[1] * self.s * self.factor  # display blocks
+        tooltips = [("block (i, j)", "$y{blk}"), ("at", f"$x{{pos}}, $y{{pos}} {self.unit}"),
                     (title.split(" (")[0], f"@image{{0.00}} {unit}")]
-        formatters = {"$y": hover_fmt}
+        formatters = {"$y": CustomJSHover(args=dict(by=self.block[0] * self.s, bx=self.block[1] * self.s),
+                                          code=BLOCK_JS),
+                      "$x": CustomJSHover(args=dict(src=self.flag_source, names=self.flag_names, by=by, bx=bx),
+                                          code=FLAGS_JS)}
         if "sigma" in data:
             tooltips.append(("σ", f"@sigma{{0.00}} {unit}"))
-        if "flag_bits" in data:
-            tooltips.append(("flags", "@flag_bits{names}"))
-            formatters["@flag_bits"] = CustomJSHover(args=dict(names=self.flag_names), code=FLAGS_JS)
+        tooltips.append(("flags", "$x{flags}"))
         axis = f"{self.unit}"
         f = figure(title=title + (f" [{unit}]" if unit else ""), frame_width=self.frame[0],
                    frame_height=self.frame[1], x_range=self.x_range, y_range=self.y_range, name=f"map-{key}",
@@ -195,14 +224,21 @@ class Page:
                          "figure": f, "title": title, "blocks": blocks}
         return f
 
+    def _flag_bits(self, derived: dict) -> np.ndarray:
+        bits = derived["flag_bits"]
+        if self.factor == 1:
+            return bits
+        f = self.factor  # several blocks per displayed pixel: the flags of any of them
+        ny, nx = bits.shape
+        pad = np.zeros((-(-ny // f) * f, -(-nx // f) * f), np.uint64)
+        pad[:ny, :nx] = np.nan_to_num(bits).astype(np.uint64)
+        return np.bitwise_or.reduce(np.bitwise_or.reduce(pad.reshape(pad.shape[0] // f, f, -1, f), axis=3),
+                                    axis=1).astype(np.float64)
+
     def _columns(self, key: str, values: dict, factor: int, blocks: bool) -> dict:
         data = {"image": [downsample(np.asarray(values[key], np.float64), factor)]}
-        if blocks:
-            sig = MAP_BY_KEY[key].sigma
-            if sig:
-                data["sigma"] = [downsample(values[sig], factor)]
-            bits = values["flag_bits"]
-            data["flag_bits"] = [bits if factor == 1 else downsample(bits, factor)]
+        if blocks and MAP_BY_KEY[key].sigma:
+            data["sigma"] = [downsample(values[MAP_BY_KEY[key].sigma], factor)]
         return data
 
     def _controls(self):
@@ -287,7 +323,7 @@ class Page:
     def _on_theme(self, attr, old, new) -> None:
         dark = new == 1
         self.doc.theme = "dark_minimal" if dark else None  # None: Bokeh's default, the page's first look
-        for f in self.figures:  # the doubt hatch and outlines stay visible on both
+        for f in self.figures:  # the doubt mask and outlines stay visible on both
             f.background_fill_color = "#20262b" if dark else "#ffffff"
 
     def _send_csv(self) -> None:
@@ -363,24 +399,31 @@ class Page:
             if full or e["factor"] > 1:
                 e["source"].data = self._columns(key, derived, e["factor"], True)
             elif rows:  # only the changed block rows go to the browser
-                cols = self._columns(key, {k: v[rows] for k, v in derived.items()}, 1, True)
-                e["source"].patch({name: [((0, r, slice(None)), vals[0][n]) for n, r in enumerate(rows)]
-                                   for name, vals in cols.items()})
+                cols = self._columns(key, derived, 1, True)
+                e["source"].patch({name: row_patch(vals[0], rows) for name, vals in cols.items()})
             if e["auto"]:
                 e["mapper"].low, e["mapper"].high = auto_range(derived[key], e["kind"])
-        if full or rows:
-            self.doubt_source.data = self._doubt_quads(snap)
+        if full or self.factor > 1:
+            self.flag_source.data = {"bits": [self._flag_bits(derived)]}
+        elif rows:
+            self.flag_source.patch({"bits": row_patch(derived["flag_bits"], rows)})
+        if full or self.factor > 1:
+            self.doubt_source.data = {"image": [self._doubt_mask(snap)]}
+        elif rows:
+            self.doubt_source.patch({"image": row_patch(self._doubt_mask(snap), rows)})
         if virtual:
             for key, e in self.virtual.items():
                 img = np.asarray(snap.virtual[key], np.float64)
                 if full or e["factor"] > 1 or not virtual_rows:
                     e["source"].data = {"image": [downsample(img, e["factor"])]}
                 else:  # only the scan rows that changed
-                    e["source"].patch({"image": [((0, r, slice(None)), img[r]) for r in virtual_rows]})
+                    e["source"].patch({"image": row_patch(img, virtual_rows)})
                 if e["auto"]:
                     e["mapper"].low, e["mapper"].high = auto_range(img, "sequential")
         if self.range_mode.active == 0:
-            self._show_range()  # the spinners show the auto range of the chosen map
+            if time.monotonic() - self._range_at >= STATUS_S:  # at most twice a second
+                self._range_at = time.monotonic()
+                self._show_range()  # the spinners show the auto range of the chosen map
         self._histogram(derived)
 
     def _draw_atoms(self, snap, full: bool) -> None:
@@ -398,18 +441,19 @@ class Page:
         return {"x": (pos[:, 1] + 0.5) * self.s, "y": (pos[:, 0] + 0.5) * self.s,
                 "confidence": np.asarray(atoms["confidence"], np.float64)[start:]}
 
-    def _doubt_quads(self, snap) -> dict:
-        ii, jj = np.nonzero(doubtful(snap.maps, list(snap.flag_names)))
-        by, bx = (b * self.s for b in self.block)
-        why = [flag_text(snap.maps["flags"][i, j], self.flag_names) or "large σ" for i, j in zip(ii, jj)]
-        return {"left": jj * bx, "right": (jj + 1) * bx, "top": ii * by, "bottom": (ii + 1) * by, "why": why}
+    def _doubt_mask(self, snap) -> np.ndarray:
+        """1 where a block's thickness is doubtful, NaN elsewhere (drawn transparent)."""
+        mask = np.where(doubtful(snap.maps, list(snap.flag_names)), 1.0, np.nan)
+        return downsample(mask, self.factor) if self.factor > 1 else mask
 
     def _histogram(self, derived: dict | None = None) -> None:
         """Histogram of the chosen map (``derived``: the maps already computed for this draw)."""
         derived = derived if derived is not None else derived_maps(self.feed.snapshot.maps)
         values = derived[self.hist_map.value]
         finite = values[np.isfinite(values)]
-        self.hist_fig.title.text = f"Histogram: {MAP_BY_KEY[self.hist_map.value].title} ({finite.size} blocks)"
+        title = f"Histogram: {MAP_BY_KEY[self.hist_map.value].title}"
+        if self.hist_fig.title.text != title:
+            self.hist_fig.title.text = title
         if finite.size == 0:
             self.hist_source.data = {"left": [], "right": [], "top": []}
             return
@@ -423,8 +467,14 @@ class Page:
             self.status.text = (f"<b>Waiting for the acquisition engine</b> at {where}: it has not answered yet"
                                 + (f" ({err})" if err else "") + ". The page fills in as soon as it does.")
             return
-        self.status.text = status_text(snap.status, self.browser_delay_s, len(snap.atoms["positions"]),
-                                       getattr(self.feed, "connected", True), getattr(self.feed, "error", ""))
+        now = time.monotonic()
+        if now - self._status_at < STATUS_S and snap.status.get("state", "running") == "running":
+            return  # a changed text re-lays the page out in the browser: twice a second is enough
+        self._status_at = now
+        text = status_text(snap.status, self.browser_delay_s, len(snap.atoms["positions"]),
+                           getattr(self.feed, "connected", True), getattr(self.feed, "error", ""))
+        if text != self.status.text:
+            self.status.text = text
 
     # -- the chosen block and region -------------------------------------------------------------
     def _block_at(self, x: float, y: float) -> tuple[int, int] | None:

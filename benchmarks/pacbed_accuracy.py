@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pacbed_common import (DOSES, arrays_to_estimates, as_arrays, cache_key, cached, check_library, estimates_to_arrays,
                            library_for, print_table, row_scores, scores)
 from stemlive.models.cards import SHIPPED_DIR, sha256_of
-from stemlive.models.checked_analysis import Checker, check_one
+from stemlive.models.checked_analysis import Checker, check_data_path, check_one, load_sigma_calibration
 from stemlive.models.lsf import LsfAnalyzer
 from stemlive.models.pacbed_analysis import PacbedAnalyzer, PacbedEstimate, field_alpha, partial_field
 from stemlive.models.pacbed_check import LibraryCheck
@@ -223,13 +223,14 @@ def recordings_benchmark(args) -> None:
             def checked():
                 if len(frames) < cn:
                     frames[:] = [f for f, _ in iter_recordings(src, cn, args.seed, tuple(args.field))]
-                checker = Checker(LibraryCheck(check_library(alpha)), Path("benchmark"), {})
+                checker = Checker(LibraryCheck(check_library(alpha), sigma=sigma), Path("benchmark"), {})
                 t0 = time.perf_counter()
                 res = [check_one(checker, frames[i], e).estimate for i, e in enumerate(tqdm(net[:cn], desc="check", leave=False))]
                 return {**estimates_to_arrays(res), "ms_per_pattern": np.array(1e3 * (time.perf_counter() - t0) / cn)}
 
+            sigma = load_sigma_calibration(check_data_path(200, alpha, args.models))  # as shipped
             check_code = sha256_of(ROOT / "models" / "pacbed_check.py")
-            cd = cached("recordings-check", cache_key(key, check_code, cn), checked)
+            cd = cached("recordings-check", cache_key(key, check_code, cn, str(sigma)), checked)
             sub = {k: v[:cn] for k, v in truth.items()}
             s = row_scores(arrays_to_estimates(cd), sub)
             s["ms/pattern"] = float(cd["ms_per_pattern"])

@@ -213,7 +213,8 @@ class BlockEngine:
             rows = [estimate_row(e, p) for e, p in zip(estimates, part)]
             arrays = {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS}
             if self.store is not None:
-                self.store.write_blocks(idx[sl], sums[sl], counts[sl], estimates, part, int(self._frames_seen.sum()))
+                self.store.write_blocks(idx[sl], sums[sl], counts[sl], None, part, int(self._frames_seen.sum()),
+                                        rows=arrays)
             with self._emit:
                 seq = self.state.apply_blocks(idx[sl], arrays, sums[sl], counts[sl], part)
                 if self.publisher is not None:

@@ -17,20 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ..udf import BlockGrid, BlockPacbedUDF, VirtualDetectorUDF
-from ..udf.radial_bins import DEFAULT_RINGS, n_bins_for
+from ..udf.radial_bins import DEFAULT_RINGS
 from .engine import BlockEngine
-from .processes import signals_deferred
-from .publisher import Publisher
-from .state import LiveState
-from .store import ResultStore, StoreLayout
+from .run import BIN_PX, open_run
 
 log = logging.getLogger(__name__)
 
 # in-plane unit cell of the zone axes the shipped models cover [nm]: a block must span one
 UNIT_CELL_NM = {("SrTiO3", "[001]"): 0.3905}
-
-
-BIN_PX = 0.5  # width of the per-frame radial bins (VirtualDetectorUDF's default)
 
 
 class AcquisitionError(RuntimeError):
@@ -198,38 +192,12 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
     if warning:
         warnings.warn(warning, stacklevel=2)
     atoms = load_atom_stitcher(settings, grid)
-    layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(settings.rings),
-                         atoms=atoms.image_name if atoms else None, radial_bins=n_bins_for(sig_shape, BIN_PX),
-                         radial_bin_px=BIN_PX)
-    cards = [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
-    meta = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
-            "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
-            "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings,
-            "method": "check" if checker is not None else "network", "check": checker.info if checker else {}}
-    state = LiveState(layout, meta)
-    # every server first: a run refused on its addresses writes nothing
-    publisher = None
-    if settings.pub and settings.rep:
-        publisher = Publisher(state, settings.pub, settings.rep, token=settings.token)
-        state.meta["pub"], state.meta["rep"] = publisher.pub_address, publisher.rep_address
-    try:
-        store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
-                                   mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
-                                   scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
-                                   source=source, overwrite=settings.overwrite, method=meta["method"],
-                                   check=meta["check"])
-    except BaseException:
-        if publisher is not None:
-            publisher.close()
-        raise
+    run = open_run(settings, scan_shape, sig_shape, analyzer=analyzer, checker=checker, atoms=atoms, roi=roi,
+                   source=source)
+    state, engine = run.state, run.engine
     final, reason = "aborted", "not started"
     timing: dict = {}
-    engine = None
     try:  # from the store's creation on, every way out closes it honestly
-        engine = BlockEngine(grid, analyzer, state, store, publisher, roi=roi, alpha_mrad=settings.alpha_mrad,
-                             mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
-                             bin_px=BIN_PX, atoms=atoms, checker=checker, check_timeout=settings.check_timeout_s,
-                             progress=settings.progress)
         _iterate(ctx, dataset, settings, engine, roi, grid, record, timing, received)
         final, reason = "complete", ""
     except BaseException as exc:
@@ -241,19 +209,12 @@ def run_pipeline(ctx, dataset, settings: Settings, *, roi: np.ndarray | None = N
         else:
             reason = f"{type(exc).__name__}: {exc}"
             err = AcquisitionError(reason)
-        err.store_path = store.path  # where this run's blocks are (beside --out when replacing it)
+        err.store_path = run.store.path  # where this run's blocks are (beside --out when replacing it)
         if err is exc:
             raise
         raise err from exc
     finally:
-        with signals_deferred():  # a signal now must not leave the store "running"
-            if engine is not None:
-                engine.close(final, reason)
-            else:
-                store.finish(final, reason)
-            if publisher is not None:
-                time.sleep(0.05)  # let the last status message leave
-                publisher.close()
+        run.close(final, reason)
     st = state.status
     ing = np.asarray(engine.stats.ingest_s) * 1e3
     dly = np.asarray(engine.stats.block_delay_s) * 1e3

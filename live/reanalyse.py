@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import BlockEngine
 from .outputs import check_output
-from .pipeline import RunSummary, Settings, check_summary, load_analyzer, load_atom_stitcher, load_checker
-from .state import LiveState
-from .store import ResultStore, StoreLayout, read_store
+from .pipeline import RunSummary, check_summary, load_analyzer, load_atom_stitcher, load_checker
+from .run import open_run, source_settings
+from .store import read_store
 from ..udf.block_grid import BlockGrid
 
 
@@ -27,32 +26,21 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     check_output(out, [src], overwrite=overwrite)
     old = read_store(src)
     a = old["attrs"]
-    scan, block = tuple(int(v) for v in a["scan_shape"]), tuple(int(v) for v in a["block_shape"])
+    scan = tuple(int(v) for v in a["scan_shape"])
     pac = old["blocks"]["pacbed"]
-    mpp = None if np.isnan(a["mrad_per_px"]) else float(a["mrad_per_px"])
-    step = None if np.isnan(a["scan_step_nm"]) else float(a["scan_step_nm"])
-    settings = Settings(block=block, alpha_mrad=float(a["alpha_mrad"]), kv=float(a["kv"]), out=Path(out),
-                        mrad_per_px=mpp, scan_step_nm=step, scan_rotation_deg=float(a["scan_rotation_deg"]),
-                        models_dir=models_dir, backend=backend, rings=a["rings"] or None, overwrite=overwrite,
-                        pub=None, rep=None, method=method)
+    settings = source_settings(old, out, models_dir=models_dir, backend=backend, overwrite=overwrite,
+                               method=method, progress=progress)
     analyzer = load_analyzer(settings)
     checker = load_checker(settings)
-    check = checker.info if checker is not None else {}
-    grid = BlockGrid(scan, block)
+    grid = BlockGrid(scan, settings.block)
     atoms = load_atom_stitcher(settings, grid) if settings.atoms in old["virtual"] else None
     radial = old.get("radial")
-    layout = StoreLayout(scan, block, pac.shape[2:], tuple(old["virtual"]), atoms=atoms.image_name if atoms else None,
-                         radial_bins=radial["profiles"].shape[-1] if radial else 0,
-                         radial_bin_px=radial["bin_px"] if radial else 0.5)
-    store = ResultStore.create(out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv, mrad_per_px=mpp,
-                               scan_step_nm=step, scan_rotation_deg=settings.scan_rotation_deg,
-                               models=[c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else []),
-                               rings=a["rings"],
-                               source=f"reanalysis of {src} ({a['source']})", overwrite=overwrite,
-                               method="check" if checker is not None else "network", check=check)
-    state = LiveState(layout, {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv})
-    engine = BlockEngine(grid, analyzer, state, store, None, alpha_mrad=settings.alpha_mrad, mrad_per_px=mpp,
-                         batch=batch, checker=checker, check_timeout=None, progress=progress)
+    run = open_run(settings, scan, pac.shape[2:], analyzer=analyzer, checker=checker, atoms=atoms,
+                   source=f"reanalysis of {src} ({a['source']})", virtual=tuple(old["virtual"]),
+                   radial_bins=radial["profiles"].shape[-1] if radial else 0,
+                   radial_bin_px=radial["bin_px"] if radial else 0.5, batch=batch, check_timeout=None,
+                   meta={"alpha_mrad": settings.alpha_mrad, "kv": settings.kv})
+    store, engine, state = run.store, run.engine, run.state
     done = old["blocks"]["done"]
     reason = "" if a["state"] == "complete" else f"source store was {a['state']}: {a['reason']}"
     try:
@@ -61,17 +49,17 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
                          np.zeros(scan, bool))
         store.write_virtual(old["virtual"], int(old["progress"][0]))
         if radial is not None:
-            store.write_radial(np.arange(int(np.prod(scan))), radial["profiles"].reshape(-1, layout.radial_bins),
+            store.write_radial(np.arange(int(np.prod(scan))), radial["profiles"].reshape(-1, run.layout.radial_bins),
                                radial["center_px"])
         if atoms is not None:  # every block whose window of the stored image is complete
             image = old["virtual"][atoms.image_name]
             blocks = atoms.ready(np.isfinite(image))
             if blocks:
                 store.write_atoms(atoms.analyse(image, blocks), atoms.analysed)
-        engine.close("complete", reason)
+        run.close("complete", reason)
     except BaseException as exc:  # Ctrl-C while the checks run, too: the new store ends honestly
         if store.state == "running":
-            engine.close("aborted", getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}", check_timeout=0)
+            run.close("aborted", getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}", check_timeout=0)
         raise
     st = state.status
     return RunSummary(out=Path(out), state=store.state, reason=reason, frames=int(old["progress"][0]),

@@ -209,19 +209,24 @@ class ResultStore:
         return h5py.File(self.path, "r+", locking=False)
 
     def write_blocks(self, indices: np.ndarray, pacbed: np.ndarray, counts: np.ndarray,
-                     estimates: Sequence[PacbedEstimate], partial: np.ndarray, frames_seen: int) -> None:
+                     estimates: Sequence[PacbedEstimate] | None, partial: np.ndarray, frames_seen: int, *,
+                     rows: dict[str, np.ndarray] | None = None) -> None:
         """Write analysed blocks (their sums, counts and estimates) and mark them done.
 
-        The per-block maps are small: they are read, updated and written whole (a few h5py
-        calls instead of one per block and field); only the block PACBEDs go one by one.
+        ``rows``: the blocks' map values as the engine already stacked them (`estimate_row` per
+        block); without them they are made here from ``estimates``.  The per-block maps are
+        small: they are read, updated and written whole (a few h5py calls instead of one per
+        block and field); only the block PACBEDs go one by one.
         """
         indices = np.asarray(indices, np.int64).reshape(-1, 2)
         ii, jj = indices.T
-        rows = [estimate_row(est, bool(part)) for est, part in zip(estimates, partial)]
+        if rows is None:
+            made = [estimate_row(est, bool(part)) for est, part in zip(estimates, partial)]
+            rows = {k: np.stack([r[k] for r in made]) for k in MAP_FIELDS}
         with self._lock, self._open_running() as f:
             for n, (i, j) in enumerate(indices):
                 f["blocks/pacbed"][i, j] = pacbed[n]
-            self._write_rows(f, ii, jj, {k: np.stack([r[k] for r in rows]) for k in MAP_FIELDS})
+            self._write_rows(f, ii, jj, rows)
             for name, values in (("blocks/counts", counts), ("blocks/partial", partial)):
                 full = f[name][()]
                 full[ii, jj] = values

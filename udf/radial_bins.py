@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -208,8 +209,6 @@ class BinnedFrames:
             self.cum_d = np.concatenate([np.zeros((self.n, 1, 2)), np.cumsum(self.dipole, axis=1)], axis=1)
             phi = (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
             self.u = np.stack([np.cos(phi), np.sin(phi)], axis=-1)  # (φ, 2) in (row, col)
-            self.du = self.shift @ self.u.T  # (n, φ)
-            self.d2 = (self.shift ** 2).sum(axis=1, keepdims=True)
         self._inside: dict[float, np.ndarray] = {}
 
     def inside(self, radius_px: float) -> np.ndarray:
@@ -224,28 +223,21 @@ class BinnedFrames:
             return np.zeros(self.n, np.float64)
         if self.shift is None:
             return _cum_at(self.cum_m, self.radial, np.full((self.n, 1), radius_px / self.bin_px))[:, 0]
-        edge = self.du + np.sqrt(np.maximum(radius_px ** 2 - self.d2 + self.du ** 2, 0.0))
-        x = edge / self.bin_px
-        mono = _cum_at(self.cum_m, self.radial, x)  # (n, φ)
-        dip = _cum_at(self.cum_d, self.dipole, x)  # (n, φ, 2)
-        return (mono + 2 * np.einsum("nfk,fk->nf", dip, self.u)).mean(axis=1)
+        out = np.empty((self.n, 1))
+        _inside_at(self.cum_m, self.radial, self.cum_d, self.dipole, self.shift, self.u, self.bin_px,
+                   np.array([radius_px]), out)
+        return out[:, 0]
 
     def profile(self, n_bins: int | None = None) -> np.ndarray:
         """Per-frame sums in the bins [k·Δ, (k+1)·Δ) around the (shifted) centre, (n, n_bins)
-        float32: the recorded bins where unshifted, else differences of the dipole-corrected
-        cumulative sums at the bin edges (all edges in one evaluation)."""
+        float32: the recorded bins where unshifted, else differences of :meth:`inside` at the
+        bin edges (the same recentring as the rings, compiled)."""
         nb = self.radial.shape[1] if n_bins is None else int(n_bins)
         if self.shift is None:
             return self.radial[:, :nb].astype(np.float32)
-        edges = np.arange(nb + 1) * self.bin_px  # (R,)
-        du = self.du[:, None, :]  # (n, 1, φ)
-        r = self.du[:, None, :] * 0 + edges[None, :, None]  # (n, R, φ)
-        edge = du + np.sqrt(np.maximum(r ** 2 - self.d2[:, :, None] + du ** 2, 0.0))
-        edge = np.where(r > 0, edge, 0.0)
-        x = (edge / self.bin_px).reshape(self.n, -1)
-        mono = _cum_at(self.cum_m, self.radial, x).reshape(self.n, nb + 1, -1)
-        dip = _cum_at(self.cum_d, self.dipole, x).reshape(self.n, nb + 1, -1, 2)
-        inside = (mono + 2 * np.einsum("nrfk,fk->nrf", dip, self.u)).mean(axis=2)
+        edges = np.arange(nb + 1) * self.bin_px
+        inside = np.empty((self.n, nb + 1))
+        _inside_at(self.cum_m, self.radial, self.cum_d, self.dipole, self.shift, self.u, self.bin_px, edges, inside)
         return np.diff(inside, axis=1).astype(np.float32)
 
     def ring(self, inner_px: float, outer_px: float) -> np.ndarray:
@@ -258,3 +250,30 @@ def ring_signal(radial: np.ndarray, dipole: np.ndarray, inner_px: float, outer_p
                 shift: np.ndarray | None = None) -> np.ndarray:
     """Per-frame intensity in the ring [inner, outer) around (centre used + shift)."""
     return BinnedFrames(radial, dipole, bin_px, shift).ring(inner_px, outer_px)
+
+
+@numba.njit(cache=True, nogil=True)
+def _inside_at(cum_m, radial, cum_d, dipole, shift, u, bin_px, radii, out):
+    """`BinnedFrames.inside` of every frame at every radius in ``radii`` (one compiled loop)."""
+    n, nb = radial.shape
+    nphi = u.shape[0]
+    for i in range(n):
+        d2 = shift[i, 0] ** 2 + shift[i, 1] ** 2
+        for j in range(len(radii)):
+            r = radii[j]
+            if r <= 0:
+                out[i, j] = 0.0
+                continue
+            acc = 0.0
+            for f in range(nphi):
+                du = shift[i, 0] * u[f, 0] + shift[i, 1] * u[f, 1]
+                edge = du + np.sqrt(max(r * r - d2 + du * du, 0.0))
+                x = edge / bin_px
+                k = min(max(int(np.floor(x)), 0), nb)
+                frac = 0.0 if k >= nb else min(max(x - k, 0.0), 1.0)
+                b = min(k, nb - 1)
+                mono = cum_m[i, k] + frac * radial[i, b]
+                d0 = cum_d[i, k, 0] + frac * dipole[i, b, 0]
+                d1 = cum_d[i, k, 1] + frac * dipole[i, b, 1]
+                acc += mono + 2 * (d0 * u[f, 0] + d1 * u[f, 1])
+            out[i, j] = acc / nphi

@@ -3,9 +3,11 @@
 Images are drawn as in training but from seeds training never used, in two groups: the training
 structures and zones (new specimens, probes, distortions) and structures/zones training never
 saw (BaTiO3 [110], 2H-MoS2 [001] and [100]).  Every image is made at four doses (10², 10³, 10⁴,
-10⁵ e/Å²) from the same specimen, so the doses differ only in noise.  Both methods get the same
+10⁵ e/Å²) from the same specimen, so the doses differ only in noise.  All methods get the same
 images; the baseline (Laplacian-of-Gaussian peaks + 2D Gaussian refinement, as in Atomap) is
-given the column width from the true sampling, the network is given the sampling.
+given the column width from the true sampling, the network is given the sampling; "network" is
+the shipped finder (the network's peaks screened by `models/column_filter.py`), "network,
+unscreened" its peaks above the card's threshold alone.
 
 Truth: HAADF -- the cation-containing columns; ABF -- every column, with oxygen (anion-only)
 columns also scored on their own.  A column counts as found within 0.5 Å; RMSE over matched
@@ -37,6 +39,15 @@ DOSES = (1e2, 1e3, 1e4, 1e5)
 GROUPS = {"seen structures": STRUCTURES, "unseen structures": HELD_OUT_STRUCTURES}
 SEED = 7_000_000  # training images use seeds 0-2; these never overlap them
 BORDER_PX = 2
+# the shipped finder (network + column screen), the network's peaks alone, the classical baseline
+METHODS = ("network", "network, unscreened", "baseline")
+
+
+def screen_id(finder: AtomFinder) -> str:
+    """The screen's settings, part of the results key: a retuned screen is measured again."""
+    s = finder.screen
+    return "unscreened" if s is None else (f"screen-c{s.min_confidence}-z{s.min_contrast_z}-d{s.min_separation_A}"
+                                           f"-b{s.background_A}")
 
 
 def score(found: np.ndarray, truth: np.ndarray, anion: np.ndarray, n: int, radius: float) -> dict:
@@ -68,14 +79,14 @@ def summarise(counts: list[dict], sampling: list[float]) -> dict:
 def run_contrast(contrast: str, n: int, size: int, finder: AtomFinder, results_path: Path) -> dict:
     """{group: {dose: {method: summary}}}, resumable through ``results_path``."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    key = f"{contrast}-n{n}-s{size}-{finder.card.id}"
+    key = f"{contrast}-n{n}-s{size}-{finder.card.id}-{screen_id(finder)}"
     if key in results:
         return results[key]
     out: dict = {}
     total = len(GROUPS) * n * len(DOSES)
     bar = tqdm(total=total, desc=f"{contrast} images", unit="image")
     for gi, (g, structures) in enumerate(GROUPS.items()):
-        per = {f"{d:.0e}": {"network": [], "baseline": [], "sampling": []} for d in DOSES}
+        per = {f"{d:.0e}": {m: [] for m in METHODS + ("sampling",)} for d in DOSES}
         for k in range(n):
             for d in DOSES:
                 r = ImageRanges(structures=structures, contrast=contrast, size_px=size, dose_e_per_A2=(d, d))
@@ -85,15 +96,17 @@ def run_contrast(contrast: str, n: int, size: int, finder: AtomFinder, results_p
                 anion = (~truth.cation & truth.visible)[truth.cation if contrast == "haadf" else truth.visible]
                 radius = 0.5 / s
                 net = finder.find(img, s).positions_px
+                raw = finder.find(img, s, screen=False).positions_px
                 base_img = -img if contrast == "abf" else img
                 base = log_gaussian_columns(base_img, sigma_px=0.4 / s,
                                             min_distance_px=max(1, int(round(1.0 / s)))).positions_px
                 e = per[f"{d:.0e}"]
                 e["network"].append(score(net, target, anion, size, radius))
+                e["network, unscreened"].append(score(raw, target, anion, size, radius))
                 e["baseline"].append(score(base, target, anion, size, radius))
                 e["sampling"].append(s)
                 bar.update()
-        out[g] = {d: {m: summarise(v[m], v["sampling"]) for m in ("network", "baseline")} for d, v in per.items()}
+        out[g] = {d: {m: summarise(v[m], v["sampling"]) for m in METHODS} for d, v in per.items()}
     bar.close()
     results[key] = out
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +140,7 @@ def plot(all_out: dict, png: Path) -> None:
     for row, (contrast, out) in enumerate(all_out.items()):
         for g, per in out.items():
             doses = [float(d) for d in per]
-            for m, style in (("network", "-o"), ("baseline", "--s")):
+            for m, style in (("network", "-o"), ("network, unscreened", ":^"), ("baseline", "--s")):
                 ls = "tab:blue" if g.startswith("seen") else "tab:orange"
                 axes[row, 0].semilogx(doses, [per[d][m]["f1"] for d in per], style, color=ls, label=f"{m}, {g}")
                 axes[row, 1].loglog(doses, [per[d][m]["rmse_pm"] for d in per], style, color=ls, label=f"{m}, {g}")

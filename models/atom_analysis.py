@@ -7,8 +7,9 @@ card's sampling range decides; without it, the nearest-neighbour column spacing 
 the image's autocorrelation, and an image with no evident lattice is refused rather than
 guessed at.  Then: normalise as in training (ABF inverted), reflect-pad to the multiple the
 network needs, run it (in overlapping tiles for large images), locate the columns (sub-pixel,
-confidence, integrated intensity of the input image) and map them back to the input's pixel
-grid (pixel centres at integer indices, DESIGN.md).
+confidence, integrated intensity of the input image), drop the peaks that are not columns
+(`column_filter`: contrast above the noise, separation, confidence floor) and map them back to
+the input's pixel grid (pixel centres at integer indices, DESIGN.md).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from .atom_locator import Columns, integrate, locate
+from .column_filter import SCREENS, Scales, screen_columns
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
 
@@ -132,6 +134,8 @@ class FoundColumns(Columns):
     zoom: float = 1.0  # the image was resampled by this factor for the network
     spacing_px: float | None = None  # the measured column spacing, when it was measured
     note: str | None = None  # why no columns were looked for (e.g. the image is noise only)
+    contrast_z: np.ndarray | None = None  # (n,) each column's contrast in noise units (column_filter)
+    rejected: int = 0  # peaks of the network the column screen took for no column
 
 
 class AtomFinder:
@@ -145,6 +149,7 @@ class AtomFinder:
         self.sampling_range = tuple(float(v) for v in inp["sampling_A_per_px"])
         self.spacing_range = tuple(float(v) for v in inp["column_spacing_px"])
         self.threshold = float(card.data.get("threshold", threshold))
+        self.screen = SCREENS.get(self.contrast)  # None: every peak above the threshold is a column
         verify(card)
         options = {"threads": threads}
         if backend in ("auto", "tensorrt"):
@@ -224,7 +229,7 @@ class AtomFinder:
 
     # -- the whole finder ----------------------------------------------------------------------
     def find(self, image: np.ndarray, sampling_A: float | None = None, *,
-             require_structure: bool = False) -> FoundColumns:
+             require_structure: bool = False, screen: bool = True) -> FoundColumns:
         """Columns of a 2D image; positions in the input's pixels.
 
         ``require_structure``: return no columns (and a ``note``) when the image is
@@ -232,6 +237,10 @@ class AtomFinder:
         here" somewhere in any image, noise included, so for a whole image this is what a
         microscopist expects: no columns, not a lattice of guesses.  A block window of a
         low-dose scan is too small to tell its lattice from noise, so the live path leaves it off.
+
+        ``screen``: drop the network's peaks that are not columns (`column_filter`: contrast
+        above the noise, no two columns closer than 0.9 Å, the confidence floor); False gives
+        every peak above the threshold, as the network alone finds them.
         """
         image = np.asarray(image)
         if image.ndim != 2:
@@ -255,8 +264,16 @@ class AtomFinder:
         heat = self.heatmap(work)
         min_distance = max(1, int(round(0.4 * self.spacing_range[0])))
         found = locate(heat, None, self.threshold, min_distance_px=min_distance)
-        pos = found.positions_px / zoom
-        return FoundColumns(pos, found.confidence, integrate(image, pos, integration_radius(pos)), zoom=zoom, spacing_px=spacing)
+        pos, conf = found.positions_px / zoom, found.confidence
+        z, rejected = None, 0
+        if screen and self.screen is not None and len(pos) and (sampling_A is not None or spacing is not None):
+            rule = replace(self.screen, min_confidence=max(self.threshold, self.screen.min_confidence))
+            scales = (Scales.from_sampling(sampling_A, rule) if sampling_A is not None
+                      else Scales.from_spacing(spacing, rule))
+            keep, z = screen_columns(network_input(image, self.contrast), pos, conf, scales, rule)
+            pos, conf, z, rejected = pos[keep], conf[keep], z[keep], int((~keep).sum())
+        return FoundColumns(pos, conf, integrate(image, pos, integration_radius(pos)), zoom=zoom, spacing_px=spacing,
+                            contrast_z=z, rejected=rejected)
 
 
 def _px(n: float) -> str:

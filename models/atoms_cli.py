@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,10 @@ def add_parsers(sub) -> None:
     f.add_argument("--models", type=Path, default=None, help="directory of model cards (default: the shipped models)")
     f.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     f.add_argument("--threshold", type=float, default=None,
-                   help="confidence a column needs, in (0, 1) (default: the card's)")
+                   help="confidence a column needs, in (0, 1) (default: the card's, raised to the column screen's)")
+    f.add_argument("--no-screen", action="store_false", dest="screen",
+                   help="keep every peak of the network above the threshold (default: drop peaks that are not "
+                        "columns: too little contrast above the noise, or closer than 0.9 Å to a likelier one)")
     f.set_defaults(func=run_find)
 
 
@@ -66,9 +70,11 @@ def run_find(args) -> int:
     if len(stack) != 1:
         raise ValueError(f"{args.image} holds {len(stack)} images; `stemlive atoms find` takes one")
     finder = AtomFinder.shipped(args.contrast, args.models or SHIPPED_DIR, backend=args.backend)
-    if args.threshold is not None:
+    if args.threshold is not None:  # the user's floor replaces the screen's too
         finder.threshold = args.threshold
-    found = finder.find(stack[0], args.sampling, require_structure=True)
+        if finder.screen is not None:
+            finder.screen = replace(finder.screen, min_confidence=args.threshold)
+    found = finder.find(stack[0], args.sampling, require_structure=True, screen=args.screen)
     with replacing(args.out) as tmp:
         write_csv(tmp, found, args.sampling)
     if found.note:
@@ -76,8 +82,9 @@ def run_find(args) -> int:
     how = (f"sampling {args.sampling:g} Å/px" if args.sampling else
            f"column spacing {found.spacing_px:.2f} px measured")
     zoom = f", resampled ×{found.zoom:.3g} for the network" if abs(found.zoom - 1) > 1e-6 else ""
-    print(f"{len(found.positions_px)} columns ({args.contrast}, {how}{zoom}; model {finder.card.id}) -> {args.out}",
-          file=sys.stderr)
+    dropped = f"; {found.rejected} peaks screened out as no column" if found.rejected else ""
+    print(f"{len(found.positions_px)} columns ({args.contrast}, {how}{zoom}; model {finder.card.id}{dropped}) "
+          f"-> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -254,3 +254,12 @@ def test_block_pacbed_requests_run_off_the_event_loop():
         ticks.pop(0)()
     assert page.pacbed.figure.title.text == "PACBED — pinned to block (1, 2)"
     assert page.chosen_source.data["left"] == [2 * 4 * 0.1]
+
+
+def test_row_patches_group_runs_of_rows():
+    from stemlive.dashboards.app import row_patch, row_runs
+
+    assert row_runs([5, 1, 2, 3, 7, 8]) == [(1, 4), (5, 6), (7, 9)]
+    img = np.arange(20.0).reshape(4, 5)
+    (idx, vals), = row_patch(img, [1, 2])
+    assert idx == (0, slice(1, 3), slice(None)) and np.array_equal(vals, img[1:3].ravel())

@@ -1,0 +1,155 @@
+"""Train the column-species classifier on simulated SrTiO3 [001] patches; export ONNX + card.
+
+    nice python -m stemlive.simulate.species_train --out models/shipped [--images 400] [--steps 2500]
+
+Patches come from `species_images` (training: seed 0; validation: seed 1; the benchmark uses
+neither).  The network (`SpeciesNet`) is small -- three 3×3 convolution blocks and a linear
+head, ~25 k parameters -- so it trains in minutes on a CPU.  Training draws batches with random
+90° turns and mirrors (SrTiO3 [001] projects with 4mm symmetry: a turned patch shows the same
+column), cross-entropy; validated per dose decade.  Resumable through the shared trainer
+(`trainer.fit`, npz checkpoints, no pickle); exported with the PyTorch-vs-ONNX Runtime parity
+check and a card (`models/cards.py`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .species_images import CLASSES, MATERIAL, PATCH_SIZE, PATCH_SPACINGS, ZONE, SpeciesRanges, write_patches
+
+TASK = "column-species"
+NAME = "column_species_SrTiO3_001"
+
+
+def build_net(width: int = 16, n_classes: int = len(CLASSES)):
+    """Conv(2→w)-pool, conv(w→2w)-pool, conv(2w→4w), global average, linear: logits."""
+    import torch
+    from torch import nn
+
+    def block(a, b):
+        return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU())
+
+    class SpeciesNet(nn.Module):
+        output_names = ("probabilities",)
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(block(2, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
+                                          block(2 * width, 4 * width))
+            self.head = nn.Linear(4 * width, n_classes)
+
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+        def forward(self, x: torch.Tensor):
+            return (torch.softmax(self.logits(x), dim=1),)
+
+    return SpeciesNet()
+
+
+def augment(x, g):
+    """Random 90° turns and mirrors of a batch (N, C, P, P), one draw per batch."""
+    import torch
+
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    x = torch.rot90(x, k, dims=(2, 3))
+    if bool(torch.randint(0, 2, (1,), generator=g)):
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+def accuracy_by_dose(probs: np.ndarray, y: np.ndarray, dose: np.ndarray) -> dict:
+    """{dose decade: {"accuracy": ..., per class: ...}} for the card and the curves."""
+    pred = probs.argmax(axis=1)
+    out = {}
+    for d in range(2, 5):
+        m = (dose >= 10 ** d) & (dose < 10 ** (d + 1))
+        if not m.any():
+            continue
+        row = {"accuracy": float((pred[m] == y[m]).mean()), "patches": int(m.sum())}
+        for c, name in enumerate(CLASSES):
+            mc = m & (y == c)
+            row[name] = float((pred[mc] == c).mean()) if mc.any() else None
+        out[f"1e{d}-1e{d + 1} e/A2"] = row
+    return out
+
+
+def train_species(out_dir: Path, work_dir: Path, n_images: int = 400, n_val_images: int = 48, steps: int = 2500,
+                  batch: int = 128, width: int = 16, threads: int = 1, progress: bool = True) -> Path:
+    import torch
+
+    from ..models.cards import sha256_of  # noqa: F401  (publish writes it)
+    from .train_config import TrainConfig
+    from .trainer import fit, publish
+
+    ranges = SpeciesRanges()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train = np.load(write_patches(work_dir / "train.npz", n_images, seed=0, ranges=ranges, progress=progress))
+    val = np.load(write_patches(work_dir / "val.npz", n_val_images, seed=1, ranges=ranges, progress=progress))
+    xt, yt = torch.from_numpy(train["x"]), torch.from_numpy(train["y"])
+    xv, yv, dv = torch.from_numpy(val["x"]), val["y"], val["dose"]
+    # balanced batches: the rare classes (vacant, partial) as often as the others
+    weights = torch.from_numpy(1.0 / np.bincount(train["y"], minlength=len(CLASSES))[train["y"]])
+    model = build_net(width)
+    cfg = TrainConfig(steps=steps, batch=batch, lr=3e-3, weight_decay=1e-4, width=width, val_every=max(100, steps // 10),
+                      threads=threads)
+
+    def sample(g):
+        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
+        return augment(xt[idx], g), yt[idx]
+
+    def loss_fn(out, target):
+        return torch.nn.functional.nll_loss(torch.log(out[0].clamp_min(1e-8)), target)
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            probs = torch.cat([model(xv[i:i + 4096])[0] for i in range(0, len(xv), 4096)]).numpy()
+        return accuracy_by_dose(probs, yv, dv)
+
+    metrics = [("accuracy", "accuracy (held-out specimens)")]
+    history, finished = fit(model, sample, loss_fn, evaluate, cfg, work_dir, NAME, metrics, progress=progress)
+    if not finished:
+        raise RuntimeError("training stopped early")
+    import abtem
+
+    cell_A = 3.905  # SrTiO3 [001]: the patch is one cell (two nearest-neighbour spacings)
+    card = {
+        "id": f"{NAME}-n{n_images}-s{steps}", "task": TASK, "classes": list(CLASSES), "onnx_file": f"{NAME}.onnx",
+        "input": {"name": "x", "shape": [2, PATCH_SIZE, PATCH_SIZE], "patch_edge_A": cell_A,
+                  "patch_spacings": PATCH_SPACINGS,
+                  "normalisation": "channel 0 HAADF, channel 1 ABF, each per image zero mean and unit standard "
+                                   "deviation, ABF inverted; patches centred on the column, bilinear"},
+        "outputs": {"probabilities": f"(N, {len(CLASSES)}) softmax over {', '.join(CLASSES)}"},
+        "training": {"material": MATERIAL, "zone": ZONE, "kv": ranges.kv,
+                     "alpha_mrad": list(ranges.alpha_mrad), "thickness_nm": list(ranges.thickness_nm),
+                     "dose_e_per_A2": list(ranges.dose_e_per_A2), "sampling_A_per_px": list(ranges.sampling_A),
+                     "simulator": "convolution approximation calibrated on multislice (simulate/species_images.py)",
+                     "simulator_version": f"abTEM {abtem.__version__} probe",
+                     "n_images": n_images, "n_patches": int(len(yt)), "held_out_images": n_val_images,
+                     "position_error_A": ranges.position_error_A,
+                     "config": {"steps": steps, "batch": batch, "width": width},
+                     "training_seconds": history[-1]["seconds"]},
+        "validation": history[-1]["val"],
+    }
+    return publish(model, card, out_dir, xv[:8].clone(), history, metrics)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for the ONNX file and its card")
+    ap.add_argument("--work", type=Path, default=Path(".bench-cache/species_training"), help="patches and checkpoints (resumable)")
+    ap.add_argument("--images", type=int, default=400, help="training specimens (~130 patches each)")
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="PyTorch threads (1: on a busy 2-core machine two threads spin-wait, 8× slower)")
+    args = ap.parse_args(argv)
+    path = train_species(args.out, args.work, n_images=args.images, steps=args.steps, batch=args.batch,
+                         threads=args.threads)
+    print(f"card: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Species training data and the species classifier's input path."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from stemlive.models.atom_locator import integrate
+from stemlive.models.column_species import classifier_input
+
+pytest.importorskip("abtem")
+from stemlive.simulate.species_images import CLASSES, PATCH_SIZE, SpeciesRanges, labelled_patches, species_images  # noqa: E402
+
+
+def clean(**kw):
+    """A noise-light specimen with the probe and background fixed, for checking labels."""
+    return replace(SpeciesRanges(), dose_e_per_A2=(1e7, 1e7), background=(0.0, 0.0), sampling_A=(0.15, 0.15),
+                   size_px=96, **kw)
+
+
+def test_site_labels_match_what_the_images_show():
+    sp = species_images(np.random.default_rng(5), clean(defect_fraction=(0.1, 0.1)))
+    counts = np.bincount(sp.label, minlength=len(CLASSES))
+    assert counts[CLASSES.index("O")] > counts[CLASSES.index("Sr")] > 0 and counts[CLASSES.index("vacant")] > 0
+    inner = ((sp.sites_px > 4) & (sp.sites_px < 91)).all(axis=1)
+    h = integrate(sp.haadf.astype(float), sp.sites_px, 2.0)
+    a = integrate(sp.abf.astype(float), sp.sites_px, 2.0)
+
+    def median(values, name):
+        m = inner & (sp.label == CLASSES.index(name))
+        return np.median(values[m])
+
+    # HAADF: Sr (Z 38) > Ti-O > O > an emptied site; ABF dips at every occupied column (O included)
+    assert median(h, "Sr") > median(h, "Ti-O") > median(h, "O") > median(h, "vacant")
+    assert median(a, "O") < median(a, "vacant")
+
+
+def test_labelled_patches_are_complete_two_channel_cells():
+    x, y, meta = labelled_patches(np.random.default_rng(6), clean())
+    assert x.shape == (len(y), 2, PATCH_SIZE, PATCH_SIZE) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+    assert meta["edge_px"] == pytest.approx(3.905 / 0.15, rel=0.02)  # one cell: two O-cation spacings
+
+
+def test_classifier_input_standardises_and_keeps_unmeasured():
+    rng = np.random.default_rng(0)
+    haadf, abf = rng.poisson(50, (32, 32)).astype(float), rng.poisson(500, (32, 32)).astype(float)
+    abf[0, :4] = np.nan
+    x = classifier_input(haadf, abf)
+    assert x.shape == (2, 32, 32)
+    assert abs(np.nanmean(x[0])) < 1e-5 and np.isnan(x[1, 0, :4]).all() and np.isfinite(x[1, 1:]).all()
+    with pytest.raises(ValueError, match="same H×W"):
+        classifier_input(haadf, abf[:16])
+
+
+def test_shipped_classifier_tells_the_species_of_a_clean_specimen():
+    """High dose, sites displaced as the finder would: the cation/oxygen columns right, and
+    patches at the image edge flagged."""
+    from stemlive.models.column_species import SpeciesClassifier
+
+    clf = SpeciesClassifier.shipped()
+    assert clf.classes == CLASSES
+    r = replace(SpeciesRanges(), dose_e_per_A2=(1e5, 1e5), defect_fraction=(0.05, 0.05))
+    sp = species_images(np.random.default_rng([21, 0]), r)
+    s = sp.meta["sampling_A"]
+    centres = sp.sites_px + np.random.default_rng(1).normal(0, 0.1 / s, sp.sites_px.shape)
+    res = clf.classify(sp.haadf, sp.abf, centres, sampling_A=s)
+    assert res.probabilities.shape == (len(centres), len(CLASSES))
+    assert np.allclose(res.probabilities.sum(axis=1), 1, atol=1e-4)
+    ok = res.complete
+    assert 0 < ok.sum() < len(ok)  # some sites lie within half a cell of the edge
+    species = ok & (sp.label <= CLASSES.index("O"))
+    assert (res.label[species] == sp.label[species]).mean() > 0.9
+    assert res.names()[0] in CLASSES
+    empty = clf.classify(sp.haadf, sp.abf, np.zeros((0, 2)), sampling_A=s)
+    assert len(empty.label) == 0

@@ -179,7 +179,8 @@ class BlockEngine:
             try:
                 if item[0] == "blocks":
                     items = [item]
-                    while len(items) < 4:  # coalesce what is waiting into one batch
+                    # one batch of what is waiting, up to the networks' batch size
+                    while sum(len(it[1]) for it in items) < self.batch:
                         try:
                             nxt = self._queue.get_nowait()
                         except queue.Empty:

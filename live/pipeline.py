@@ -98,12 +98,17 @@ class RunSummary:
         return self.blocks_done > self.blocks_failed
 
 
-def load_analyzer(settings: Settings):
+# ONNX Runtime threads of a run's networks: one, so frame ingest (receiver, LiberTEM's merges,
+# the engine) keeps the other core of a 2-core machine; offline (reanalyse) None: every core
+LIVE_INFERENCE_THREADS = 1
+
+
+def load_analyzer(settings: Settings, threads: int | None = LIVE_INFERENCE_THREADS):
     from ..models.pacbed_analysis import PacbedAnalyzer
     from ..models.cards import SHIPPED_DIR
 
     return PacbedAnalyzer.for_acquisition(settings.kv, settings.alpha_mrad, settings.models_dir or SHIPPED_DIR,
-                                          backend=settings.backend)
+                                          backend=settings.backend, threads=threads)
 
 
 def load_checker(settings: Settings):

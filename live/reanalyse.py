@@ -30,7 +30,7 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
     pac = old["blocks"]["pacbed"]
     settings = source_settings(old, out, models_dir=models_dir, backend=backend, overwrite=overwrite,
                                method=method, progress=progress)
-    analyzer = load_analyzer(settings)
+    analyzer = load_analyzer(settings, threads=None)  # offline: every core
     checker = load_checker(settings)
     grid = BlockGrid(scan, settings.block)
     atoms = load_atom_stitcher(settings, grid) if settings.atoms in old["virtual"] else None

@@ -48,6 +48,11 @@ class Augment:
     saturate_prob: float = 0.0
     display_prob: float = 0.0  # gamma 0.4-1, 8-bit quantised
     hot_pixels: int = 0
+    # frames that show less than the canonical window (longer camera length, disk off centre):
+    # share of samples cut by a frame edge, and the field shown to the nearest edge [α]; the
+    # off-frame pixels are filled radially as at inference (`canonical.normalise(valid=...)`)
+    field_prob: float = 0.0
+    field_alpha: tuple[float, float] = (1.4, 2.6)
 
 
 ALIGN_AUGMENT = Augment(shift_px=5.0, scale=0.2, rotation_deg=45.0, shear=0.02, saturate_prob=0.2,
@@ -75,15 +80,69 @@ def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def normalise_torch(counts: torch.Tensor, background: torch.Tensor,
-                    window_alpha: float = canonical.ANALYSIS_WINDOW_ALPHA) -> torch.Tensor:
-    """Torch twin of :func:`stemlive.models.canonical.normalise`."""
+                    window_alpha: float = canonical.ANALYSIS_WINDOW_ALPHA,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin of :func:`stemlive.models.canonical.normalise` (``valid``: (B, 1, P, P) real
+    pixels; the unit from those, the window's others filled radially, as at inference)."""
     m = torch.from_numpy(canonical.window_mask(window_alpha))
-    mean = counts[..., m].mean(dim=-1)[..., None, None].clamp_min(1e-12)
-    x = (counts / mean - background.view(-1, 1, 1, 1)).clamp_min(0).sqrt()
+    b = background.view(-1, 1, 1, 1)
+    if valid is None:
+        mean = counts[..., m].mean(dim=-1)[..., None, None].clamp_min(1e-12)
+        return _standardise_torch(counts / mean - b, m)
+    use = valid & m
+    n_use = use.sum(dim=(-1, -2), keepdim=True).clamp_min(1)
+    mean = (torch.where(use, counts, 0).sum(dim=(-1, -2), keepdim=True) / n_use).clamp_min(1e-12)
+    return _standardise_torch(fill_radially_torch(counts / mean - b, use), m)
+
+
+def _standardise_torch(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    x = y.clamp_min(0).sqrt()
     inside = x[..., m]
     mu = inside.mean(dim=-1)[..., None, None]
     sd = inside.std(dim=-1)[..., None, None].clamp_min(1e-6)
     return torch.where(m, (x - mu) / sd, torch.zeros(()))
+
+
+_RING = torch.from_numpy(canonical._RING)
+
+
+def fill_radially_torch(y: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`stemlive.models.canonical.fill_radially` on (B, 1, P, P): pixels
+    outside ``use`` take the mean of the ``use`` pixels on their 1 px ring (a ring without any:
+    the nearest ring inside that has some, else outside)."""
+    n, rings = y.shape[0], int(_RING.max()) + 1
+    idx = _RING.view(1, -1).expand(n, -1)
+    w = use.view(n, -1).to(y.dtype)
+    total = torch.zeros(n, rings, dtype=torch.float64).scatter_add_(1, idx, (y.view(n, -1) * w).double())
+    count = torch.zeros(n, rings, dtype=torch.float64).scatter_add_(1, idx, w.double())
+    prof = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+    for r in range(1, rings):  # nearest ring inside with data
+        prof[:, r] = torch.where(torch.isnan(prof[:, r]), prof[:, r - 1], prof[:, r])
+    for r in range(rings - 2, -1, -1):  # rings inside every ring with data: the nearest outside
+        prof[:, r] = torch.where(torch.isnan(prof[:, r]), prof[:, r + 1], prof[:, r])
+    filled = torch.nan_to_num(prof, nan=0.0).to(y.dtype)[:, _RING].view_as(y)
+    return torch.where(use, y, filled)
+
+
+def frame_valid_torch(n: int, g: torch.Generator, aug: "Augment", centre_px: torch.Tensor) -> torch.Tensor:
+    """(n, 1, P, P) real-pixel masks: a share ``aug.field_prob`` of the crops is cut by the edges
+    of a recorded frame turned by a random angle, the nearest edge ``aug.field_alpha`` from the
+    disk centre (``centre_px``: its canonical offset), the others farther (up to 5 α)."""
+    P = canonical.PIXELS
+    c = (P - 1) / 2
+    u = torch.stack(torch.meshgrid(torch.arange(P) - c, torch.arange(P) - c, indexing="ij"), 0).float()
+    u = (u.view(1, 2, P, P) - centre_px.view(n, 2, 1, 1)) / canonical.ALPHA_PX  # [α] from the disk centre
+    ang = torch.rand(n, generator=g) * (math.pi / 2)
+    v0 = torch.cos(ang).view(n, 1, 1) * u[:, 0] + torch.sin(ang).view(n, 1, 1) * u[:, 1]
+    v1 = -torch.sin(ang).view(n, 1, 1) * u[:, 0] + torch.cos(ang).view(n, 1, 1) * u[:, 1]
+    lo, hi = aug.field_alpha
+    near = lo + torch.rand(n, generator=g) * (hi - lo)
+    edges = near[:, None] + torch.rand(n, 4, generator=g) * (5.0 - near[:, None])
+    edges[torch.arange(n), torch.randint(4, (n,), generator=g)] = near  # one edge at the field shown
+    e = edges.view(n, 4, 1, 1)
+    valid = (v0 >= -e[:, 0]) & (v0 <= e[:, 1]) & (v1 >= -e[:, 2]) & (v1 <= e[:, 3])
+    cut = torch.rand(n, generator=g) < aug.field_prob
+    return torch.where(cut.view(n, 1, 1), valid, torch.ones_like(valid)).view(n, 1, P, P)
 
 
 class PacbedSampler:
@@ -262,19 +321,27 @@ class PacbedSampler:
         if size != canonical.PIXELS:
             counts = F.interpolate(counts, size=(canonical.PIXELS, canonical.PIXELS), mode="bilinear",
                                    align_corners=False)
-        # the uniform part in units of the final mean inside the window: what the analysis subtracts
-        cm = counts.mean(dim=(-1, -2))[:, 0]
-        cw = counts[..., torch.from_numpy(canonical.window_mask(window_alpha))].mean(dim=-1)[:, 0]
-        b_total = ((b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) + dark) / cw
-        sub = b_total * torch.rand(n, generator=g) if subtract_background else torch.zeros(n)
-        x = normalise_torch(counts, sub, window_alpha)
         # where the true disk is, as seen in this crop: centre u* = -M^-1 shift [canonical px],
         # radius ALPHA_PX / scale, rotation θ = -φ (DESIGN.md: crop offset d shows R(θ)·d)
         centre = -(torch.linalg.inv(m) @ shift[:, :, None])[:, :, 0]
+        valid = frame_valid_torch(n, g, aug, centre) if aug.field_prob > 0 else None
+        # the uniform part in units of the final mean inside the window (over its real pixels):
+        # what the analysis subtracts
+        cm = counts.mean(dim=(-1, -2))[:, 0]
+        win = torch.from_numpy(canonical.window_mask(window_alpha))
+        if valid is None:
+            cw = counts[..., win].mean(dim=-1)[:, 0]
+        else:
+            cw = (torch.where(valid & win, counts, 0).sum(dim=(-1, -2)) / (valid & win).sum(dim=(-1, -2)))[:, 0]
+        b_total = ((b * mean[:, 0, 0, 0] / img.mean(dim=(-1, -2))[:, 0]) * (cm - dark) + dark) / cw
+        sub = b_total * torch.rand(n, generator=g) if subtract_background else torch.zeros(n)
+        x = normalise_torch(counts, sub, window_alpha, valid)
         theta = torch.rad2deg(-phi)
         labels = {"thickness_nm": th, "tilt_mrad": tilt, "background": b_total - sub, "dose": d,
                   "background_total": b_total, "counts": counts, "center_offset_px": centre,
                   "radius_ratio": 1 / scale, "rotation_deg": theta}
+        if valid is not None:
+            labels["valid"] = valid
         return x, labels
 
 

@@ -38,6 +38,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--holdout", type=float, default=d.holdout_fraction, help="fraction of simulations held out")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--field-prob", type=float, default=0.0,
+                   help="thickness/tilt: share of training crops cut by a frame edge (frames showing ±1.4-2.6 α; "
+                        "off-frame pixels filled radially as at inference)")
     p.add_argument("--task", choices=["all", "align", "thickness-tilt"], default="all",
                    help="which network(s): the alignment one (centre, size, rotation), the thickness/tilt one, or both")
     p.set_defaults(func=run_pacbed)
@@ -61,6 +64,7 @@ def run_pacbed(args) -> int:
     from .train_align import train_align
 
     d = TrainConfig()
+    from .pacbed_data import Augment
     from .train_pacbed import train_pacbed
 
     cfg = TrainConfig(steps=args.steps or d.steps, batch=args.batch, width=args.width, holdout_fraction=args.holdout,
@@ -81,8 +85,11 @@ def run_pacbed(args) -> int:
             c = replace(cfg, steps=args.align_steps) if task == "align" else cfg
             if task == "thickness-tilt" and not args.library and args.steps is None:
                 c = replace(c, steps=SHIPPED_STEPS.get(name, cfg.steps))
-            work = (args.work or default_cache_dir() / "training") / f"{model}-s{c.steps}-b{c.batch}-w{c.width}"
-            print(train(lib, args.out or SHIPPED_DIR, model, work, c))
+            tag, kw = "", {}
+            if task == "thickness-tilt" and args.field_prob > 0:
+                tag, kw = f"-f{args.field_prob:g}", {"aug": Augment(field_prob=args.field_prob)}
+            work = (args.work or default_cache_dir() / "training") / f"{model}-s{c.steps}-b{c.batch}-w{c.width}{tag}"
+            print(train(lib, args.out or SHIPPED_DIR, model, work, c, **kw))
     return 0
 
 

@@ -39,13 +39,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def predict(model, counts: torch.Tensor, iterations: int) -> dict:
-    """The analysis on canonical counts: converge the uniform background, then read the outputs."""
+def predict(model, counts: torch.Tensor, iterations: int, valid: torch.Tensor | None = None) -> dict:
+    """The analysis on canonical counts (``valid``: their real pixels, for crops of frames that
+    show less than the window): converge the uniform background, then read the outputs."""
     b = torch.zeros(counts.shape[0])
     for _ in range(iterations):
-        out = model(normalise_torch(counts, b))
+        out = model(normalise_torch(counts, b, valid=valid))
         b = (b + out[3][:, 0]).clamp(min=0)
-    t, a0, a1, _ = model(normalise_torch(counts, b))
+    t, a0, a1, _ = model(normalise_torch(counts, b, valid=valid))
     return {"thickness_prob": t.softmax(1).numpy(), "tilt0_prob": a0.softmax(1).numpy(),
             "tilt1_prob": a1.softmax(1).numpy(), "background": b.numpy()}
 
@@ -55,7 +56,7 @@ def evaluate(model, val: list, iterations: int, thickness_bins: np.ndarray, tilt
     res = {}
     with torch.no_grad():
         for dose, (counts, lab) in val:
-            p = predict(model, counts, iterations)
+            p = predict(model, counts, iterations, lab.get("valid"))
             th, th_sig = estimate(p["thickness_prob"], thickness_bins)
             per_axis = [estimate(p[f"tilt{i}_prob"], tilt_bins) for i in (0, 1)]
             tilt = np.stack([e for e, _ in per_axis], axis=1)

@@ -115,3 +115,44 @@ def test_alignment_training_exports_a_card(quadrant_library, tmp_path):
     out = be(np.zeros((2, 1, 64, 64), np.float32))
     assert out["center_offset_px"].shape == (2, 2) and out["rotation_4"].shape == (2, 2)
     assert set(card.data["validation"]) == {"first step", "converging"}
+
+
+def test_partial_field_training_input_matches_inference():
+    """Crops cut by a frame edge: the torch twin fills and normalises as `canonical.normalise`
+    does at inference; an all-real window gives exactly the whole-window input."""
+    from stemlive.simulate.pacbed_data import frame_valid_torch, normalise_torch
+
+    g = torch.Generator().manual_seed(0)
+    valid = frame_valid_torch(16, g, Augment(field_prob=1.0), torch.randn(16, 2, generator=g))
+    counts = torch.rand(16, 1, 64, 64, generator=g) * 100 + 5
+    b = torch.rand(16, generator=g) * 0.1
+    win = torch.from_numpy(canonical.window_mask(canonical.ANALYSIS_WINDOW_ALPHA))
+    assert (~valid & win).any(dim=(-1, -2)).all()  # every crop is cut inside the window
+    xt = normalise_torch(counts, b, valid=valid).numpy()[:, 0]
+    xn = canonical.normalise(counts.numpy()[:, 0], b.numpy(), valid=valid.numpy()[:, 0])
+    assert np.abs(xt - xn).max() < 5e-3
+    whole = normalise_torch(counts, b, valid=torch.ones_like(valid))
+    assert torch.allclose(whole, normalise_torch(counts, b), atol=1e-5)
+
+
+def test_frame_edges_show_the_drawn_field():
+    """The nearest off-frame pixel lies at the drawn field (±1 canonical px), never nearer; with
+    field_prob 0 nothing is cut."""
+    from stemlive.simulate.pacbed_data import frame_valid_torch
+
+    aug = Augment(field_prob=1.0, field_alpha=(1.4, 1.8))
+    centre = torch.zeros(64, 2)
+    valid = frame_valid_torch(64, torch.Generator().manual_seed(1), aug, centre)[:, 0]
+    r = torch.from_numpy(np.hypot(*(np.indices((64, 64)) - 31.5))).float() / canonical.ALPHA_PX
+    nearest = torch.where(~valid, r, torch.full_like(r, 99.0)).amin(dim=(-1, -2))
+    assert (nearest >= 1.4 - 1 / canonical.ALPHA_PX).all() and (nearest <= 1.8 + 1 / canonical.ALPHA_PX).all()
+    none = frame_valid_torch(8, torch.Generator().manual_seed(1), Augment(field_prob=0.0), torch.zeros(8, 2))
+    assert none.all()
+
+
+def test_sampler_draws_partial_fields_with_their_masks(quadrant_library):
+    sampler = PacbedSampler(PacbedLibrary.load(quadrant_library), 0.0)
+    x, lab = sampler.sample(32, torch.Generator().manual_seed(2), Augment(field_prob=0.5))
+    assert lab["valid"].shape == (32, 1, 64, 64) and torch.isfinite(x).all()
+    cut = (~lab["valid"]).any(dim=(-1, -2, -3))
+    assert 0 < int(cut.sum()) < 32

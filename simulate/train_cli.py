@@ -64,6 +64,8 @@ def run_pacbed(args) -> int:
     from .train_align import train_align
 
     d = TrainConfig()
+    if not 0 <= args.field_prob <= 1:
+        raise ValueError(f"--field-prob must lie between 0 and 1, got {args.field_prob:g}")
     from .pacbed_data import Augment
     from .train_pacbed import train_pacbed
 

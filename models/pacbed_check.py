@@ -423,6 +423,37 @@ class LibraryCheck:
         return CheckOutcome(est, float(fit["fit_quality"]), alt_t, delta, self.psf[p],
                             float(c / (a + c)) if a + c else float("nan"))
 
+    # -- showing the fit -----------------------------------------------------------------------
+    def render(self, pattern: np.ndarray, estimate: PacbedEstimate) -> dict[str, np.ndarray]:
+        """The pattern beside the library's best account of it, for a person to compare: the
+        canonical crop at the estimate's geometry (``observed``), the forward model fitted there
+        at the library entry nearest its thickness and crystal tilt (``model``: a·A + c·B + b with
+        the local thickness/tilt terms, best ψ; NaN outside the fitted window), ``residual`` and
+        ``valid`` (pixels on the recorded frame), all in the canonical frame (``PIXELS``², crystal
+        axes along the array axes, the zero disk ``ALPHA_PX`` in radius).  A few ms: no search,
+        so it can be asked for any block the check has read (its geometry and reading suffice)."""
+        if estimate.center_px is None or estimate.radius_px is None or estimate.thickness_nm is None \
+                or estimate.tilt_crystal_mrad is None:
+            raise ValueError("render needs an estimate with centre, size, thickness and crystal tilt")
+        with _BLAS.limit(limits=1, user_api="blas"):
+            crop, valid = canonical_crop_valid(pattern, estimate.center_px, estimate.radius_px,
+                                               estimate.rotation_deg or 0.0)
+            tc = np.asarray(estimate.tilt_crystal_mrad, float)
+            flip = (1 if tc[0] >= 0 else -1, 1 if tc[1] >= 0 else -1)
+            f = FLIPS.index(flip)
+            ti = int(np.argmin(np.abs(self.lib.tilt_mrad - np.abs(tc)).max(axis=1)))
+            ki = int(np.argmin(np.abs(self.lib.thickness_nm - estimate.thickness_nm)))
+            chi = self.chi2_all(crop, flips=[f], entries=np.array([ti * self.shape[1] + ki]))[0, :, ti, ki]
+            p = int(np.argmin(chi))
+            v = _flip(crop, *flip)[self.win].astype(np.float64)
+            real = _flip(valid, *flip)[self.win]
+            fit = self.local_fit(v, p, ti, ki, rows=real)
+        model = np.full(crop.shape, np.nan)
+        model[self.win] = v - fit["resid"]
+        model = _flip(model, *flip)  # a mirror is its own inverse
+        return {"observed": np.asarray(crop, np.float64), "model": model, "residual": crop - model,
+                "valid": valid, "fit_quality": np.float64(fit["fit_quality"])}
+
     # -- off the grid --------------------------------------------------------------------------
     def _neighbours(self, ti: int, ki: int) -> list[tuple[tuple, tuple, tuple]]:
         """Per axis (thickness, tilt 0, tilt 1): the entries below and above (the entry itself at

@@ -133,3 +133,25 @@ def replace_scale(cal, factor: float):
     from dataclasses import replace
 
     return replace(cal, thickness_scale=cal.thickness_scale * factor, tilt_scale=cal.tilt_scale * factor)
+
+
+def test_render_shows_the_fitted_library_pattern_beside_the_pattern(compact, lib):
+    a = lib.alpha_mrad / lib.mrad_per_px
+    raw = place(lib.pattern(3.0, (1.0, 0.0)), a, (100, 120), 15.0, (48.3, 61.7), 12.0)
+    start = PacbedEstimate(center_px=(48.9, 61.2), radius_px=15.4, rotation_deg=13.0, thickness_nm=1.0,
+                           tilt_crystal_mrad=(0.0, 0.0), flags=[], in_range=True)
+    check = LibraryCheck(compact)
+    est = check.check(raw, start).estimate
+    shown = check.render(raw, est)
+    inside = np.isfinite(shown["model"])
+    obs = shown["observed"][inside]
+    assert shown["observed"].shape == shown["model"].shape == (64, 64) and inside.mean() > 0.5
+    assert np.linalg.norm(shown["residual"][inside]) < 0.05 * np.linalg.norm(obs - obs.mean())
+    # a wrong reading is visibly worse: another thickness (this tiny 1-4 nm library changes little
+    # with thickness), another disk size (much worse)
+    from dataclasses import replace
+    right = np.linalg.norm(shown["residual"][inside])
+    assert np.linalg.norm(check.render(raw, replace(est, thickness_nm=1.0))["residual"][inside]) > 1.1 * right
+    assert np.linalg.norm(check.render(raw, replace(est, radius_px=est.radius_px * 1.05))["residual"][inside]) > 3 * right
+    with pytest.raises(ValueError, match="render needs"):
+        check.render(raw, replace(est, thickness_nm=None))

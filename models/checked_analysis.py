@@ -150,6 +150,15 @@ class Checker:
         return out
 
 
+def render_check(checker: Checker, pattern: np.ndarray, est: PacbedEstimate) -> dict[str, np.ndarray]:
+    """`LibraryCheck.render` of a raw pattern (scaled as `Checker` scales it for the check): the
+    canonical crop, the library's fitted model at the reading, their difference."""
+    from .coarse_align import intensity_scale
+
+    raw = np.asarray(pattern, np.float64)
+    return checker.check.render((raw / intensity_scale(raw)).astype(np.float32), est)
+
+
 def open_checker(method: str | None, kv: float, alpha_mrad: float,
                  models_dir: str | Path | None = None) -> Checker | None:
     """The checker a run uses, or None for the networks alone.

@@ -448,3 +448,22 @@ def test_a_store_written_live_ends_checked(live_scan, tmp_path):
     assert summary.checks_done == int(checkable.sum()) and summary.checks_per_s > 0
     print(f"live check: {summary.checks_done} blocks, {summary.check_ms_median:.0f} ms median, "
           f"{summary.checks_per_s:.2f}/s, block complete -> checked {summary.check_delay_ms_median:.0f} ms median")
+
+
+def test_render_check_shows_a_shipped_setting_fit():
+    """The shipped check data renders a simulated 13.6 mrad pattern's fit at its checked reading."""
+    import numpy as np
+
+    from stemlive.models.checked_analysis import check_one, open_checker, render_check
+    from stemlive.models.pacbed_analysis import PacbedAnalyzer
+
+    checker = open_checker("check", 200, 13.6)
+    analyzer = PacbedAnalyzer.for_acquisition(200, 13.6)
+    yy, xx = np.indices((96, 96)) - 47.5
+    disk = (np.hypot(yy, xx) < 11).astype(float) * 100 + 1.0  # a plain disk: the fit shows what it can
+    done = check_one(checker, disk, analyzer.analyze([disk])[0])
+    assert done.method == "check", done
+    est = done.estimate
+    shown = render_check(checker, disk * 7.0, est)
+    assert shown["model"].shape == (64, 64) and np.isfinite(shown["model"]).sum() > 1000
+    assert np.all(np.isfinite(shown["residual"][np.isfinite(shown["model"])]))

@@ -123,23 +123,25 @@ def model_features(system: str, angles_deg, zone: str) -> np.ndarray:
     return _model_features(system, tuple(float(a) for a in angles_deg), zone)
 
 
+@lru_cache(maxsize=8)
+def _members(zone: str) -> tuple[tuple[int, ...], ...]:
+    """O atoms per pure-O column: the same for every angle (grouped by untilted positions, and
+    `octahedra.build` orders atoms alike for every system)."""
+    return tuple(tuple(m) for m in layout(oc.build("a0a0a0", square_xy=zone == "[110]"), zone)[1])
+
+
 @lru_cache(maxsize=65536)
 def _model_features(system: str, angles: tuple, zone: str) -> np.ndarray:
     g = oc.parse_glazer(system)
     ang = np.array([0.0 if ph == "0" else (a if abs(a) >= 1e-3 else 1e-3) for ph, a in zip(g.phases, angles)])
     ang = np.clip(ang, -oc.MAX_TILT_DEG, oc.MAX_TILT_DEG)
     s = oc.build(system, ang, square_xy=zone == "[110]")
-    lay, members = layout(s, zone)
-    basis = projection_basis(zone)
     o = s.atoms.positions[s.atoms.get_array("site") == 2]
-    disp = (o - _ideal_o(s)) @ basis.T
-    feats = []
-    for m in members:
-        d = disp[m]
-        mu = d.mean(axis=0)
-        c = np.cov(d.T, bias=True)
-        feats.append([mu[0], mu[1], c[0, 0], c[1, 1], c[0, 1]])
-    return np.array(feats)
+    disp = (o - _ideal_o(s)) @ projection_basis(zone).T
+    d = disp[np.array(_members(zone))]  # (columns, atoms per column, 2); columns hold equally many O
+    mu = d.mean(axis=1)
+    c = d - mu[:, None]
+    return np.column_stack([mu, (c[..., 0] ** 2).mean(1), (c[..., 1] ** 2).mean(1), (c[..., 0] * c[..., 1]).mean(1)])
 
 
 @lru_cache(maxsize=8)
@@ -367,7 +369,7 @@ def fit_system(fits: ColumnFits, system: str, zone: str, scale: float) -> tuple[
         x0 = np.concatenate([np.where(s == 1, -6.0, 6.0), [var0]])
         lo = np.concatenate([[-oc.MAX_TILT_DEG] * len(letters), [0.0]])
         hi = np.concatenate([[oc.MAX_TILT_DEG] * len(letters), [1.0]])
-        res = least_squares(resid, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=60)
+        res = least_squares(resid, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=30)
         if best is None or res.cost < best.cost:
             best = res
     rss = 2 * float(best.cost)

@@ -1,7 +1,7 @@
 """ABF (and HAADF) images of tilted perovskites by abTEM multislice with frozen phonons.
 
-One *run* simulates one projected supercell (`octahedra.tilted_zone_cell`) for one probe: a
-periodic crystal, so scanning a single projected cell gives the whole image; the exit planes
+One *run* simulates one projected supercell (`octahedra.tilted_zone_cell`) for one or more
+probes: a periodic crystal, so scanning a single projected cell gives the whole image; the exit planes
 give a thickness series from one propagation; frozen phonons (abTEM `FrozenPhonons`, rms
 displacements of `crystals.rms_displacements`) are averaged.  Aberrations (defocus, C3, A1, B2)
 and mistilt are set on the probe and so belong to a run; source size, scan noise and Poisson
@@ -32,8 +32,9 @@ Plan for ~1e5 training samples (to run on a GPU; the lead decides):
 1. Distinct runs: 1,200 structures in [110]pc (200 per tilt system, magnitudes uniform
    0.5-15° per Glazer letter with random signs, compounds from `octahedra.BOND_A` with one
    class left out for the held-out test, e.g. the A3+ Fe3+ LaFeO3), 4 frozen-phonon
-   configurations each (ABF is dose-noise limited below 1e5 e/Å²; the phonon noise of 4
-   configurations is below the 1e4 e/Å² Poisson noise), exit planes at 5, 10, 15, 20, 25,
+   configurations each (to be confirmed against 16 on a few runs, as
+   benchmarks/phonon_convergence.py does for PACBED; training adds Poisson noise of
+   1e3-1e5 e/Å² on top), exit planes at 5, 10, 15, 20, 25,
    30 nm from one propagation.
 2. Per run, 4 probes (defocus, C3, A1, B2 within corrector residuals, `RunRanges`): with
    multislice (mistilt included) that is 4 propagations; with PRISM the matrix is built once

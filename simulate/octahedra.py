@@ -83,7 +83,8 @@ class Glazer:
             if phase == "0" and x != 0:
                 raise ValueError(f"{self.symbol}: axis {'xyz'[axis]} is untilted ('0') but its angle is {x}°")
             if phase != "0" and not 0 < abs(x) <= MAX_TILT_DEG:
-                raise ValueError(f"{self.symbol}: tilt about {'xyz'[axis]} must be 0 < |angle| ≤ {MAX_TILT_DEG}°, got {x}°")
+                raise ValueError(f"{self.symbol}: tilt about {'xyz'[axis]} must be 0 < |angle| ≤ {MAX_TILT_DEG}°, "
+                                 f"got {x}°")
         for i in range(3):
             for j in range(i + 1, 3):
                 if self.letters[i] == self.letters[j] and abs(abs(a[i]) - abs(a[j])) > 1e-9:
@@ -96,7 +97,8 @@ def parse_glazer(symbol: str) -> Glazer:
     """'a-a-c+' -> Glazer(phases=('-', '-', '+'), letters=('a', 'a', 'c'))."""
     m = re.fullmatch(r"([abc])([0+-])([abc])([0+-])([abc])([0+-])", symbol.strip())
     if m is None:
-        raise ValueError(f"{symbol!r} is not a Glazer symbol such as 'a-a-c+' (three letters a-c, each followed by 0, + or -)")
+        raise ValueError(f"{symbol!r} is not a Glazer symbol such as 'a-a-c+' "
+                         "(three letters a-c, each followed by 0, + or -)")
     letters, phases = m.group(1, 3, 5), m.group(2, 4, 6)
     return Glazer(symbol.strip(), phases, letters)  # type: ignore[arg-type]
 
@@ -298,8 +300,9 @@ def tilted_zone_cell(system: str, angles_deg, zone: str, a_site: str = "Sr", b_s
 # a component along the beam (in-phase about z in [001]; α+β, the [110] component, in [110] for
 # a-a-); anti-phase stacking about the beam ('-' in [001]) splits each O column symmetrically
 # (magnitude only), and rotations about in-plane axes mostly move O along the beam.  In [110],
-# γ (about the in-plane [001]) never shows its sign: flipping it mirrors the projection onto
-# itself.  Signs also depend on relative signs: a-a-a- with α = −β has no [110] component, and
+# γ alone (a0a0c±, about the in-plane [001]) shows no sign: flipping it mirrors the projection
+# onto itself; next to an equal β (a0b-b-, a+b-b-) the flip is no longer a symmetry and both
+# signs show.  Signs also depend on relative signs: a-a-a- with α = −β has no [110] component, and
 # then no sign shows at all.  Magnitudes: every tilt moves some O in-plane, so all show, but
 # those about in-plane axes only through O-column broadening (~d·sinθ spread), which ABF
 # resolves far less well than a displacement.

@@ -38,7 +38,9 @@ REFERENCE_SPACING_A = 2.0  # length scales without a sampling: fractions of the 
 
 @dataclass(frozen=True)
 class Screen:
-    """Thresholds of the three tests (see the module docstring)."""
+    """Thresholds of the three tests (see the module docstring).  ``min_confidence`` is a floor
+    above the card's own threshold (0: the card's alone); ``background_A`` the radius the gaps
+    between columns are looked for in."""
 
     min_confidence: float
     min_contrast_z: float

@@ -72,7 +72,6 @@ def _logu(rng, lo_hi) -> float:
 
 def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges()) -> SpeciesImages:
     """One SrTiO3 [001] specimen seen in HAADF and ABF, with every site's class."""
-    from ..models.atom_analysis import network_input  # noqa: F401  (the contract the patches follow)
     from .atom_images import _columns
     from .convolution_image import column_map, probe_intensity
 

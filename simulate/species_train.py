@@ -77,10 +77,10 @@ def accuracy_by_dose(probs: np.ndarray, y: np.ndarray, dose: np.ndarray) -> dict
 
 
 def train_species(out_dir: Path, work_dir: Path, n_images: int = 400, n_val_images: int = 48, steps: int = 2500,
-                  batch: int = 128, width: int = 16, threads: int = 1, progress: bool = True) -> Path:
+                  batch: int = 128, width: int = 16, threads: int = 1, balance: float = 1.0,
+                  progress: bool = True) -> Path:
     import torch
 
-    from ..models.cards import sha256_of  # noqa: F401  (publish writes it)
     from .train_config import TrainConfig
     from .trainer import fit, publish
 
@@ -90,8 +90,9 @@ def train_species(out_dir: Path, work_dir: Path, n_images: int = 400, n_val_imag
     val = np.load(write_patches(work_dir / "val.npz", n_val_images, seed=1, ranges=ranges, progress=progress))
     xt, yt = torch.from_numpy(train["x"]), torch.from_numpy(train["y"])
     xv, yv, dv = torch.from_numpy(val["x"]), val["y"], val["dose"]
-    # balanced batches: the rare classes (vacant, partial) as often as the others
-    weights = torch.from_numpy(1.0 / np.bincount(train["y"], minlength=len(CLASSES))[train["y"]])
+    # class-balanced batches (balance 1: the rare classes, vacant and partial, as often as the
+    # others; 0.5: halfway in log, between that and the natural frequencies; 0: natural)
+    weights = torch.from_numpy(np.bincount(train["y"], minlength=len(CLASSES))[train["y"]] ** -float(balance))
     model = build_net(width)
     cfg = TrainConfig(steps=steps, batch=batch, lr=3e-3, weight_decay=1e-4, width=width, val_every=max(100, steps // 10),
                       threads=threads)
@@ -129,7 +130,7 @@ def train_species(out_dir: Path, work_dir: Path, n_images: int = 400, n_val_imag
                      "simulator_version": f"abTEM {abtem.__version__} probe",
                      "n_images": n_images, "n_patches": int(len(yt)), "held_out_images": n_val_images,
                      "position_error_A": ranges.position_error_A,
-                     "config": {"steps": steps, "batch": batch, "width": width},
+                     "config": {"steps": steps, "batch": batch, "width": width, "class_balance": balance},
                      "training_seconds": history[-1]["seconds"]},
         "validation": history[-1]["val"],
     }
@@ -143,11 +144,13 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=400, help="training specimens (~130 patches each)")
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--balance", type=float, default=1.0,
+                    help="class balance of the batches: 1 every class equally often, 0 as simulated")
     ap.add_argument("--threads", type=int, default=1,
                     help="PyTorch threads (1: on a busy 2-core machine two threads spin-wait, 8× slower)")
     args = ap.parse_args(argv)
     path = train_species(args.out, args.work, n_images=args.images, steps=args.steps, batch=args.batch,
-                         threads=args.threads)
+                         threads=args.threads, balance=args.balance)
     print(f"card: {path}")
 
 

@@ -75,3 +75,18 @@ def test_shipped_classifier_tells_the_species_of_a_clean_specimen():
     assert res.names()[0] in CLASSES
     empty = clf.classify(sp.haadf, sp.abf, np.zeros((0, 2)), sampling_A=s)
     assert len(empty.label) == 0
+
+
+def test_write_patches_resumes_and_refuses_other_settings(tmp_path):
+    from stemlive.simulate.species_images import write_patches
+
+    r = replace(SpeciesRanges(), size_px=64)
+    out = write_patches(tmp_path / "p.npz", 2, seed=3, ranges=r, progress=False)
+    with np.load(out, allow_pickle=False) as z:
+        x, y, dose = z["x"], z["y"], z["dose"]
+    assert x.shape[1:] == (2, PATCH_SIZE, PATCH_SIZE) and len(x) == len(y) == len(dose) > 0
+    again = write_patches(tmp_path / "p.npz", 2, seed=3, ranges=r, progress=False)  # from the parts
+    with np.load(again, allow_pickle=False) as z:
+        assert np.array_equal(z["x"], x)
+    with pytest.raises(FileExistsError, match="other settings"):
+        write_patches(tmp_path / "p.npz", 3, seed=3, ranges=r, progress=False)

@@ -180,6 +180,7 @@ class Page:
         grids = [gridplot(figs, ncols=3, toolbar_location="right")]
         if vfigs:
             grids.append(gridplot(vfigs, ncols=4, toolbar_location="right"))
+            grids[-1].name = "virtual-grid"
         for grid, name in zip(grids, ("stemlive-maps", "stemlive-virtual")):
             for tool in grid.toolbar.tools:  # the merged save tool: a file name, no prompt
                 if isinstance(tool, SaveTool):

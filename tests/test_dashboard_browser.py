@@ -119,6 +119,10 @@ def test_dashboard_live(live_scan, tmp_path):
         assert list(shape) == list(meta["frame_shape"])
         a.save_screenshot(str(ARTIFACTS / "dashboard-finished.png"))
         exercise_controls(a, final, tmp_path / "downloads")
+        # the atom overlay, ticked on by the controls' test, over the virtual images
+        grid = a.execute_script("const m = Bokeh.documents[0].get_model_by_name('virtual-grid');"
+                                "const v = Bokeh.index.find_one(m); v.el.scrollIntoView(); return v.el")
+        grid.screenshot(str(ARTIFACTS / "dashboard-atoms.png"))
         for drv in drivers:
             assert br.console_errors(drv) == []
     finally:

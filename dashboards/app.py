@@ -18,15 +18,16 @@ import numpy as np
 from bokeh.events import SelectionGeometry, Tap
 from bokeh.layouts import column, gridplot, row
 from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, ColorBar, ColumnDataSource,
-                          CustomJS, CustomJSHover, Div, HoverTool, LinearColorMapper,
-                          MetricLength, PanTool, RadioButtonGroup, Range1d, ResetTool, SaveTool, ScaleBar,
-                          Select, Spinner, TapTool, WheelZoomTool)
+                          CustomJS, Div, HoverTool, LinearColorMapper, MetricLength, PanTool, RadioButtonGroup,
+                          Range1d, ResetTool, SaveTool, ScaleBar, Select, Spinner, TapTool, WheelZoomTool)
 from bokeh.plotting import figure
 
+from . import hover
 from .display import (GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
-                      display_factor, doubtful, downsample, flag_text, region_stats, status_text)
+                      display_factor, doubtful, downsample, region_stats, status_text)
 from .exports import maps_csv
-from .pacbed_panel import PacbedPanel
+from .pacbed_panel import PacbedPanel, block_text
+from .patches import row_patch
 
 TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
@@ -35,42 +36,6 @@ FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this
 BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
-
-# hover: the block under the pointer and flag names (bits -> names in the browser)
-BLOCK_JS = """
-if (format == "blk") {
-  const i = Math.floor(special_vars.y / by), j = Math.floor(special_vars.x / bx);
-  return "(" + i + ", " + j + ")";
-}
-return value.toFixed(2);"""
-FLAGS_JS = """
-if (format != "flags") return value.toFixed(2);
-const img = src.data.bits[0];
-const ny = img.shape ? img.shape[0] : img.length, nx = img.shape ? img.shape[1] : img[0].length;
-const i = Math.floor(special_vars.y / by), j = Math.floor(special_vars.x / bx);
-if (i < 0 || j < 0 || i >= ny || j >= nx) return "—";
-const v = img.shape ? img[i * nx + j] : img[i][j];
-if (v == null || Number.isNaN(v)) return "—";
-const out = [];
-for (let k = 0; k < names.length; k++) { if (Math.floor(v / 2 ** k) % 2 == 1) out.push(names[k]); }
-return out.length ? out.join(", ") : "none";"""
-
-
-def row_runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted rows as [start, stop) runs: one patch entry per run instead of one per row."""
-    runs: list[list[int]] = []
-    for r in sorted(rows):
-        if runs and r == runs[-1][1]:
-            runs[-1][1] = r + 1
-        else:
-            runs.append([r, r + 1])
-    return [(a, b) for a, b in runs]
-
-
-def row_patch(values: np.ndarray, rows: list[int]) -> list:
-    """Patch entries replacing ``rows`` of a 2-D image column (values flattened row by row)."""
-    return [((0, slice(a, b), slice(None)), np.ascontiguousarray(values[a:b]).ravel()) for a, b in row_runs(rows)]
-
 
 class Page:
     def __init__(self, doc, feed):
@@ -174,7 +139,8 @@ class Page:
         self.models = Div(text=(f"models: {', '.join(meta.get('models', [])) or '—'}"
                                 + (f" — store: {meta['store']}" if meta.get("store") else "")
                                 + f" — scan {sy}×{sx} px, blocks of {self.block[0]}×{self.block[1]} px"
-                                + (f", scan step {self.step:.4g} nm" if self.step else ", scan step unknown (axes in px)")),
+                                + (f", scan step {self.step:.4g} nm" if self.step
+                                   else ", scan step unknown (axes in px)")),
                           name="models", sizing_mode="stretch_width")
         side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
         grids = [gridplot(figs, ncols=3, toolbar_location="right")]
@@ -193,17 +159,16 @@ class Page:
 
     def _image_figure(self, key, title, unit, values, palette, kind, registry, extent, factor, blocks: bool):
         dw, dh = extent
-        mapper = LinearColorMapper(palette=list(palette), nan_color=TRANSPARENT, name=f"mapper-{key}")  # unscanned: transparent
+        # unscanned blocks and pixels: transparent
+        mapper = LinearColorMapper(palette=list(palette), nan_color=TRANSPARENT, name=f"mapper-{key}")
         data = self._columns(key, values, factor, blocks)
         mapper.low, mapper.high = auto_range(data["image"][0], kind)
         source = ColumnDataSource(data, name=f"source-{key}")
-        by, bx = self.block[0] * self.s * self.factor, self.block[1] * self.s * self.factor  # display blocks
+        block = (self.block[0] * self.s, self.block[1] * self.s)
         tooltips = [("block (i, j)", "$y{blk}"), ("at", f"$x{{pos}}, $y{{pos}} {self.unit}"),
                     (title.split(" (")[0], f"@image{{0.00}} {unit}")]
-        formatters = {"$y": CustomJSHover(args=dict(by=self.block[0] * self.s, bx=self.block[1] * self.s),
-                                          code=BLOCK_JS),
-                      "$x": CustomJSHover(args=dict(src=self.flag_source, names=self.flag_names, by=by, bx=bx),
-                                          code=FLAGS_JS)}
+        formatters = hover.formatters(block, (block[0] * self.factor, block[1] * self.factor), self.flag_source,
+                                      self.flag_names)
         if "sigma" in data:
             tooltips.append(("σ", f"@sigma{{0.00}} {unit}"))
         tooltips.append(("flags", "$x{flags}"))
@@ -264,7 +229,7 @@ class Page:
         self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images"], active=[],
                                         name="show-atoms")
         self.show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=self.show_atoms),
-                                                        code="for (const r of renderers) { r.visible = box.active.includes(0); }"))
+            code="for (const r of renderers) { r.visible = box.active.includes(0); }"))
         self.show_doubt = CheckboxGroup(labels=["grey out doubtful blocks on the thickness map (flags, σ > 5 nm)"],
                                         active=[0], name="show-doubt")
         self.show_doubt.js_on_change("active", CustomJS(args=dict(r=self.doubt_renderer, box=self.show_doubt),
@@ -572,26 +537,6 @@ class Page:
         self.region_info.text = (f"<b>Region</b> blocks {i0}–{i1 - 1} × {j0}–{j1 - 1}:"
                                  f"<table class='region'><tr><th>map</th><th>mean ± sd</th><th>count</th></tr>"
                                  f"{table}</table>{correction}")
-
-
-def block_text(i: int, j: int, header: dict, flag_names: list[str] = ()) -> str:
-    est = header.get("estimate", {})
-    if not header.get("done"):
-        return f"<b>block ({i}, {j})</b>: not analysed yet ({header.get('frames', 0)} frames so far)."
-
-    def num(v, fmt="{:.1f}"):
-        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-    t, ts = est.get("thickness_nm"), est.get("thickness_sigma_nm")
-    tilt, tsig = est.get("tilt_mrad") or [None, None], est.get("tilt_sigma_mrad") or [None, None]
-    flags = flag_text(est.get("flags", 0) or 0, list(flag_names)) if flag_names else ""
-    method = {1: "networks", 2: "library check"}.get(est.get("method"), "")
-    return (f"<b>block ({i}, {j})</b>, {header.get('frames')} frames"
-            + (f", read by the {method}" if method else "") + ": "
-            f"<span class='thickness'>thickness {num(t)} ± {num(ts)} nm</span>; "
-            f"tilt t0 {num(tilt[0], '{:+.2f}')} ± {num(tsig[0], '{:.2f}')}, "
-            f"t1 {num(tilt[1], '{:+.2f}')} ± {num(tsig[1], '{:.2f}')} mrad"
-            + (f"; flags: {flags}" if flags else "") + ".")
 
 
 def make_document(doc, feed) -> Page:

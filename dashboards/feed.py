@@ -2,8 +2,9 @@
 
 `LiveFeed`: one ZMQ SUB (blocks, virtual rows, status) and one REQ (the full state on start and
 after any gap, a block's PACBED on demand) to a running engine.  `StoreFeed` (store_feed.py): a
-result store read from disk, followed while its run still writes it.  Both expose the same `Snapshot` and a version number that
-grows with every change, so a session knows whether it must redraw.
+result store read from disk, followed while its run still writes it.  Both expose the same
+`Snapshot` and a version number that grows with every change, so a session knows whether it
+must redraw.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from bokeh.models import (Button, ColorBar, ColumnDataSource, Div, LabelSet, Lin
                           RadioButtonGroup, Range1d, Slider)
 from bokeh.plotting import figure
 
-from .display import SEQUENTIAL
+from .display import SEQUENTIAL, flag_text
 
 SCALES = ("linear", "log", "gamma")
 
@@ -157,3 +157,23 @@ class PacbedPanel:
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
             self.mapper.update(low=lo, high=hi if hi > lo else lo + 1)
+
+
+def block_text(i: int, j: int, header: dict, flag_names: list[str] = ()) -> str:
+    est = header.get("estimate", {})
+    if not header.get("done"):
+        return f"<b>block ({i}, {j})</b>: not analysed yet ({header.get('frames', 0)} frames so far)."
+
+    def num(v, fmt="{:.1f}"):
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    t, ts = est.get("thickness_nm"), est.get("thickness_sigma_nm")
+    tilt, tsig = est.get("tilt_mrad") or [None, None], est.get("tilt_sigma_mrad") or [None, None]
+    flags = flag_text(est.get("flags", 0) or 0, list(flag_names)) if flag_names else ""
+    method = {1: "networks", 2: "library check"}.get(est.get("method"), "")
+    return (f"<b>block ({i}, {j})</b>, {header.get('frames')} frames"
+            + (f", read by the {method}" if method else "") + ": "
+            f"<span class='thickness'>thickness {num(t)} ± {num(ts)} nm</span>; "
+            f"tilt t0 {num(tilt[0], '{:+.2f}')} ± {num(tsig[0], '{:.2f}')}, "
+            f"t1 {num(tilt[1], '{:+.2f}')} ± {num(tsig[1], '{:.2f}')} mrad"
+            + (f"; flags: {flags}" if flags else "") + ".")

@@ -257,7 +257,7 @@ def test_block_pacbed_requests_run_off_the_event_loop():
 
 
 def test_row_patches_group_runs_of_rows():
-    from stemlive.dashboards.app import row_patch, row_runs
+    from stemlive.dashboards.patches import row_patch, row_runs
 
     assert row_runs([5, 1, 2, 3, 7, 8]) == [(1, 4), (5, 6), (7, 9)]
     img = np.arange(20.0).reshape(4, 5)

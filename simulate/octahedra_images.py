@@ -100,7 +100,7 @@ class Numerics:
 
     sampling_A: float = 0.05  # wave/potential sampling; 0.05 Å keeps 167 mrad at 300 kV below the 2/3 antialias limit
     min_extent_A: float = 20.0  # the probe window: the cell is tiled to at least this
-    scan_step_A: float = 0.2  # probe step over the projected cell
+    scan_step_A: float = 0.2  # ≤ 0.2 Å: images hold up to 2α/λ = 2.4 Å⁻¹ (else aliased)
     phonon_configs: int = 8
     abf_mrad: tuple[float, float] = (12.0, 24.0)  # half to full convergence angle
     haadf_mrad: tuple[float, float] = (70.0, 160.0)
@@ -376,7 +376,12 @@ def write_runs(out: Path, n_runs: int, seed: int = 0, ranges: RunRanges = RunRan
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = json.dumps({"n_runs": n_runs, "seed": seed, "ranges": asdict(ranges), "numerics": asdict(numerics),
                        "thickness_nm": [float(t) for t in thickness_nm], "method": method}, sort_keys=True)
-    with h5py.File(out, "a") as f:
+    try:
+        f = h5py.File(out, "a")
+    except OSError as e:  # h5py files are not crash-safe: a job killed before its first flush
+        raise OSError(f"{out} cannot be opened ({e}); it was probably left truncated by a killed job "
+                      "before its first run was written -- remove it and start again") from e
+    with f:
         if "spec" in f.attrs and f.attrs["spec"] != spec:
             raise FileExistsError(f"{out} holds runs made with other settings; choose another output file")
         f.attrs["spec"] = spec

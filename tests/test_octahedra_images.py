@@ -123,3 +123,10 @@ def test_draws_respect_the_glazer_system():
         oi.oc.parse_glazer(s.system).check_angles(s.angles_deg)  # raises if letters/zeros are broken
         p = oi.draw_probe(rng, r, mistilt=True)
         assert np.hypot(*p.mistilt_mrad) <= 5.0 and abs(p.c3_A) <= 5e4 and p.a1_A <= 50 and p.b2_A <= 500
+
+
+def test_truncated_file_is_explained(tmp_path):
+    out = tmp_path / "runs.h5"
+    out.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 88)  # what a job killed before its first flush leaves
+    with pytest.raises(OSError, match="remove it and start again"):
+        oi.write_runs(out, 1, numerics=TINY, thickness_nm=(0.8,), progress=False)

@@ -351,7 +351,7 @@ def compare_random(report: Report, card, be, ref, fp16: bool, quick: bool, rng) 
         shapes = [(1, 1) + hw for hw in ATOM_SIZES[quick]] + [(5, 1, 32, 32)]  # 5 > the profile's 4: split
         what = f"images {ATOM_SIZES[quick][0][0]}² to {max(max(s) for s in ATOM_SIZES[quick])} px, a batch of 5"
     else:
-        shapes = [(n, 1) + tuple(be.input_shape[1:]) for n in PACBED_BATCHES[quick]]
+        shapes = [(n,) + tuple(be.input_shape) for n in PACBED_BATCHES[quick]]
         what = f"batches {min(PACBED_BATCHES[quick])}-{max(PACBED_BATCHES[quick])}"
     errors = []
     for shape in shapes:
@@ -388,7 +388,7 @@ def compare_end_to_end(report: Report, cards, engines: dict, work: Path, ref: di
     if args.device != 0:
         report.skip("end to end", "the commands load on device 0; run with --device 0")
         return
-    used = [c for c in cards if c.task.startswith("atoms-") or abs(c.alpha_mrad - ALPHA) < 0.1]
+    used = [c for c in cards if c.task.startswith("atoms-") or (c.task.startswith("pacbed-") and abs(c.alpha_mrad - ALPHA) < 0.1)]
     for fp16 in (False, True):
         tag = "-fp16" if fp16 else ""
         if not all((c.id, fp16) in engines for c in used):
@@ -432,7 +432,7 @@ def print_timings(cards, engines: dict, refs: dict, timings: dict, quick: bool, 
             edge = 256 if quick else 512
             x, unit, scale = rng.normal(size=(1, 1, edge, edge)).astype(np.float32), "MPix/s", edge * edge / 1e6
         else:
-            x, unit, scale = rng.normal(size=(256, 1) + tuple(be.input_shape[1:])).astype(np.float32), "pat/s", 1.0
+            x, unit, scale = rng.normal(size=(256,) + tuple(be.input_shape)).astype(np.float32), "pat/s", 1.0
         t_ort = throughput(refs[cid], x, 2 if quick else 3) * scale
         t_trt = throughput(be, x, 3 if quick else 10) * scale
         print(f"{cid:56s} {'on' if fp16 else 'off':>4s} {timings[('build', cid, fp16)]:8.1f} "

@@ -414,15 +414,29 @@ class BlockEngine:
         return {"frames_dropped": max(0, int(self.expected.sum()) - seen),
                 "blocks_dropped": int(((self.expected > 0) & ~self.state.done).sum())}
 
+    def _join_while_progressing(self, idle_timeout: float) -> bool:
+        """Wait for the analysis worker while blocks keep being stored or taken from the queue;
+        False when it is still running after ``idle_timeout`` s with neither."""
+        last, since = None, time.perf_counter()
+        while self._worker.is_alive():
+            self._worker.join(min(1.0, idle_timeout))
+            now = (len(self.stats.stored_at), self._queue.qsize())
+            if now != last:
+                last, since = now, time.perf_counter()
+            elif time.perf_counter() - since >= idle_timeout:
+                return not self._worker.is_alive()
+        return True
+
     def close(self, state: str = "complete", reason: str = "", timeout: float = 120.0,
               check_timeout: float | None | object = _NOTHING) -> None:
-        """Analyse what is queued, give the library check until ``check_timeout`` (default: the
-        engine's; None: no limit) to land what it has queued -- a run that is not complete does
-        not wait for it -- then close the store with ``state`` and the reason."""
+        """Analyse what is queued (waiting as long as the analysis makes progress: on a busy
+        machine the networks may trail the scan by minutes; given up after ``timeout`` s without a
+        block stored), give the library check until ``check_timeout`` (default: the engine's;
+        None: no limit) to land what it has queued -- a run that is not complete does not wait
+        for it -- then close the store with ``state`` and the reason."""
         self._queue.put(None)
-        self._worker.join(timeout)
-        if self._worker.is_alive():
-            reason = (reason + "; " if reason else "") + f"analysis did not finish within {timeout:.0f} s"
+        if not self._join_while_progressing(timeout):
+            reason = (reason + "; " if reason else "") + f"analysis made no progress for {timeout:.0f} s"
             state = "aborted"
         if check_timeout is _NOTHING:
             check_timeout = self.check_timeout

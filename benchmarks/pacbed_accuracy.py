@@ -174,6 +174,17 @@ def print_columns(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
         print(k.ljust(w) + "".join(cells))
 
 
+def subset_rows(rows: list, label: str, d: dict, net: list[PacbedEstimate], truth: dict, n: int) -> tuple:
+    """A slower method run on the first ``n`` recordings (cached arrays ``d``): its row and the
+    networks' on the same ``n`` appended to ``rows``; (estimates as arrays, truth) for the plot."""
+    sub = {k: v[:n] for k, v in truth.items()}
+    s = row_scores(arrays_to_estimates(d), sub)
+    s["ms/pattern"] = float(d["ms_per_pattern"])
+    rows.append((label, s))
+    rows.append((f"network (same {n})", row_scores(net[:n], sub)))
+    return as_arrays(arrays_to_estimates(d)), sub
+
+
 def recordings_benchmark(args) -> None:
     per_alpha: dict = {}
     for alpha in args.alpha:
@@ -211,12 +222,7 @@ def recordings_benchmark(args) -> None:
                 return {**estimates_to_arrays(res), "ms_per_pattern": np.array(1e3 * (time.perf_counter() - t0) / m)}
 
             ld = cached("recordings-lsf", cache_key(lib_sha, m, args.seed, args.field, RECORDINGS_VERSION), lsf)
-            sub = {k: v[:m] for k, v in truth.items()}
-            s = row_scores(arrays_to_estimates(ld), sub)
-            s["ms/pattern"] = float(ld["ms_per_pattern"])
-            rows.append((f"LSF (first {m})", s))
-            rows.append((f"network (same {m})", row_scores(net[:m], sub)))
-            per_alpha[alpha][f"LSF ({m})"] = (as_arrays(arrays_to_estimates(ld)), sub)
+            per_alpha[alpha][f"LSF ({m})"] = subset_rows(rows, f"LSF (first {m})", ld, net, truth, m)
         if args.check_n > 0:
             cn = min(args.check_n, args.n)
 
@@ -231,12 +237,7 @@ def recordings_benchmark(args) -> None:
             sigma = load_sigma_calibration(check_data_path(200, alpha, args.models))  # as shipped
             check_code = sha256_of(ROOT / "models" / "pacbed_check.py")
             cd = cached("recordings-check", cache_key(key, check_code, cn, str(sigma)), checked)
-            sub = {k: v[:cn] for k, v in truth.items()}
-            s = row_scores(arrays_to_estimates(cd), sub)
-            s["ms/pattern"] = float(cd["ms_per_pattern"])
-            rows.append((f"+ check (first {cn})", s))
-            rows.append((f"network (same {cn})", row_scores(net[:cn], sub)))
-            per_alpha[alpha][f"network + check ({cn})"] = (as_arrays(arrays_to_estimates(cd)), sub)
+            per_alpha[alpha][f"network + check ({cn})"] = subset_rows(rows, f"+ check (first {cn})", cd, net, truth, cn)
         print_columns(f"SrTiO3 [001], 200 kV, {alpha} mrad — realistic recordings ({args.n}, seed {args.seed}, "
                       f"field ±{args.field[0]:g}-{args.field[1]:g} α; partial-field below ±{threshold:g} α)", rows)
         print_columns(f"{alpha} mrad — networks by export (8-bit: gamma 0.5-1, clipped)", by_export(net, truth))

@@ -75,15 +75,7 @@ def click_data_point(driver, figure_name: str, x: float, y: float) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
-    box = driver.execute_script("""
-        const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
-        const v = Bokeh.index.find_one(m); v.el.scrollIntoView({block: "center"});
-        const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;
-        return [r.left + f.left, r.top + f.top, f.width, f.height,
-                m.x_range.start, m.x_range.end, m.y_range.start, m.y_range.end];""", figure_name)
-    left, top, w, h, x0, x1, y0, y1 = box
-    px = left + (x - x0) / (x1 - x0) * w
-    py = top + (1 - (y - y0) / (y1 - y0)) * h  # y0 is at the bottom of the frame
+    px, py = data_to_screen(driver, figure_name, x, y)
     actions = ActionBuilder(driver)
     actions.pointer_action.move_to_location(int(px), int(py)).click()
     actions.perform()
@@ -155,6 +147,7 @@ def tool_button(driver, figure_name: str, tool_type: str):
 
 
 def data_to_screen(driver, figure_name: str, x: float, y: float) -> tuple[int, int]:
+    """Screen pixel of data point (x, y) of a figure, scrolled into view (y0 is at the frame's bottom)."""
     box = driver.execute_script("""
         const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
         const v = Bokeh.index.find_one(m); v.el.scrollIntoView({block: "center"});

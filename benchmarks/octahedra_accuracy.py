@@ -6,7 +6,9 @@ Held-out runs: one abTEM multislice run per tilt system (random angles, compound
 and mistilt from seed 1000+, never used for training), thickness series 5/10 nm, cached in
 .bench-cache/octahedra/ (resumable).  Each run image is observed at several doses (Poisson,
 0.5 Å source, 0.05 Å scan jitter) over a field of 2×2 projected cells at a random offset.
-Prints the MAE of α, β, γ per dose and thickness (signed where the projection carries the
+The baseline gets the cation lattice (an A column's position, refined by its own cation
+fits), as the network will get it from the atom finder.  Prints the MAE of α, β, γ per dose
+and thickness (signed where the projection carries the
 sign, else magnitudes), tilt-system accuracy and time per field, for the classical baseline
 (`models/octahedra_baseline.py`); network columns come with the network.
 
@@ -79,10 +81,12 @@ def evaluate(paths: list[Path], doses=DOSES, pixel_A: float = 0.2, seed: int = 0
                 abf = oi.observe(run.abf[ti], run.step_A, obs, rng, shape, origin)
                 t0 = time.perf_counter()
                 try:
-                    # registered on the ABF itself: this 35-52 mrad "HAADF" (all the 0.12 Å grid
-                    # allows) is not Z-contrast enough to tell A-O from B columns; a 70-160 mrad
-                    # detector at production sampling would be
-                    est = bl.estimate(abf, pixel_A, st["zone"], period, haadf=None)
+                    # the cation lattice given, as the atom finder (with HAADF species) will give it
+                    # to the network too: this 35-52 mrad "HAADF" (all the 0.12 Å grid allows) does
+                    # not tell A-O from B columns, and the ABF-only search lands on B columns in
+                    # about half the fields (then every column counts as missed)
+                    a_column = np.mod(-origin, period) / pixel_A
+                    est = bl.estimate(abf, pixel_A, st["zone"], period, origin_px=a_column)
                 except ValueError as e:  # no O column fitted: counted as a failure, not skipped
                     rows.append({"system": st["system"], "thickness_nm": float(thickness), "dose": dose,
                                  "errors": np.full((1, 3), np.nan), "system_ok": False, "seconds": 0.0,

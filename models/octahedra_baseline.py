@@ -216,7 +216,8 @@ def inverted(abf: np.ndarray) -> np.ndarray:
     return np.percentile(img, 95) - img
 
 
-def register(image: np.ndarray, pixel_A: float, zone: str, period_A, contrast: str = "haadf") -> Registration:
+def register(image: np.ndarray, pixel_A: float, zone: str, period_A, contrast: str = "haadf",
+             origin_px=None) -> Registration:
     """Place the cation layout on the image (module docstring, step 1).  HAADF (columns bright,
     weights (ΣZ)^1.7) tells A from B columns; ABF alone (dark columns, weights ΣZ) may not, as
     their dips differ little (then the origin can land on a B column)."""
@@ -245,6 +246,8 @@ def register(image: np.ndarray, pixel_A: float, zone: str, period_A, contrast: s
         score += w * np.roll(folded, shift=(-int(round(p[0])), -int(round(p[1]))), axis=(0, 1))
     k = np.unravel_index(np.argmax(score), bins)
     best = Registration(np.array(k, float) / bins * per_px, pixel_A, period)
+    if origin_px is not None:  # an A column given (the atom finder's lattice): only refined here
+        best = Registration(np.asarray(origin_px, float), pixel_A, period)
     # refine: mean offset of the cation Gaussian fits
     p, _ = _positions_in_field(cat, best, sig.shape, 0.8 / pixel_A)
     offs = []
@@ -377,16 +380,18 @@ def fit_system(fits: ColumnFits, system: str, zone: str, scale: float) -> tuple[
 
 
 def estimate(abf: np.ndarray, pixel_A: float, zone: str, period_A, haadf: np.ndarray | None = None,
-             systems=SYSTEMS) -> BaselineEstimate:
+             systems=SYSTEMS, origin_px=None) -> BaselineEstimate:
     """The baseline on one ABF field (and the simultaneous HAADF, for registration, if given):
-    registration, O-column fits, best system and its signed angles."""
+    registration, O-column fits, best system and its signed angles.  ``origin_px``: an A
+    column's image position when the cation lattice is known (atom finder), else searched."""
     if abf.ndim != 2 or min(abf.shape) < 8:
         raise ValueError(f"abf must be a 2D image of at least 8×8 pixels, got shape {abf.shape}")
     if pixel_A <= 0:
         raise ValueError(f"pixel_A must be positive, got {pixel_A}")
     if haadf is not None and haadf.shape != abf.shape:
         raise ValueError(f"haadf shape {haadf.shape} differs from abf {abf.shape}")
-    reg = register(abf if haadf is None else haadf, pixel_A, zone, period_A, "abf" if haadf is None else "haadf")
+    reg = register(abf if haadf is None else haadf, pixel_A, zone, period_A, "abf" if haadf is None else "haadf",
+                   origin_px)
     fits = fit_oxygen_columns(abf, reg, zone)
     if not (fits.counts > 0).any():
         raise ValueError("no oxygen column could be fitted: field too small or too noisy")

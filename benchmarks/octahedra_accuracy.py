@@ -12,6 +12,22 @@ and thickness (signed where the projection carries the
 sign, else magnitudes), tilt-system accuracy and time per field, for the classical baseline
 (`models/octahedra_baseline.py`); network columns come with the network.
 
+Measured 2026-12-03 (this command, runs cached, load ~8 on 2 cores):
+
+     dose e/Å²  t nm  MAE α  MAE β  MAE γ  system fields s/field
+         1e+03   5.0   3.07   2.87   3.91      0%      6    10.2
+         1e+03  10.0   3.12   2.84   9.08      0%      6     6.4
+         1e+04   5.0   3.03   2.81   7.38      0%      6     9.5
+         1e+04  10.0   3.09   2.89   7.43      0%      6     5.5
+         1e+05   5.0   3.14   5.32   6.86      0%      6     8.6
+         1e+05  10.0   3.13   4.77   8.80      0%      6     5.8
+
+The baseline finds no tilt system right: it answers a0a0a0 in 24 of 36 fields (so α, β, γ
+≈ 0; the MAE then is the truth's size) and a0a0c-/a0b-b- pinned at 15° in most others -- the
+O-column Gaussians on these aberrated, mistilted images shift and broaden by as much as the
+tilts do, and the spreads (the only trace of γ in [110]) are dominated by the untilted column
+shape.  This is the "filter-and-fit workflow struggles" of source paper 000, measured.
+
 Small settings (0.12 Å sampling, 15.6 x 11 Å probe window, 0.2 Å scan step -- coarser steps
 alias the 24 mrad probe's images (cut-off 2α/λ = 2.4 Å⁻¹), a first try at 0.4 Å made the
 HAADF registration fail --, HAADF 35-52 mrad, one phonon configuration, 10 nm at most) so

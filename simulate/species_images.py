@@ -70,10 +70,11 @@ def _logu(rng, lo_hi) -> float:
     return float(np.exp(rng.uniform(*np.log(lo_hi))))
 
 
-def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges()) -> SpeciesImages:
-    """One SrTiO3 [001] specimen seen in HAADF and ABF, with every site's class."""
+def specimen_lattice(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges()
+                     ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(site positions (n, 2) px, cell-column index (n,), sampling Å/px, rotation rad) of one
+    SrTiO3 [001] field: the lattice every specimen here -- species or point defects -- starts from."""
     from .atom_images import _columns
-    from .convolution_image import column_map, probe_intensity
 
     n = r.size_px
     s = _logu(rng, r.sampling_A)
@@ -85,14 +86,20 @@ def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges())
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     pos = pos_A @ rot.T / s + (n - 1) / 2
     inside = (pos >= -0.5).all(axis=1) & (pos <= n - 0.5).all(axis=1)
-    pos, index = pos[inside], index[inside]
-    species = np.array([CLASSES.index(lab) for lab in cs.labels()])[index]
-    label = species.copy()
-    frac = _u(rng, r.defect_fraction)
-    draw = rng.random(len(pos))
-    vacant, partial = draw < frac, (draw >= frac) & (draw < 2 * frac)
-    occupancy = np.where(vacant, 0.0, np.where(partial, rng.uniform(*r.occupancy, len(pos)), 1.0))
-    label[vacant], label[partial] = CLASSES.index("vacant"), CLASSES.index("partial")
+    return pos[inside], index[inside], s, theta
+
+
+def render_pair(rng: np.random.Generator, r: SpeciesRanges, positions_px: np.ndarray,
+                column_weight, s: float) -> tuple[dict, dict]:
+    """HAADF and ABF count images of columns at ``positions_px`` ({"haadf", "abf"}, meta).
+
+    ``column_weight(exponent, thickness_A)`` gives each column's weight (Σ Z^exponent per Å ×
+    thickness × occupancy): species, vacancies, anti-sites and displaced or interstitial
+    columns all go through this one image model (thickness, probe, source, background and dose
+    drawn here, in this order)."""
+    from .convolution_image import column_map, probe_intensity
+
+    n = r.size_px
     thickness_A = _u(rng, r.thickness_nm) * 10
     e_haadf, e_abf = _u(rng, r.haadf_exponent), _u(rng, r.abf_exponent)
     alpha, defocus = _u(rng, r.alpha_mrad), _u(rng, r.defocus_A)
@@ -102,9 +109,9 @@ def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges())
     per_px = dose * s ** 2 * 0.1  # electrons per pixel on the detector at the brightest, as atom_images
     images = {}
     for contrast, exponent in (("haadf", e_haadf), ("abf", e_abf)):
-        w = cs.z_weight(exponent)[index] * thickness_A * occupancy
+        w = column_weight(exponent, thickness_A)
         blur = src_A if contrast == "haadf" else np.hypot(src_A, _u(rng, r.abf_broadening_A))
-        cols = np.real(np.fft.ifft2(np.fft.fft2(column_map(pos, w, (n, n))) * probe))
+        cols = np.real(np.fft.ifft2(np.fft.fft2(column_map(positions_px, w, (n, n))) * probe))
         cols = ndimage.gaussian_filter(np.clip(cols, 0, None), blur / s, mode="wrap")
         peak = cols.max() if cols.max() > 0 else 1.0
         if contrast == "haadf":
@@ -113,7 +120,25 @@ def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges())
             signal = (1.0 - _u(rng, r.abf_depth) * cols / peak) * (1 + _u(rng, r.background))
         images[contrast] = rng.poisson(signal * per_px).astype(np.float32)
     meta = {"sampling_A": s, "dose_e_per_A2": dose, "thickness_nm": thickness_A / 10, "haadf_exponent": e_haadf,
-            "abf_exponent": e_abf, "alpha_mrad": alpha, "defocus_A": defocus, "rotation_deg": float(np.rad2deg(theta))}
+            "abf_exponent": e_abf, "alpha_mrad": alpha, "defocus_A": defocus}
+    return images, meta
+
+
+def species_images(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges()) -> SpeciesImages:
+    """One SrTiO3 [001] specimen seen in HAADF and ABF, with every site's class."""
+    from .atom_images import _columns
+
+    cs = _columns(MATERIAL, ZONE)
+    pos, index, s, theta = specimen_lattice(rng, r)
+    species = np.array([CLASSES.index(lab) for lab in cs.labels()])[index]
+    label = species.copy()
+    frac = _u(rng, r.defect_fraction)
+    draw = rng.random(len(pos))
+    vacant, partial = draw < frac, (draw >= frac) & (draw < 2 * frac)
+    occupancy = np.where(vacant, 0.0, np.where(partial, rng.uniform(*r.occupancy, len(pos)), 1.0))
+    label[vacant], label[partial] = CLASSES.index("vacant"), CLASSES.index("partial")
+    images, meta = render_pair(rng, r, pos, lambda e, t: cs.z_weight(e)[index] * t * occupancy, s)
+    meta["rotation_deg"] = float(np.rad2deg(theta))
     return SpeciesImages(images["haadf"], images["abf"], pos.astype(np.float32), label.astype(np.int64), meta)
 
 

@@ -6,9 +6,21 @@ block rows go out, as `ColumnDataSource.patch` -- and waits for the browser to a
 update, so a slow browser gets fewer, larger updates instead of a backlog.  Scan pixels are
 square and the axes are in nm when the scan step is known.  A block's PACBED is fetched on a
 worker thread and drawn on the next tick: the request never waits inside the event loop.
+
+Virtual detectors the operator sets (`ring_panel.py`: a range slider per ring, in mrad or α)
+are asked for the same way, on their own worker thread: when a slider is let go, the page asks
+the feed for that session's rings -- images of the whole scan, summed from the per-frame radial
+profiles by the engine (or read from the store) -- and draws them on the next tick.  New frames
+keep the operator's rings by asking again: live virtual messages carry the engine's default
+rings, so while a session has rings of its own, new scan rows mark them stale and the page asks
+for them again at most every RING_REFRESH_S (and once more after the last change), instead of
+drawing the default rows over them.  That keeps one code path (the full-scan request) for both,
+costs one request per half second per session while frames come, and is exact: no ring is ever
+patched from a different calibration than the rest of its image.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +40,7 @@ from .display import (GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_corre
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
 from .patches import row_patch
+from .ring_panel import LABELS, RingPanel
 
 TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
@@ -36,6 +49,7 @@ FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this
 BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
+RING_REFRESH_S = 0.5  # while frames come, a session's own rings are asked for again at most this often
 
 class Page:
     def __init__(self, doc, feed):
@@ -72,7 +86,34 @@ class Page:
         self._drawn_at = -math.inf
         self._status_at = -math.inf
         self._range_at = -math.inf
-        doc.on_session_destroyed(lambda ctx: self._pool.shutdown(wait=False, cancel_futures=True))
+        # the operator's rings: asked for on their own worker (a slow sum never delays a PACBED)
+        self._ring_pool = ThreadPoolExecutor(1, thread_name_prefix="stemlive-rings")
+        self.rings: RingPanel | None = None
+        self.own_rings: set[str] = set()  # rings this session set (drawn from its requests, not the feed's rows)
+        self.ring_images: dict[str, np.ndarray] = {}  # their latest images (scan grid)
+        self._ring_busy = False
+        self._ring_again = False  # a change came while a request was out
+        self._ring_stale = False  # new frames since the last request
+        self._ring_asked_at = -math.inf
+        self._rings_drawn = 0
+        self.rings_drawn = Div(text="", visible=False, name="rings-drawn")
+        # slider let go (browser) -> those rings drawn (browser): the delay the operator sees
+        self.rings_drawn.js_on_change("text", CustomJS(args=dict(div=self.rings_drawn), code="""
+            const drawn = JSON.parse(div.text || "{}").rings || {};
+            const asked = window.stemliveRingAsked;
+            requestAnimationFrame(() => {
+              if (!asked) return;
+              const got = drawn[asked.name];
+              if (got && Math.abs(got[0] - asked.value[0]) < 1e-9 && Math.abs(got[1] - asked.value[1]) < 1e-9) {
+                (window.stemliveRingDelays = window.stemliveRingDelays || []).push((performance.now() - asked.t) / 1000);
+                window.stemliveRingAsked = undefined;
+              }
+            });"""))
+
+        def closed(ctx):
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._ring_pool.shutdown(wait=False, cancel_futures=True)
+        doc.on_session_destroyed(closed)
         doc.add_periodic_callback(self._refresh, REFRESH_MS)
         self._refresh()
 
@@ -98,9 +139,19 @@ class Page:
         figs = [self._image_figure(m.key, m.title, m.unit, derived, m.palette, m.kind, self.maps, block_extent,
                                    self.factor, blocks=True) for m in MAPS]
         vf = display_factor(snap.scan_shape)
-        vfigs = [self._image_figure(key, title, "counts", {key: snap.virtual[key]}, GREY, "sequential",
-                                    self.virtual, (sx * self.s, sy * self.s), vf, blocks=False)
-                 for key, title in VIRTUAL if key in snap.virtual]
+        vkeys = [key for key, _ in VIRTUAL if key in snap.virtual]
+        # rings the operator sets, and a custom annulus (not for a store without per-frame profiles)
+        if hasattr(self.feed, "ring_images") and not (snap.meta.get("read_only") and not snap.meta.get("radial")):
+            self.rings = RingPanel(vkeys + ["custom"], snap.meta, self._ring_changed)
+            vkeys.append("custom")
+            self.own_rings.add("custom")
+        blank = np.full(snap.scan_shape, np.nan)
+        vfigs = [self._image_figure(key, LABELS.get(key, key), "counts", {key: snap.virtual.get(key, blank)}, GREY,
+                                    "sequential", self.virtual, (sx * self.s, sy * self.s), vf, blocks=False)
+                 for key in vkeys]
+        if self.rings is not None:
+            for key in vkeys:
+                self._ring_title(key)
         # atomic columns over the virtual images (off at first: at full view they hide the image)
         self.atom_source = ColumnDataSource(self._atom_columns(snap.atoms), name="source-atoms")
         self.atoms_shown = len(snap.atoms["positions"])
@@ -151,11 +202,16 @@ class Page:
             for tool in grid.toolbar.tools:  # the merged save tool: a file name, no prompt
                 if isinstance(tool, SaveTool):
                     tool.filename = name
+        virtual = grids[1] if vfigs else Div()
+        if self.rings is not None:
+            virtual = row(virtual, self.rings.layout())
         self.root.children = [
-            self.status, self.probe, self.ack, self.models, row(grids[0], side),
-            Div(text="<b>Virtual detectors</b> (scan grid)"), grids[1] if vfigs else Div()]
+            self.status, self.probe, self.ack, self.rings_drawn, self.models, row(grids[0], side),
+            Div(text="<b>Virtual detectors</b> (scan grid)"), virtual]
         self.built = True
         self._histogram(derived)
+        if self.rings is not None:
+            self._ask_rings()  # the custom annulus
 
     def _image_figure(self, key, title, unit, values, palette, kind, registry, extent, factor, blocks: bool):
         dw, dh = extent
@@ -341,6 +397,8 @@ class Page:
                 self.probe.text = f"{sent if sent is not None and rows else 'nan'} {snap.version}"
         if self.chosen is None:
             self._show_latest(snap)
+        if self._ring_stale and not self._ring_busy and time.monotonic() - self._ring_asked_at >= RING_REFRESH_S:
+            self._ask_rings()
         self._status(snap)
 
     def _on_ack(self, attr, old, new) -> None:
@@ -377,8 +435,12 @@ class Page:
             self.doubt_source.data = {"image": [self._doubt_mask(snap)]}
         elif rows:
             self.doubt_source.patch({"image": row_patch(self._doubt_mask(snap), rows)})
+        if virtual and self.own_rings:
+            self._ring_stale = True  # new frames: this session's own rings are asked for again
         if virtual:
             for key, e in self.virtual.items():
+                if key in self.own_rings or key not in snap.virtual:
+                    continue  # drawn from this session's ring requests
                 img = np.asarray(snap.virtual[key], np.float64)
                 if full or e["factor"] > 1 or not virtual_rows:
                     e["source"].data = {"image": [downsample(img, e["factor"])]}
@@ -502,6 +564,62 @@ class Page:
         self.chosen_source.data = {"left": [j * bx], "right": [(j + 1) * bx], "top": [i * by],
                                    "bottom": [(i + 1) * by]}
 
+    # -- the operator's rings ----------------------------------------------------------------------
+    def _ring_changed(self, key: str) -> None:
+        """A slider let go: that ring is this session's from now on; ask for its image."""
+        self.own_rings.add(key)
+        self._ring_title(key)
+        self._ask_rings()
+
+    def _ring_title(self, key: str) -> None:
+        e = self.virtual.get(key)
+        if e is not None:
+            e["figure"].title.text = f"{self.rings.words(key)} [counts]"
+
+    def _ask_rings(self) -> None:
+        """Ask for every ring this session set, off the event loop (latest wins: a change while a
+        request is out is asked for when it returns)."""
+        if self._ring_busy:
+            self._ring_again = True
+            return
+        rings = {k: self.rings.spec(k) for k in sorted(self.own_rings) if k in self.rings.sliders}
+        if not rings:
+            return
+        self._ring_busy, self._ring_again, self._ring_stale = True, False, False
+        self._ring_asked_at = time.monotonic()
+        self._ring_pool.submit(self._fetch_rings, rings)
+
+    def _fetch_rings(self, rings: dict) -> None:
+        """Worker thread: the request; the document is touched only on the next tick."""
+        try:
+            result, error = self.feed.ring_images(rings), None
+        except (TimeoutError, ValueError, OSError, KeyError) as exc:
+            result, error = None, exc
+        self.doc.add_next_tick_callback(partial(self._rings_arrived, rings, result, error))
+
+    def _rings_arrived(self, rings: dict, result, error) -> None:
+        self._ring_busy = False
+        if error is not None:
+            self.rings.info.text = f"rings not updated: {error}"
+        else:
+            header, images = result
+            for key, img in images.items():
+                e = self.virtual.get(key)
+                if e is None:
+                    continue
+                img = np.asarray(img, np.float64)
+                self.ring_images[key] = img
+                e["source"].data = {"image": [downsample(img, e["factor"])]}
+                if e["auto"]:
+                    e["mapper"].low, e["mapper"].high = auto_range(img, "sequential")
+            done = sum(np.isfinite(v).sum() for v in images.values()) // max(len(images), 1)
+            self.rings.info.text = (f"{len(images)} ring image(s) from the {header.get('source', 'engine')}, "
+                                    f"{done} of {int(np.prod(self.feed.snapshot.scan_shape))} scan points recorded")
+            self._rings_drawn += 1
+            self.rings_drawn.text = json.dumps({"n": self._rings_drawn, "rings": {k: list(v[:2]) for k, v in rings.items()}})
+        if self._ring_again:
+            self._ask_rings()
+
     def _on_select(self, event) -> None:
         g = event.geometry
         if g.get("type") != "rect":
@@ -519,12 +637,14 @@ class Page:
             derived = derived_maps(snap.maps)
             crystal = np.asarray(snap.maps["tilt_crystal_mrad"][i0:i1, j0:j1], np.float64).reshape(-1, 2)
             virtual = {k: np.asarray(v, np.float64) for k, v in snap.virtual.items()}
+        virtual.update({k: np.asarray(v, np.float64) for k, v in self.ring_images.items()})
         if i1 <= i0 or j1 <= j0:
             self.region_info.text = "the selected region holds no block"
             return
         stats = region_stats(derived, [(m.key, m.title, m.unit) for m in MAPS if m.kind != "cyclic"],
                              slice(i0, i1), slice(j0, j1))
-        stats += region_stats(virtual, [(k, t, "counts") for k, t in VIRTUAL if k in virtual],
+        stats += region_stats(virtual, [(k, t, "counts") for k, t in (*VIRTUAL, ("custom", "custom annulus"))
+                                        if k in virtual],
                               slice(r0, r1), slice(c0, c1))
 
         def num(v):

@@ -16,8 +16,9 @@ import numpy as np
 import zmq
 
 from ..protocol import WireError, decode, pacbed_request, secure_client, state_request
+from ..protocol.requests import check_rings, rings_request
 from .snapshot import ATOM_FIELDS, Snapshot, atoms_from, empty_atoms, snapshot_from_state  # noqa: F401
-from .store_feed import StoreFeed, store_block_pacbed  # noqa: F401  (the old import path)
+from .store_feed import StoreFeed, StoreRings, store_block_pacbed  # noqa: F401  (the old import path)
 
 
 class LiveFeed:
@@ -38,6 +39,7 @@ class LiveFeed:
         self._stop = threading.Event()
         self._req_lock = threading.Lock()
         self._req = None
+        self._store_rings: StoreRings | None = None
         self._thread = threading.Thread(target=self._run, name="stemlive-dashboard-feed", daemon=True)
         self._thread.start()
 
@@ -79,6 +81,25 @@ class LiveFeed:
             if not store or not Path(store).exists():
                 raise
             return store_block_pacbed(store, self.snapshot, i, j)
+
+    def ring_images(self, rings: dict) -> tuple[dict, dict[str, np.ndarray]]:
+        """Ring images of the whole scan for ``rings`` = {name: (inner, outer, unit)}: from the
+        engine (its REP thread sums its per-frame profiles); once the engine has said the run is
+        over, or does not answer, from its result store (the same profiles, written as they came)."""
+        rings = check_rings(rings)
+        snap = self.snapshot
+        store = (snap.meta.get("store") if snap else None) or ""
+        over = snap is not None and snap.status.get("state", "running") != "running"
+        if not (over and store and Path(store).exists()):
+            try:
+                header, arrays = self.request(rings_request(rings))
+                return header, {k[6:]: v for k, v in arrays.items() if k.startswith("rings/")}
+            except TimeoutError:
+                if not store or not Path(store).exists():
+                    raise
+        if self._store_rings is None or str(self._store_rings.path) != store:
+            self._store_rings = StoreRings(store)
+        return self._store_rings.ring_images(rings)
 
     def _resync(self) -> None:
         header, arrays = self.request(state_request())
@@ -181,6 +202,7 @@ class LiveFeed:
             snap.dirty_rows = {snap.version: ("state", None)}
             self.snapshot = snap
             self.block_pacbed = other.block_pacbed
+            self.ring_images = other.ring_images
             self.connected, self.error = True, ""
 
 

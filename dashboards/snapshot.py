@@ -44,7 +44,8 @@ def atoms_from(arrays: dict, prefix: str = "atoms/") -> dict:
 def snapshot_from_state(header: dict, arrays: dict) -> Snapshot:
     maps = {k.split("/", 1)[1]: np.array(v) for k, v in arrays.items() if k.startswith("maps/")}
     virtual = {k.split("/", 1)[1]: np.array(v) for k, v in arrays.items() if k.startswith("virtual/")}
-    return Snapshot(meta=header.get("meta", {}), status=header.get("status", {}),
+    meta = dict(header.get("meta", {}), radial=header.get("radial"))  # the profiles' bins and ring scale
+    return Snapshot(meta=meta, status=header.get("status", {}),
                     scan_shape=tuple(header["scan_shape"]), block_shape=tuple(header["block_shape"]),
                     flag_names=list(header.get("flag_names", [])), maps=maps, virtual=virtual,
                     done=np.array(arrays["blocks/done"]), counts=np.array(arrays["blocks/counts"]),

@@ -7,6 +7,10 @@ polled (its size, modification time and ``/progress``): on a change it is read a
 what changed is marked for the pages -- the rows of blocks that changed, the scan rows of the
 virtual images that changed.  A read that meets the file in the middle of a write (an HDF5 error)
 is retried at the next poll; the feed stops following once the store says complete or aborted.
+
+Rings the operator chooses are summed from the store's per-frame radial profiles
+(``/virtual/radial``) by `protocol.rings` (what the engine does live), read again only when the
+file has changed since the last ring request.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..protocol.requests import check_rings
+from ..protocol.rings import ring_images_from_profiles, ring_scale
 from .snapshot import Snapshot, atoms_from
 
 REQUIRED_ATTRS = ("scan_shape", "block_shape", "models", "flag_names", "state")
@@ -49,7 +55,58 @@ def read_view(path: str | Path) -> dict:
             g = f["atoms"]
             n = int(g["count"][()])
             out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block")}
+        if "virtual/radial" in f:
+            out["radial"] = _radial_info(f)
     return out
+
+
+def _radial_info(f: h5py.File) -> dict:
+    """Bins, bin width and the ring scale of a store's per-frame profiles (no profiles read).
+
+    α in px: the radius the run's rings used (``/virtual/radial`` attribute ``radius_px``), else
+    from the calibration, else the median fitted disk radius (stores from before the attribute)."""
+    ds, a = f["virtual/radial"], f.attrs
+    radius = float(ds.attrs.get("radius_px", math.nan))
+    if not math.isfinite(radius) and "maps/radius_px" in f:
+        fitted = f["maps/radius_px"][()]
+        if np.isfinite(fitted).any():
+            radius = float(np.nanmedian(fitted))
+    scale = ring_scale(a.get("alpha_mrad"), a.get("mrad_per_px"), radius if math.isfinite(radius) else None)
+    return {"bin_px": float(ds.attrs["bin_px"]), "n_bins": int(ds.shape[-1]), "radius_px": scale.radius_px,
+            "mrad_per_px": scale.mrad_per_px}
+
+
+class StoreRings:
+    """Ring images of the whole scan from a store's ``/virtual/radial``; the profiles are read
+    again only when the file changed (size or modification time) since the last request."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cached = None  # (file stamp, profiles, info, alpha_mrad)
+
+    def _load(self):
+        st = os.stat(self.path)
+        stamp = (st.st_size, st.st_mtime_ns)
+        if self._cached is None or self._cached[0] != stamp:
+            with h5py.File(self.path, "r", locking=False) as f:
+                if "virtual/radial" not in f:
+                    raise ValueError(f"{self.path} holds no per-frame radial profiles (/virtual/radial): "
+                                     "its rings cannot be changed")
+                info = _radial_info(f)
+                self._cached = (stamp, f["virtual/radial"][()], info, float(f.attrs.get("alpha_mrad", math.nan)))
+        return self._cached[1:]
+
+    def ring_images(self, rings: dict) -> tuple[dict, dict[str, np.ndarray]]:
+        """(header, {name: image}) for ``rings`` = {name: (inner, outer, unit)}."""
+        rings = check_rings(rings)
+        with self._lock:
+            profiles, info, alpha = self._load()
+        scale = ring_scale(alpha, info["mrad_per_px"], info["radius_px"])
+        images = ring_images_from_profiles(profiles, info["bin_px"], rings, scale)
+        header = {"type": "rings", "source": "store", "rings": {k: list(v) for k, v in rings.items()},
+                  "alpha_mrad": alpha, "radial": info}
+        return header, images
 
 
 def _seconds(a: dict) -> float | None:
@@ -81,7 +138,7 @@ def snapshot_of(view: dict, path, version: int) -> Snapshot:
     meta = {"alpha_mrad": float(a.get("alpha_mrad", math.nan)), "kv": float(a.get("kv", math.nan)),
             "store": str(path), "models": [m.get("id") for m in a["models"]],
             "mrad_per_px": float(a.get("mrad_per_px", math.nan)), "scan_step_nm": step,
-            "rings": a.get("rings", {}), "read_only": True}
+            "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial")}
     return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                     block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                     maps=view["maps"], virtual=view["virtual"], done=view["done"], counts=view["counts"],
@@ -126,6 +183,7 @@ class StoreFeed:
         self.received = 0
         self.latest_block: tuple[int, int] | None = None
         self.snapshot = snapshot_of(read_view(self.path), self.path, version=1)
+        self._rings = StoreRings(self.path)
         self._stamp = self._file_stamp()
         self._stop = threading.Event()
         self._thread = None
@@ -184,6 +242,10 @@ class StoreFeed:
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
         return store_block_pacbed(self.path, self.snapshot, i, j)
+
+    def ring_images(self, rings: dict) -> tuple[dict, dict[str, np.ndarray]]:
+        """Ring images of the whole scan for the operator's ``rings``, from the store's profiles."""
+        return self._rings.ring_images(rings)
 
     def close(self) -> None:
         self._stop.set()

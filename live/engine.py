@@ -297,6 +297,9 @@ class BlockEngine:
             return
         center = self.calibration.center_px if self.calibration is not None else None
         values = ring_images(self._bins, self.rings, scale, self.bin_px, center, frames=flat)
+        # the same frames' profiles (around the calibrated centre once known): kept by the state for
+        # the operator's rings, and stored
+        profiles = frame_profiles(self._bins, self.bin_px, center, flat)
         images = {}
         for name in self.rings:
             img = self.state.virtual[name].copy()
@@ -305,13 +308,14 @@ class BlockEngine:
         r0, r1 = flat.min() // self.grid.scan_shape[1], flat.max() // self.grid.scan_shape[1] + 1
         rows = slice(int(r0), int(r1))
         with self._emit:
-            seq = self.state.apply_virtual(rows, {k: v[rows] for k, v in images.items()})
+            seq = self.state.apply_virtual(rows, {k: v[rows] for k, v in images.items()}, frames=flat,
+                                           profiles=profiles, scale=scale, bin_px=self.bin_px)
             if self.publisher is not None:
                 self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
             if center is not None and self.store.layout.radial_bins:
-                self.store.write_radial(flat, frame_profiles(self._bins, self.bin_px, center, flat), center)
+                self.store.write_radial(flat, profiles, center, radius_px=scale.radius_px)
 
     # -- second stage: the library check -------------------------------------------------------
     def _queue_checks(self, idx, means, estimates, part, t_complete) -> None:

@@ -4,7 +4,10 @@ PUB messages (wire format, `stemlive.protocol.wire`): ``blocks`` (indices and th
 ``stage`` "network" when the networks have read the blocks, "check" when the library check's
 values replace them later -- ``maps/method`` says the same per block), ``virtual``
 (rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
-full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates.
+full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates,
+``{"type": "rings", "rings": {name: [inner, outer, unit]}}`` the ring images of the whole scan for
+the operator's rings (header ``rings``, ``seq``, ``radial``; arrays ``rings/<name>``, NaN where no
+frame yet), summed from the state's per-frame profiles on this thread, never the engine's.
 Both sockets bind 127.0.0.1 unless told otherwise; any other address needs an access token
 (`stemlive.protocol.security`: CURVE keys derived from it).
 """
@@ -89,6 +92,8 @@ class Publisher:
                 kind, args = parse_request(raw[0])
                 if kind == "state":
                     header, arrays = self.state.full_state()
+                elif kind == "rings":
+                    header, arrays = self.state.ring_images(*args)
                 else:  # "pacbed"
                     header, arrays = self.state.block_pacbed(*args)
                 reply = encode(header, arrays)

@@ -50,7 +50,8 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
         store.write_virtual(old["virtual"], int(old["progress"][0]))
         if radial is not None:
             store.write_radial(np.arange(int(np.prod(scan))), radial["profiles"].reshape(-1, run.layout.radial_bins),
-                               radial["center_px"])
+                               radial["center_px"],
+                               None if np.isnan(radial.get("radius_px", np.nan)) else radial["radius_px"])
         if atoms is not None:  # every block whose window of the stored image is complete
             image = old["virtual"][atoms.image_name]
             blocks = atoms.ready(np.isfinite(image))

@@ -30,7 +30,10 @@ Per-frame radial profiles (``/virtual/radial``, float32, (scan_y, scan_x, n_bins
 intensity in the radial bins [k·Δ, (k+1)·Δ) px around the calibrated disk centre, k = 0 …
 n_bins-1, with Δ = attribute ``bin_px`` (0.5 px; pixels split into 4×4 sub-pixels, so bin edges
 are not quantised to whole pixels) out to the frame's half diagonal, and the centre in the
-attribute ``center_px`` (row, col; NaN until calibrated).  NaN for frames not recorded yet.  Any
+attribute ``center_px`` (row, col; NaN until calibrated) and the zero disk's radius α in px
+(attribute ``radius_px``, the calibration the rings in units of α used; NaN until calibrated;
+mrad per px is the store's ``mrad_per_px``, else ``alpha_mrad`` / ``radius_px``).  NaN for frames
+not recorded yet.  Any
 virtual ring [a, b) px is a sum over bins, the two edge bins weighted by the fraction they
 cover (``stemlive.udf.radial_bins.ring_bin_weights``: ``profiles @ ring_bin_weights(n_bins, a,
 b, Δ)``) -- which is how ``/virtual/{bf, abf, adf, haadf}`` are made (exactly for frames
@@ -185,6 +188,7 @@ class ResultStore:
                 ds = f.create_dataset("virtual/radial", data=np.full((sy, sx, layout.radial_bins), np.nan, np.float32))
                 ds.attrs["bin_px"] = float(layout.radial_bin_px)
                 ds.attrs["center_px"] = np.full(2, np.nan)
+                ds.attrs["radius_px"] = np.nan
             f.create_dataset("blocks/pacbed", data=np.zeros((ny, nx, *layout.sig_shape), np.float32))
             f.create_dataset("blocks/counts", data=np.zeros((ny, nx), np.int64))
             f.create_dataset("blocks/done", data=np.zeros((ny, nx), bool))
@@ -270,8 +274,10 @@ class ResultStore:
                 f["progress"][2] = time.time()
             f.flush()
 
-    def write_radial(self, frames: np.ndarray, profiles: np.ndarray, center_px: tuple[float, float]) -> None:
-        """Per-frame radial profiles (flat scan indices ``frames``, (n, n_bins)) around ``center_px``.
+    def write_radial(self, frames: np.ndarray, profiles: np.ndarray, center_px: tuple[float, float],
+                     radius_px: float | None = None) -> None:
+        """Per-frame radial profiles (flat scan indices ``frames``, (n, n_bins)) around ``center_px``
+        (``radius_px``: the disk radius, α, the rings were scaled with).
 
         The scan rows they span are read, updated and written whole (frames arrive in runs of
         whole rows, so this is one contiguous write, not one per frame)."""
@@ -286,6 +292,8 @@ class ResultStore:
             rows.reshape(-1, rows.shape[-1])[frames - r0 * sx] = profiles
             ds[r0:r1] = rows
             ds.attrs["center_px"] = np.asarray(center_px, np.float64)
+            if radius_px is not None:
+                ds.attrs["radius_px"] = float(radius_px)
             f.flush()
 
     def write_atoms(self, rows, analysed: np.ndarray) -> None:
@@ -375,7 +383,8 @@ def read_store(path: str | Path) -> dict:
     """Everything in a store as numpy arrays and attributes (for the dashboard, reanalyse, tests).
 
     ``out["virtual"]`` holds the ring images only; the per-frame profiles, where the store has
-    them, are ``out["radial"]`` = {"profiles" (scan_y, scan_x, n_bins), "bin_px", "center_px"}."""
+    them, are ``out["radial"]`` = {"profiles" (scan_y, scan_x, n_bins), "bin_px", "center_px",
+    "radius_px"} (radius_px NaN in stores written before it was recorded)."""
     out: dict = {"maps": {}, "virtual": {}, "blocks": {}}
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -394,7 +403,8 @@ def read_store(path: str | Path) -> dict:
             for name, ds in f[group].items():
                 if group == "virtual" and name == "radial":  # per-frame profiles, not an image
                     out["radial"] = {"profiles": ds[()], "bin_px": float(ds.attrs["bin_px"]),
-                                     "center_px": np.asarray(ds.attrs["center_px"], np.float64)}
+                                     "center_px": np.asarray(ds.attrs["center_px"], np.float64),
+                                     "radius_px": float(ds.attrs.get("radius_px", np.nan))}
                     continue
                 out[group][name] = ds[()]
         if "atoms" in f:

@@ -183,3 +183,25 @@ def model_prop(driver, name: str, path: str):
         let m = Bokeh.documents[0].get_model_by_name(arguments[0]);
         for (const k of arguments[1].split(".")) { if (m == null) return null; m = m[k]; }
         return m;""", name, path)
+
+
+def drag_slider(driver, name: str, handle: int, fraction: float) -> None:
+    """A real pointer drag of a Bokeh (range) slider's handle to ``fraction`` of its track."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    widget_element(driver, name, ".noUi-handle", handle)  # scrolled into view
+    x0, y0, x1 = driver.execute_script("""
+        const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+        const v = [...Bokeh.index.all_views()].find(v => v.model === m);
+        const root = v.shadow_el || v.el;
+        const h = root.querySelectorAll(".noUi-handle")[arguments[1]].getBoundingClientRect();
+        const base = root.querySelector(".noUi-base").getBoundingClientRect();
+        return [h.left + h.width / 2, h.top + h.height / 2, base.left + arguments[2] * base.width];""",
+                                       name, handle, fraction)
+    actions = ActionBuilder(driver)
+    p = actions.pointer_action
+    p.move_to_location(int(x0), int(y0)).pointer_down()
+    for k in range(1, 6):
+        p.move_to_location(int(x0 + (x1 - x0) * k / 5), int(y0))
+    p.pointer_up()
+    actions.perform()

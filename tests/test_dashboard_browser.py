@@ -19,7 +19,7 @@ from stemlive.live.store import read_store
 from .helpers import free_port
 
 from . import browser as br
-from .dashboard_controls import exercise_controls
+from .dashboard_controls import exercise_controls, store_ring
 
 pytestmark = pytest.mark.skipif(br.available() is not None, reason=str(br.available()))
 ARTIFACTS = Path(__file__).resolve().parent.parent / ".test-artifacts"
@@ -95,6 +95,15 @@ def test_dashboard_live(live_scan, tmp_path):
         b.get(url)
         br.wait_for(lambda: finite_count(br.model_data(b, "source-thickness") or [[]])
                     >= int(read_store(store)["blocks"]["done"].sum()) - 2, what="the full state after a restart")
+        # the operator moves the HAADF ring while the scan runs: the engine sums it from its profiles,
+        # and the page keeps it (asking again) as frames come
+        br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value") is not None, 30, what="the ring sliders")
+        br.drag_slider(a, "ring-haadf", 0, 0.3)
+        live_ring = br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value_throttled"), 10, what="the HAADF slider let go")
+        live_delay = br.wait_for(lambda: (lambda v: v[-1] if v else None)(
+            a.execute_script("return window.stemliveRingDelays || []")), 20, what="the HAADF ring redrawn")
+        print(f"\nmid-scan HAADF ring {live_ring} mrad: slider let go -> redrawn {live_delay * 1e3:.0f} ms "
+              f"({br.text_of(a, 'ring-info')})", flush=True)
         assert engine.wait(timeout=120) == 0
         final = read_store(store)
         assert final["attrs"]["state"] == "complete"
@@ -121,6 +130,11 @@ def test_dashboard_live(live_scan, tmp_path):
         shape = a.execute_script("return Bokeh.documents[0].get_model_by_name('source-pacbed').data.image[0].shape")
         assert list(shape) == list(meta["frame_shape"])
         a.save_screenshot(str(ARTIFACTS / "dashboard-finished.png"))
+        # the ring set mid-scan covers the whole scan, as summed from the store's profiles
+        want = store_ring(final, *live_ring, "mrad")
+        br.wait_for(lambda: np.allclose(np.array(br.model_data(a, "source-haadf"), float), want, rtol=1e-4,
+                                        equal_nan=True) and np.isfinite(want).all(), 30,
+                    what="the operator's HAADF ring over the whole scan")
         exercise_controls(a, final, tmp_path / "downloads")
         # the atom overlay, ticked on by the controls' test, over the virtual images
         grid = a.execute_script("const m = Bokeh.documents[0].get_model_by_name('virtual-grid');"
@@ -141,6 +155,7 @@ def write_blocks_slowly(store, layout, n_blocks: int, pause_s: float, rng) -> No
 
     ny, nx = layout.grid_shape
     sig = layout.sig_shape
+    sy, sx = layout.scan_shape
     yy, xx = np.mgrid[:sig[0], :sig[1]]
     img = np.full(layout.scan_shape, np.nan, np.float32)
     for k, (i, j) in enumerate(np.ndindex(ny, nx)):
@@ -157,6 +172,13 @@ def write_blocks_slowly(store, layout, n_blocks: int, pause_s: float, rng) -> No
         by, bx = layout.block_shape
         img[i * by:(i + 1) * by, j * bx:(j + 1) * bx] = rng.normal(100, 10, (by, bx))
         store.write_virtual({"bf": img, "haadf": img}, (k + 1) * 64)
+        if layout.radial_bins:  # per-frame profiles: a bright disk and a tail that varies with the block
+            rr, cc = np.mgrid[i * by:(i + 1) * by, j * bx:(j + 1) * bx]
+            r = (np.arange(layout.radial_bins) + 0.5) * layout.radial_bin_px
+            prof = (np.where(r < 8, 50.0 * r, 5.0 * r * np.exp(-r / (6 + j))) * (1 + 0.1 * i))
+            prof = prof[None] * rng.uniform(0.8, 1.2, (by * bx, 1))
+            store.write_radial((rr * sx + cc).ravel(), prof.astype(np.float32), (sig[0] / 2, sig[1] / 2),
+                               radius_px=13.6 / 1.2)
         time.sleep(pause_s)
 
 
@@ -165,7 +187,8 @@ def test_dashboard_follows_a_store_being_written(tmp_path):
     the store, says when it is finished, and every control works on it."""
     from stemlive.live.store import ResultStore, StoreLayout
 
-    layout = StoreLayout(scan_shape=(48, 64), block_shape=(8, 8), sig_shape=(40, 40), virtual=("bf", "haadf"))
+    layout = StoreLayout(scan_shape=(48, 64), block_shape=(8, 8), sig_shape=(40, 40), virtual=("bf", "haadf"),
+                         radial_bins=59)
     path = tmp_path / "r.h5"
     store = ResultStore.create(path, layout, alpha_mrad=13.6, kv=200, mrad_per_px=1.2, scan_step_nm=0.1,
                                models=[{"id": "stand-in"}], rings={"bf": [0, 0.5, "alpha"], "haadf": [3, 4.5, "alpha"]})

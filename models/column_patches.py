@@ -63,11 +63,15 @@ def patch_offsets(edge_px: float, size: int) -> np.ndarray:
 
 
 def extract_patches(image: np.ndarray, positions_px: np.ndarray, edge_px: float | None = None,
-                    size: int = DEFAULT_SIZE, spacings: float = DEFAULT_SPACINGS) -> ColumnPatches:
+                    size: int = DEFAULT_SIZE, spacings: float = DEFAULT_SPACINGS,
+                    prefilter: bool = False) -> ColumnPatches:
     """Patches around ``positions_px`` (row, col; pixel centres at integer indices) of ``image``.
 
     ``edge_px``: the patch edge in image pixels; None: ``spacings`` × the columns' median
-    nearest-neighbour distance (:func:`column_spacing`)."""
+    nearest-neighbour distance (:func:`column_spacing`).  ``prefilter``: when a patch pixel
+    spans more than one image pixel, smooth the image first (Gaussian, σ = 0.4 patch pixel) so a
+    patch pixel averages the image pixels it covers -- bilinear sampling alone would use one or
+    two of them and waste the rest of the dose."""
     img = np.asarray(image)
     if img.ndim not in (2, 3):
         raise ValueError(f"expected an image (H×W) or a stack of co-registered images (C×H×W), got shape {img.shape}")
@@ -97,8 +101,11 @@ def extract_patches(image: np.ndarray, positions_px: np.ndarray, edge_px: float 
     valid = inside & measured[near[..., 0], near[..., 1]]
     flat = coords.reshape(-1, 2).T
     out = np.empty((len(pos), len(stack), size, size), np.float32)
+    step = edge_px / size
     for c, chan in enumerate(stack.astype(np.float64)):
         filled = _fill_unmeasured(chan, measured)
+        if prefilter and step > 1:
+            filled = ndimage.gaussian_filter(filled, 0.4 * step, mode="nearest")
         out[:, c] = ndimage.map_coordinates(filled, flat, order=1, mode="nearest").reshape(len(pos), size, size)
     return ColumnPatches(out, valid, pos.copy(), float(edge_px), int(size))
 

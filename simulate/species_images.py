@@ -151,29 +151,33 @@ def patch_input(haadf: np.ndarray, abf: np.ndarray) -> np.ndarray:
 
 
 def labelled_patches(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges(),
-                     border_px: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
+                     border_px: float = 0.0, size: int = PATCH_SIZE, spacings: float = PATCH_SPACINGS,
+                     prefilter: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """(patches (k, 2, P, P) float32, labels (k,), meta) of one specimen: the sites whose whole
-    patch lies in the image (displaced by the position error)."""
+    patch lies in the image (displaced by the position error).  ``size``, ``spacings``,
+    ``prefilter``: the patch geometry (`extract_patches`; the species classifier's by default)."""
     from ..models.column_patches import column_spacing, extract_patches
 
     sp = species_images(rng, r)
-    edge = PATCH_SPACINGS * column_spacing(sp.sites_px)
+    edge = spacings * column_spacing(sp.sites_px)
     centres = sp.sites_px + rng.normal(0, r.position_error_A / sp.meta["sampling_A"], sp.sites_px.shape)
-    p = extract_patches(patch_input(sp.haadf, sp.abf), centres, edge_px=edge, size=PATCH_SIZE)
+    p = extract_patches(patch_input(sp.haadf, sp.abf), centres, edge_px=edge, size=size, prefilter=prefilter)
     keep = p.complete
     return p.patches[keep], sp.label[keep], {**sp.meta, "edge_px": edge}
 
 
 def write_patches(out: Path, n_images: int, seed: int = 0, ranges: SpeciesRanges = SpeciesRanges(),
-                  progress: bool = True) -> Path:
+                  progress: bool = True, **geometry) -> Path:
     """Patches of ``n_images`` specimens into OUT (npz, no pickle), resumable per chunk of 32
-    specimens (each chunk its own file beside OUT, joined at the end)."""
+    specimens (each chunk its own file beside OUT, joined at the end).  ``geometry``: size,
+    spacings, prefilter of `labelled_patches` (recorded in the settings when given)."""
     from tqdm import tqdm
 
     out = Path(out)
     parts = out.with_name(out.stem + "_parts")
     parts.mkdir(parents=True, exist_ok=True)
-    spec = json.dumps({"n": n_images, "seed": seed, "ranges": asdict(ranges)}, sort_keys=True)
+    spec = json.dumps({"n": n_images, "seed": seed, "ranges": asdict(ranges), **({"geometry": geometry} if geometry else {})},
+                      sort_keys=True)
     spec_file = parts / "spec.json"
     if spec_file.exists() and spec_file.read_text() != spec:
         raise FileExistsError(f"{parts} holds patches made with other settings; choose another --out")
@@ -185,7 +189,7 @@ def write_patches(out: Path, n_images: int, seed: int = 0, ranges: SpeciesRanges
             continue
         xs, ys, ds = [], [], []
         for k in range(c0, min(n_images, c0 + chunk)):
-            x, y, meta = labelled_patches(np.random.default_rng([seed, k]), ranges)
+            x, y, meta = labelled_patches(np.random.default_rng([seed, k]), ranges, **geometry)
             xs.append(x)
             ys.append(y)
             ds.append(np.full(len(y), meta["dose_e_per_A2"], np.float32))

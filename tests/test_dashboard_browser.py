@@ -54,7 +54,7 @@ def test_dashboard_live(live_scan, tmp_path):
     procs = []
     drivers = []
     try:
-        sim = stemlive("sim-detector", str(d / "frames.npy"), "--dwell-us", "10000", "--api-port", str(api),
+        sim = stemlive("sim-detector", str(d / "frames.npy"), "--dwell-us", "15000", "--api-port", str(api),
                        "--data-port", str(data), "--cache", str(tmp_path), stdout=subprocess.PIPE, text=True)
         procs.append(sim)
         assert "simulated DECTRIS detector" in sim.stdout.readline()
@@ -78,6 +78,20 @@ def test_dashboard_live(live_scan, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         a.save_screenshot(str(ARTIFACTS / "dashboard-midscan.png"))
         assert br.console_errors(a) == []  # the page loaded and updated without errors
+        # the operator moves the HAADF ring while the scan runs: the engine sums it from its profiles
+        # (REP), and the page keeps it, asking again, as frames come
+        br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value") is not None, 30, what="the ring sliders")
+        br.drag_slider(a, "ring-haadf", 0, 0.3)
+        live_ring = br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value_throttled"), 10, what="the HAADF slider let go")
+        live_delay = br.wait_for(lambda: (lambda v: v[-1] if v else None)(
+            a.execute_script("return window.stemliveRingDelays || []")), 20, what="the HAADF ring redrawn")
+        info = br.text_of(a, "ring-info")
+        print(f"\nmid-scan HAADF ring {live_ring} mrad: slider let go -> redrawn {live_delay * 1e3:.0f} ms ({info})",
+              flush=True)
+        assert "from the engine" in info
+        shown = finite_count(br.model_data(a, "source-haadf"))
+        br.wait_for(lambda: finite_count(br.model_data(a, "source-haadf")) > shown, 20,
+                    what="the operator's ring growing with the scan")
         # the dashboard dies mid-scan; the engine goes on without it
         done_before = int(read_store(store)["blocks"]["done"].sum())
         assert done_before < 24, "the scan finished too early for the restart test"
@@ -95,15 +109,10 @@ def test_dashboard_live(live_scan, tmp_path):
         b.get(url)
         br.wait_for(lambda: finite_count(br.model_data(b, "source-thickness") or [[]])
                     >= int(read_store(store)["blocks"]["done"].sum()) - 2, what="the full state after a restart")
-        # the operator moves the HAADF ring while the scan runs: the engine sums it from its profiles,
-        # and the page keeps it (asking again) as frames come
-        br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value") is not None, 30, what="the ring sliders")
-        br.drag_slider(a, "ring-haadf", 0, 0.3)
-        live_ring = br.wait_for(lambda: br.model_prop(a, "ring-haadf", "value_throttled"), 10, what="the HAADF slider let go")
-        live_delay = br.wait_for(lambda: (lambda v: v[-1] if v else None)(
-            a.execute_script("return window.stemliveRingDelays || []")), 20, what="the HAADF ring redrawn")
-        print(f"\nmid-scan HAADF ring {live_ring} mrad: slider let go -> redrawn {live_delay * 1e3:.0f} ms "
-              f"({br.text_of(a, 'ring-info')})", flush=True)
+        # a session that sets its HAADF ring after the restart keeps it to the end of the scan
+        br.wait_for(lambda: br.model_prop(b, "ring-haadf", "value") is not None, 30, what="the ring sliders")
+        br.drag_slider(b, "ring-haadf", 0, 0.3)
+        late_ring = br.wait_for(lambda: br.model_prop(b, "ring-haadf", "value_throttled"), 10, what="the HAADF slider let go")
         assert engine.wait(timeout=120) == 0
         final = read_store(store)
         assert final["attrs"]["state"] == "complete"
@@ -130,10 +139,10 @@ def test_dashboard_live(live_scan, tmp_path):
         shape = a.execute_script("return Bokeh.documents[0].get_model_by_name('source-pacbed').data.image[0].shape")
         assert list(shape) == list(meta["frame_shape"])
         a.save_screenshot(str(ARTIFACTS / "dashboard-finished.png"))
-        # the ring set mid-scan covers the whole scan, as summed from the store's profiles
-        want = store_ring(final, *live_ring, "mrad")
-        br.wait_for(lambda: np.allclose(np.array(br.model_data(a, "source-haadf"), float), want, rtol=1e-4,
-                                        equal_nan=True) and np.isfinite(want).all(), 30,
+        # the ring set after the restart covers the whole scan, as summed from the store's profiles
+        want = store_ring(final, *late_ring, "mrad")
+        assert np.isfinite(want).all()
+        br.wait_for(lambda: np.allclose(np.array(br.model_data(b, "source-haadf"), float), want, rtol=1e-4), 30,
                     what="the operator's HAADF ring over the whole scan")
         exercise_controls(a, final, tmp_path / "downloads")
         # the atom overlay, ticked on by the controls' test, over the virtual images

@@ -90,7 +90,7 @@ def defect_images(rng: np.random.Generator, r: DefectRanges = DefectRanges()) ->
     n = r.image.size_px
     margin = 0.75 * cell_px
     inner = ((pos >= margin) & (pos <= n - 1 - margin)).all(axis=1)
-    n_def = int(min(r.max_defects, max(1, round(len(pos) / r.sites_per_defect))))
+    n_def = int(min(r.max_defects, max(1, round(len(pos) / r.sites_per_defect)))) if r.types else 0  # () : bulk
     order = rng.permutation(len(r.types))
     types = [r.types[order[k % len(order)]] for k in range(n_def)]
     extra_pos: list[np.ndarray] = []

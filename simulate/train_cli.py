@@ -56,6 +56,13 @@ def add_parsers(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(func=run_atoms)
 
+    from . import anomaly_train
+
+    an = tsub.add_parser("anomaly", help="the column point-defect anomaly VAE on simulated bulk SrTiO3 [001] "
+                                         "patches (resumable)", description=anomaly_train.__doc__.split("\n")[0])
+    anomaly_train.add_arguments(an)
+    an.set_defaults(func=anomaly_train.run)
+
 
 def run_pacbed(args) -> int:
     from ..models.cards import SHIPPED_DIR

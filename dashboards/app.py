@@ -196,7 +196,8 @@ class Page:
         side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
         grids = [gridplot(figs, ncols=3, toolbar_location="right")]
         if vfigs:
-            grids.append(gridplot(vfigs, ncols=4, toolbar_location="right"))
+            # beside the ring sliders, three a row (the page stays within a 1750 px window)
+            grids.append(gridplot(vfigs, ncols=3 if self.rings is not None else 4, toolbar_location="right"))
             grids[-1].name = "virtual-grid"
         for grid, name in zip(grids, ("stemlive-maps", "stemlive-virtual")):
             for tool in grid.toolbar.tools:  # the merged save tool: a file name, no prompt

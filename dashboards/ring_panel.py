@@ -15,7 +15,7 @@ from bokeh.models import CustomJS, Div, RadioButtonGroup, RangeSlider
 
 from ..udf.radial_bins import DEFAULT_RINGS
 
-LABELS = {"bf": "BF", "abf": "ABF", "adf": "ADF", "haadf": "HAADF", "custom": "custom annulus"}
+LABELS = {"bf": "BF", "abf": "ABF", "adf": "ADF", "haadf": "HAADF", "custom": "Custom"}
 CUSTOM_ALPHA = (1.0, 2.0)  # the custom annulus at first: just outside the zero disk
 UNITS = ("mrad", "alpha")  # the unit toggle's buttons, in order
 STEP = {"mrad": 0.1, "alpha": 0.01}
@@ -51,7 +51,7 @@ class RingPanel:
     ``on_change(key)`` is called when the operator lets go of a slider (``value_throttled``: one
     request per gesture, not one per pixel dragged)."""
 
-    def __init__(self, keys: list[str], meta: dict, on_change, width: int = 300):
+    def __init__(self, keys: list[str], meta: dict, on_change, width: int = 280):
         self.alpha_mrad = _finite(meta.get("alpha_mrad"))
         radial = meta.get("radial") or {}
         radius = _finite(radial.get("radius_px"))
@@ -115,7 +115,7 @@ class RingPanel:
     def _title(self, key: str) -> None:
         lo, hi = self.sliders[key].value
         f = self.factor()
-        title = f"{LABELS.get(key, key)}: {ring_words(lo / f, hi / f, self.alpha_mrad)}"
+        title = f"{LABELS.get(key, key)} {ring_words(lo / f, hi / f, self.alpha_mrad)}"
         if self.sliders[key].title != title:
             self.sliders[key].title = title
 

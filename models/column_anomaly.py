@@ -3,11 +3,16 @@
 A shipped convolutional VAE (card task ``column-anomaly``), trained on bulk SrTiO3 [001]
 patches only, reconstructs each column's two-channel patch -- HAADF and ABF of one scan, each
 standardised per image, ABF inverted, exactly the species classifier's input
-(`column_species.classifier_input`, `column_patches`) -- from its latent mean.  What the bulk
+(`column_species.classifier_input`, `column_patches`, here 2.5 cells wide) -- from its
+latent mean.  What the bulk
 model cannot reproduce is the anomaly:
 
-* ``error``: the per-pixel mean squared difference between the patch and its reconstruction,
-  over the valid pixels of both channels.  The reconstruction error, not the VAE's negative
+* ``error``: the mean squared difference between the patch and its reconstruction over the
+  valid pixels of both channels, weighted by a Gaussian window on the column (σ from the card,
+  0.2 cell: the patch is 2.5 cells wide so that the column's same-kind neighbours, its
+  reference, are in it, but a uniform mean over ~25 columns drowns one column's misfit in the
+  others' shot noise -- measured on validation specimens, see `simulate/anomaly_train.py`).
+  The reconstruction error, not the VAE's negative
   ELBO: the ELBO's KL term grows with how unusual the *imaging* is (thickness, defocus,
   rotation, dose all move the latent code of perfectly good bulk), and the seed's measure is
   the input-minus-prediction difference too.

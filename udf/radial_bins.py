@@ -57,63 +57,74 @@ def _slices(key):
     return None if key is None else tuple(slice(a, b) for a, b in key)
 
 
-def bin_matrix(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: float, n_bins: int,
-               sig_slice: tuple[slice, slice] | None = None, subsample: int = 4) -> sp.csr_matrix:
-    """Cached per worker process: every partition with the same centre reuses it (building one
-    for a 256² frame takes about a second)."""
-    return _bin_matrix(tuple(sig_shape), tuple(float(c) for c in center), float(bin_px), int(n_bins),
-                       _slice_key(sig_slice), subsample)
+@dataclass(frozen=True)
+class BinTaps:
+    """Where each pixel's intensity goes: two neighbouring bins, linear in radius.
+
+    A pixel whose centre lies at radius r (x = r/Δ − ½ bin widths) adds ``1 − frac`` of its
+    intensity to bin ``b = floor(x)`` and ``frac`` to ``b + 1`` (cloud-in-cell), so a bin
+    [kΔ, (k+1)Δ) is centred where its contributions are and ring edges are not quantised to
+    whole pixels.  ``unit`` is the pixel's direction from the centre (row, col) for the
+    dipoles.  Taps beyond the last bin point at ``n_bins`` (a discard column) with weight 0.
+    """
+
+    bins: np.ndarray  # (pixels,) int32
+    frac: np.ndarray  # (pixels,) float32
+    unit: np.ndarray  # (pixels, 2) float32
+    n_bins: int
+
+
+def bin_taps(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: float, n_bins: int,
+             sig_slice: tuple[slice, slice] | None = None) -> BinTaps:
+    """The taps of every pixel (of ``sig_slice``, flattened), cached per worker process."""
+    return _bin_taps(tuple(sig_shape), tuple(float(c) for c in center), float(bin_px), int(n_bins),
+                     _slice_key(sig_slice))
 
 
 @functools.lru_cache(maxsize=8)
-def _bin_matrix(sig_shape, center, bin_px, n_bins, slice_key, subsample) -> sp.csr_matrix:
-    """Sparse (pixels, 3·n_bins) matrix: a flattened frame times it gives [sum, dipole row, dipole col] per bin.
-
-    Each pixel is split into ``subsample``² sub-pixels that fall into their own bins, so ring
-    edges are not quantised to whole pixels.  Beyond the last bin is left out.  ``sig_slice``
-    restricts the matrix to a signal tile.
-    """
+def _bin_taps(sig_shape, center, bin_px, n_bins, slice_key) -> BinTaps:
     sig_slice = _slices(slice_key)
     rr, cc = np.indices(sig_shape, dtype=np.float64)
     if sig_slice is not None:
         rr, cc = rr[sig_slice], cc[sig_slice]
-    offs = (np.arange(subsample) + 0.5) / subsample - 0.5
-    orow, ocol = (o.ravel() for o in np.meshgrid(offs, offs, indexing="ij"))
-    dr = rr.ravel()[:, None] + orow[None, :] - center[0]
-    dc = cc.ravel()[:, None] + ocol[None, :] - center[1]
+    dr, dc = rr.ravel() - center[0], cc.ravel() - center[1]
     r = np.hypot(dr, dc)
-    b = np.floor(r / bin_px).astype(np.int64)
+    x = np.maximum(r / bin_px - 0.5, 0.0)
+    b = np.floor(x).astype(np.int64)
+    frac = x - b
+    last = b >= n_bins - 1  # the upper tap would fall beyond the last bin
+    frac = np.where(last, 0.0, frac)
+    b = np.where(b >= n_bins, n_bins, b)  # wholly beyond: the discard column
     with np.errstate(invalid="ignore", divide="ignore"):
-        ur = np.where(r > 0, dr / r, 0.0)
-        uc = np.where(r > 0, dc / r, 0.0)
-    pix = np.broadcast_to(np.arange(r.shape[0])[:, None], r.shape)
-    keep = b < n_bins
-    w = 1.0 / subsample ** 2
-    rows = np.concatenate([pix[keep]] * 3)
-    cols = np.concatenate([b[keep], n_bins + b[keep], 2 * n_bins + b[keep]])
-    vals = np.concatenate([np.full(keep.sum(), w), w * ur[keep], w * uc[keep]]).astype(np.float32)
-    m = sp.coo_matrix((vals, (rows, cols)), shape=(r.shape[0], 3 * n_bins)).tocsr()
-    m.sum_duplicates()
-    return m
+        unit = np.stack([np.where(r > 0, dr / r, 0.0), np.where(r > 0, dc / r, 0.0)], axis=-1)
+    return BinTaps(b.astype(np.int32), frac.astype(np.float32), unit.astype(np.float32), n_bins)
 
 
-def bin_matrix_t(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: float, n_bins: int,
-                 sig_slice: tuple[slice, slice] | None = None, dipoles: bool = True) -> sp.csr_matrix:
-    """The bin matrix transposed, (n_bins or 3·n_bins, pixels) CSR: the layout `kernels.radial_profiles`
-    multiplies frames with.  ``dipoles=False``: the radial sums alone (a third of the work).
-    Cached per worker process, like `bin_matrix`."""
-    return _bin_matrix_t(tuple(sig_shape), tuple(float(c) for c in center), float(bin_px), int(n_bins),
-                         _slice_key(sig_slice), bool(dipoles))
+def bin_matrix(sig_shape: tuple[int, int], center: tuple[float, float], bin_px: float, n_bins: int,
+               sig_slice: tuple[slice, slice] | None = None) -> sp.csr_matrix:
+    """The taps as a sparse (pixels, 3·n_bins) matrix, cached per worker process: a flattened
+    frame times it gives [sum, dipole row, dipole col] per bin -- what the compiled kernel
+    (`kernels.radial_profiles`) records, for ring masks and checks."""
+    return _bin_matrix(tuple(sig_shape), tuple(float(c) for c in center), float(bin_px), int(n_bins),
+                       _slice_key(sig_slice))
 
 
 @functools.lru_cache(maxsize=8)
-def _bin_matrix_t(sig_shape, center, bin_px, n_bins, slice_key, dipoles) -> sp.csr_matrix:
-    m = _bin_matrix(sig_shape, center, bin_px, n_bins, slice_key, 4)
-    if not dipoles:
-        m = m[:, :n_bins]
-    t = m.T.tocsr()
-    t.sort_indices()
-    return t
+def _bin_matrix(sig_shape, center, bin_px, n_bins, slice_key) -> sp.csr_matrix:
+    taps = _bin_taps(sig_shape, center, bin_px, n_bins, slice_key)
+    npix = len(taps.bins)
+    pix = np.concatenate([np.arange(npix)] * 2)
+    b = np.concatenate([taps.bins, taps.bins + 1]).astype(np.int64)
+    w = np.concatenate([1.0 - taps.frac, taps.frac]).astype(np.float64)
+    keep = (b < n_bins) & (w > 0)
+    pix, b, w = pix[keep], b[keep], w[keep]
+    u = taps.unit[pix].astype(np.float64)
+    rows = np.concatenate([pix] * 3)
+    cols = np.concatenate([b, n_bins + b, 2 * n_bins + b])
+    vals = np.concatenate([w, w * u[:, 0], w * u[:, 1]]).astype(np.float32)
+    m = sp.coo_matrix((vals, (rows, cols)), shape=(npix, 3 * n_bins)).tocsr()
+    m.sum_duplicates()
+    return m
 
 
 def ring_masks(sig_shape: tuple[int, int], center: tuple[float, float], radii: list[tuple[float, float]],

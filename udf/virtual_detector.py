@@ -1,12 +1,12 @@
 """`VirtualDetectorUDF`: BF/ABF/ADF/HAADF images, with rings that may be chosen after calibration.
 
 Every frame is recorded as its radial profile: sums in fine radial bins (``bin_px``, default
-0.5 px, sub-pixel weighted) around a centre, out to the frame's half diagonal, as abTEM's
+0.5 px; each pixel shared linearly between its two nearest bins) around a centre, out to the frame's half diagonal, as abTEM's
 FlexibleAnnularDetector does.  Any ring is then a sum over bins (linear inside the edge bins),
 chosen before, during or after the run.  Two ways of recording:
 
 * *centred* (``recorded`` = 2): around the given (calibrated) centre -- the profile alone, one
-  sparse product per tile (`kernels.radial_profiles`).
+  compiled pass per tile (`kernels.radial_profiles`).
 * *provisional* (``recorded`` = 1): while the centre is not known, around a provisional one
   (each partition's bright-disk centroid), with each bin's dipole moment as well, so frames
   binned around it are corrected to the calibrated centre to first order (see `radial_bins`).
@@ -24,7 +24,7 @@ import numpy as np
 from libertem.udf.base import UDF
 
 from .kernels import radial_profiles
-from .radial_bins import DEFAULT_RINGS, BinnedFrames, RingScale, bin_matrix_t, bright_disk_center, n_bins_for
+from .radial_bins import DEFAULT_RINGS, BinnedFrames, RingScale, bin_taps, bright_disk_center, n_bins_for
 
 PROVISIONAL_FRAMES = 8
 PROVISIONAL, CENTRED = 1, 2  # values of the per-frame ``recorded`` result (0: not yet)
@@ -234,23 +234,14 @@ class VirtualDetectorUDF(UDF):
 
     def _record(self, flat: np.ndarray, sig_part: tuple, out) -> None:
         """One tile, frames flattened (n, pixels) in any real dtype, into the result views ``out``."""
-        cache = self.task_data.matrices
         center = self._center()
         dipoles = self._dipoles() and out.dipole.shape[-2] == out.radial.shape[-1]
         nb = out.radial.shape[-1]
-        key = (center, dipoles, tuple((s.start, s.stop) for s in sig_part))
-        matrix = cache.get(key)
-        if matrix is None:
-            for k in [k for k in cache if isinstance(k, tuple) and k[:2] != key[:2]]:
-                del cache[k]  # a new centre: the old matrices are not needed again
-            matrix = cache[key] = bin_matrix_t(self._sig(), center, self.params.bin_px, nb, sig_part, dipoles)
-        if dipoles:
-            prof = np.zeros((len(flat), 3 * nb), np.float32)
-            radial_profiles(flat, matrix, prof)
-            out.radial[:] += prof[:, :nb]  # sig tiles add up
-            out.dipole[:] += np.stack([prof[:, nb:2 * nb], prof[:, 2 * nb:]], axis=-1)
+        taps = bin_taps(self._sig(), center, self.params.bin_px, nb, sig_part)
+        if dipoles:  # sig tiles add up
+            radial_profiles(flat, taps, out.radial, out.dipole)
         else:
-            radial_profiles(flat, matrix, out.radial)
+            radial_profiles(flat, taps, out.radial)
         out.recorded[:] = CENTRED if self.params.center is not None else PROVISIONAL
         out.center_used[:] = center
 

@@ -13,7 +13,7 @@ alarms -- and their defect columns give the recall the card reports.  No defect 
 to the network.
 
 The network (`build_net`): a small convolutional VAE, 2×32² → 3 strided convolutions → latent
-(default 8) → 3 transposed convolutions → 2×32², ~90 k parameters.  Loss: the per-pixel mean
+(default 8) → 3 transposed convolutions → 2×32², ~96 k parameters.  Loss: the per-pixel mean
 squared error (a Gaussian decoder of fixed variance) + β × KL / pixels.  Batches turned by
 90° and mirrored (the 4mm projection: a turned patch is still bulk).  Resumable through the
 shared trainer (npz checkpoints, no pickle); exported with the PyTorch-vs-ONNX Runtime parity

@@ -18,7 +18,7 @@ import zmq
 from ..protocol import WireError, decode, pacbed_request, secure_client, state_request
 from ..protocol.requests import check_rings, rings_request
 from .snapshot import ATOM_FIELDS, Snapshot, atoms_from, empty_atoms, snapshot_from_state  # noqa: F401
-from .store_feed import StoreFeed, StoreRings, store_block_pacbed  # noqa: F401  (the old import path)
+from .store_feed import StoreFeed, StoreRings, fitter_for, store_block_pacbed  # noqa: F401  (the old import path)
 
 
 class LiveFeed:
@@ -40,6 +40,7 @@ class LiveFeed:
         self._req_lock = threading.Lock()
         self._req = None
         self._store_rings: StoreRings | None = None
+        self._fitter = None  # the library check for blocks read from the store once the engine has gone
         self._thread = threading.Thread(target=self._run, name="stemlive-dashboard-feed", daemon=True)
         self._thread.start()
 
@@ -72,15 +73,20 @@ class LiveFeed:
         return header, arrays
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
-        """From the engine; once the engine has gone (scan over), from its result store."""
+        """From the engine; once the engine has gone (scan over), from its result store.  The
+        header's ``fit`` says whether the library check's fitted pattern came with it, and
+        ``fit_images`` holds it (``observed``, ``model``, ``residual``; canonical frame)."""
         try:
             header, arrays = self.request(pacbed_request(i, j))
+            header["fit_images"] = {k[4:]: v for k, v in arrays.items() if k.startswith("fit/")}
             return header, arrays["pacbed"]
         except TimeoutError:
             store = (self.snapshot.meta.get("store") if self.snapshot else None) or ""
             if not store or not Path(store).exists():
                 raise
-            return store_block_pacbed(store, self.snapshot, i, j)
+            if self._fitter is None:
+                self._fitter = fitter_for(self.snapshot.meta)
+            return store_block_pacbed(store, self.snapshot, i, j, self._fitter)
 
     def ring_images(self, rings: dict) -> tuple[dict, dict[str, np.ndarray]]:
         """Ring images of the whole scan for ``rings`` = {name: (inner, outer, unit)}: from the

@@ -1,5 +1,8 @@
 """The PACBED panel: one block's mean pattern on log or gamma intensity, axes in mrad from the
-fitted disk centre, the fitted disk and the virtual detectors' rings drawn over it.
+fitted disk centre, the fitted disk and the virtual detectors' rings drawn over it; beside it
+the library check's best-fitting pattern at the block's checked thickness and tilt and the
+difference (block − library), both in the check's canonical frame (crystal axes along the
+plot's axes, mrad from the disk centre), or, where there is no check, why not in words.
 
 A linear display clipped at a high percentile shows the zero disk only; thickness and tilt are
 read from the faint structure around it, so the panel opens on a log scale.
@@ -14,7 +17,7 @@ from bokeh.models import (Button, ColorBar, ColumnDataSource, Div, LabelSet, Lin
                           RadioButtonGroup, Range1d, Slider)
 from bokeh.plotting import figure
 
-from .display import SEQUENTIAL, flag_text
+from .display import DIVERGING, SEQUENTIAL, flag_text
 
 SCALES = ("linear", "log", "gamma")
 
@@ -92,6 +95,30 @@ class PacbedPanel:
         self.figure = p
         self.scale = RadioButtonGroup(labels=list(SCALES), active=1, name="pacbed-scale")
         self.gamma = Slider(title="γ", start=0.1, end=1.0, step=0.05, value=0.3, width=140, name="pacbed-gamma")
+        # the library check's fit beside it: its model on the same intensity scale, the difference
+        small = max(120, size // 2)
+        self.fit_mapper = LinearColorMapper(palette=SEQUENTIAL, nan_color=(0, 0, 0, 0))
+        self.diff_mapper = LinearColorMapper(palette=DIVERGING, nan_color=(0, 0, 0, 0))
+        self.fit_image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []}, name="source-pacbed-fit")
+        self.diff_image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []},
+                                           name="source-pacbed-difference")
+        self.fit_figures = []
+        for name, title, src, mapper in (("pacbed-fit", "Library fit", self.fit_image, self.fit_mapper),
+                                         ("pacbed-difference", "Block − library", self.diff_image, self.diff_mapper)):
+            f = figure(title=title, frame_width=small, frame_height=small, match_aspect=True, name=name,
+                       tools="pan,wheel_zoom,reset", x_axis_label="mrad (crystal [010])",
+                       y_axis_label="mrad (crystal [100])", x_range=Range1d(-1, 1),
+                       y_range=Range1d(1, -1))
+            f.toolbar.logo = None
+            f.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
+            f.add_layout(ColorBar(color_mapper=mapper, width=6, label_standoff=4,
+                                  major_label_text_font_size="8px"), "right")
+            self.fit_figures.append(f)
+        # both show the same part of the canonical frame
+        self.fit_figures[1].x_range = self.fit_figures[0].x_range
+        self.fit_figures[1].y_range = self.fit_figures[0].y_range
+        self.fit_info = Div(text="<i>library fit: waiting for a block</i>", width=small + 60, name="pacbed-fit-info")
+        self._fit: dict | None = None
         self.follow = Button(label="follow latest", name="pacbed-follow", width=110, disabled=True)
         self.follow.on_click(on_follow)
         self.info = Div(text="", width=size + 60, name="pacbed-info")
@@ -102,7 +129,8 @@ class PacbedPanel:
         self._mpp: float | None = None
 
     def layout(self):
-        return column(self.figure, row(self.scale, self.gamma, self.follow), self.info)
+        return column(row(self.figure, column(*self.fit_figures, self.fit_info)),
+                      row(self.scale, self.gamma, self.follow), self.info)
 
     def show(self, block: tuple[int, int], pinned: bool, header: dict, pac: np.ndarray, text: str) -> None:
         """Draw block ``block``'s pattern with its fitted disk and the virtual detectors."""
@@ -117,6 +145,7 @@ class PacbedPanel:
         self.figure.xaxis.axis_label = f"{unit} (detector axis 1)"
         self.figure.yaxis.axis_label = f"{unit} (detector axis 0)"
         self._pattern, self._centre, self._mpp = np.asarray(pac, np.float64), centre, scale
+        self._fit = self._fit_of(header, meta)
         self.redraw()
         half = max(h, w) / 2 * scale
         x0 = (w - 1) / 2 * scale - centre[1] * scale
@@ -144,10 +173,51 @@ class PacbedPanel:
         calib = f" Axes: {unit}" + (f" ({scale:.3g} mrad/px from {source})." if mpp else ".")
         self.info.text = text + calib
 
+    def _fit_of(self, header: dict, meta: dict) -> dict | None:
+        """The library fit that came with the block (None: the reason is shown instead)."""
+        fit, images = header.get("fit") or {}, header.get("fit_images") or {}
+        if not fit.get("available") or "model" not in images:
+            reason = fit.get("reason") or "the engine sent no library fit with this block"
+            self.fit_info.text = f"<b>No library fit</b>: {reason}."
+            empty = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
+            self.fit_image.data, self.diff_image.data = empty, dict(empty)
+            return None
+        alpha = meta.get("alpha_mrad")
+        ok = alpha is not None and math.isfinite(float(alpha)) and float(alpha) > 0
+        s = float(alpha) / float(fit["alpha_px"]) if ok else 1.0  # mrad per canonical pixel
+        unit = "mrad" if ok else "canonical px"
+        model = np.asarray(images["model"], np.float64)
+        n = model.shape[0]
+        half = (n - 1) / 2
+        tc = fit.get("tilt_crystal_mrad") or [math.nan, math.nan]
+        self.fit_info.text = (f"<b>Library fit</b> at thickness {fit['thickness_nm']:.1f} nm, tilt [100] "
+                              f"{tc[0]:+.2f}, [010] {tc[1]:+.2f} mrad (crystal frame); unexplained structure "
+                              f"beyond the disk {fit['fit_quality']:.3f}. Axes: {unit} from the disk centre.")
+        for f in self.fit_figures:
+            f.xaxis.axis_label = f"{unit} (crystal [010])"
+            f.yaxis.axis_label = f"{unit} (crystal [100])"
+        self.fit_figures[0].x_range.update(start=-(half + 0.5) * s, end=(half + 0.5) * s)
+        self.fit_figures[0].y_range.update(start=(half + 0.5) * s, end=-(half + 0.5) * s)
+        return {"model": model, "residual": np.asarray(images["residual"], np.float64), "s": s, "half": half}
+
     def redraw(self) -> None:
-        """The same pattern on the chosen intensity scale."""
+        """The same pattern (and library fit) on the chosen intensity scale."""
         if self._pattern is None:
             return
+        if self._fit is not None:
+            f = self._fit
+            box = {"x": [(-f["half"] - 0.5) * f["s"]], "y": [(-f["half"] - 0.5) * f["s"]],
+                   "dw": [f["model"].shape[1] * f["s"]], "dh": [f["model"].shape[0] * f["s"]]}
+            model = display_intensity(f["model"], SCALES[self.scale.active], float(self.gamma.value))
+            self.fit_image.data = {"image": [model], **box}
+            self.diff_image.data = {"image": [f["residual"]], **box}
+            finite = model[np.isfinite(model)]
+            if finite.size:
+                lo, hi = float(finite.min()), float(finite.max())
+                self.fit_mapper.update(low=lo, high=hi if hi > lo else lo + 1)
+            r = f["residual"][np.isfinite(f["residual"])]
+            m = float(np.max(np.abs(r))) if r.size else 1.0
+            self.diff_mapper.update(low=-(m or 1.0), high=m or 1.0)
         pac, (cr, cc), s = self._pattern, self._centre, self._mpp
         shown = display_intensity(pac, SCALES[self.scale.active], float(self.gamma.value))
         h, w = shown.shape

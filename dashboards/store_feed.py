@@ -138,7 +138,8 @@ def snapshot_of(view: dict, path, version: int) -> Snapshot:
     meta = {"alpha_mrad": float(a.get("alpha_mrad", math.nan)), "kv": float(a.get("kv", math.nan)),
             "store": str(path), "models": [m.get("id") for m in a["models"]],
             "mrad_per_px": float(a.get("mrad_per_px", math.nan)), "scan_step_nm": step,
-            "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial")}
+            "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial"),
+            "method": str(a.get("method", "network"))}
     return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                     block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                     maps=view["maps"], virtual=view["virtual"], done=view["done"], counts=view["counts"],
@@ -158,8 +159,53 @@ def changed_rows(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> set[
     return rows
 
 
-def store_block_pacbed(path, snap: Snapshot, i: int, j: int) -> tuple[dict, np.ndarray]:
-    """A block's mean PACBED and estimates read from a result store."""
+class StoreFitter:
+    """The library check of a store's setting, opened in this (the dashboard's) process on the
+    first block asked for -- on the request worker thread: opening takes about a second -- so a
+    store's blocks get the library's fitted pattern beside their PACBED as a live run's do.
+
+    None where the check data does not ship for the store's kV and α, or the run used the
+    networks alone; ``reason`` then says so in words."""
+
+    def __init__(self, kv: float, alpha_mrad: float, method: str | None):
+        self.kv, self.alpha_mrad, self.method = kv, alpha_mrad, method
+        self._lock = threading.Lock()
+        self._opened = False
+        self.checker = None
+        self.reason = ""
+
+    def get(self):
+        with self._lock:
+            if not self._opened:
+                self._opened = True
+                self.checker, self.reason = self._open()
+        return self.checker
+
+    def _open(self):
+        if self.method == "network":
+            return None, "the run read blocks with the networks alone (method network)"
+        from ..models.checked_analysis import Checker, check_data_path
+
+        try:
+            path = check_data_path(self.kv, self.alpha_mrad)
+            if not path.exists():
+                return None, (f"no library-check data ships for {self.kv:g} kV, {self.alpha_mrad:g} mrad "
+                              f"({path.name}): no library fit to show")
+            return Checker.open(path, self.kv, self.alpha_mrad), ""
+        except (ValueError, OSError) as exc:  # no card for the setting, a refused or unreadable file
+            return None, f"no library check for this store's setting: {exc}"
+
+    def fit(self, pac: np.ndarray, est: dict) -> tuple[dict, dict[str, np.ndarray]]:
+        from ..models.checked_analysis import block_fit
+
+        checker = self.get()
+        return block_fit(checker, pac, est, no_checker=self.reason)
+
+
+def store_block_pacbed(path, snap: Snapshot, i: int, j: int,
+                       fitter: StoreFitter | None = None) -> tuple[dict, np.ndarray]:
+    """A block's mean PACBED and estimates read from a result store; with ``fitter``, the
+    library's fitted pattern too (header ``fit``, images in ``fit_images``, as `LiveFeed` gives)."""
     ny, nx = snap.done.shape
     if not (0 <= i < ny and 0 <= j < nx):
         raise ValueError(f"block ({i}, {j}) is outside the {ny}×{nx} block grid")
@@ -168,7 +214,15 @@ def store_block_pacbed(path, snap: Snapshot, i: int, j: int) -> tuple[dict, np.n
         pac = f["blocks/pacbed"][i, j] / max(n, 1)
         est = {k: np.asarray(f[f"maps/{k}"][i, j]).tolist() for k in f["maps"]}
         done = bool(f["blocks/done"][i, j])
-    return {"type": "pacbed", "block": [i, j], "done": done, "frames": n, "estimate": est, "meta": snap.meta}, pac
+    header = {"type": "pacbed", "block": [i, j], "done": done, "frames": n, "estimate": est, "meta": snap.meta}
+    if fitter is not None:
+        header["fit"], header["fit_images"] = fitter.fit(pac, est)
+    return header, pac
+
+
+def fitter_for(meta: dict) -> StoreFitter:
+    """The `StoreFitter` of a store whose snapshot meta is ``meta``."""
+    return StoreFitter(float(meta.get("kv", math.nan)), float(meta.get("alpha_mrad", math.nan)), meta.get("method"))
 
 
 class StoreFeed:
@@ -184,6 +238,7 @@ class StoreFeed:
         self.latest_block: tuple[int, int] | None = None
         self.snapshot = snapshot_of(read_view(self.path), self.path, version=1)
         self._rings = StoreRings(self.path)
+        self._fitter = fitter_for(self.snapshot.meta)
         self._stamp = self._file_stamp()
         self._stop = threading.Event()
         self._thread = None
@@ -241,7 +296,9 @@ class StoreFeed:
                 del old.dirty_rows[v]
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
-        return store_block_pacbed(self.path, self.snapshot, i, j)
+        """The block's PACBED and estimates, and the library's fitted pattern where the check
+        data ships (opened here on the first call: call off the event loop)."""
+        return store_block_pacbed(self.path, self.snapshot, i, j, self._fitter)
 
     def ring_images(self, rings: dict) -> tuple[dict, dict[str, np.ndarray]]:
         """Ring images of the whole scan for the operator's ``rings``, from the store's profiles."""

@@ -228,3 +228,51 @@ def check_all(checker: Checker | None, patterns, estimates: list[PacbedEstimate]
     finally:
         bar.close()
     return out
+
+
+FIT_IMAGES = ("observed", "model", "residual")
+
+
+def block_fit(checker: Checker | None, pattern: np.ndarray, estimate: dict, no_checker: str = "") -> tuple[dict, dict]:
+    """What the dashboard's PACBED panel shows beside a block's pattern: the library's best
+    account of it at the block's checked reading (`render_check`), or why there is none.
+
+    ``estimate``: the block's map values as plain numbers (the store's ``/maps`` fields at the
+    block, ``method`` its METHOD_CODES value: only blocks the check read, code 2, are fitted: a
+    network-only reading would show a fit the run never made).  ``no_checker``: the words for a
+    run without a checker.  Returns (``fit`` header: ``available``, ``reason`` or the reading and
+    ``fit_quality``, the canonical frame's ``alpha_px``; arrays ``observed``, ``model``,
+    ``residual`` in the canonical frame (float32, NaN outside the fitted window))."""
+    from . import canonical
+
+    header = {"available": False, "alpha_px": float(canonical.ALPHA_PX), "frame": "canonical"}
+    method = int(estimate.get("method") or 0)
+    if checker is None:
+        header["reason"] = no_checker or "no library check for this run"
+        return header, {}
+    if method == 0:
+        header["reason"] = "this block has not been analysed yet"
+        return header, {}
+    if method != 2:
+        header["reason"] = ("the library check has not read this block (it lags the networks, or does not "
+                            "apply to this block: an error or a partial field); the networks' reading is shown")
+        return header, {}
+
+    def pair(key):
+        v = estimate.get(key)
+        return None if v is None or not all(x is not None and math.isfinite(x) for x in v) else tuple(map(float, v))
+
+    def one(key):
+        v = estimate.get(key)
+        return float(v) if v is not None and math.isfinite(v) else None
+
+    est = PacbedEstimate(center_px=pair("center_px"), radius_px=one("radius_px"), rotation_deg=one("rotation_deg"),
+                         thickness_nm=one("thickness_nm"), tilt_crystal_mrad=pair("tilt_crystal_mrad"))
+    try:
+        shown = render_check(checker, pattern, est)
+    except Exception as exc:  # noqa: BLE001 -- the panel says so; the pattern itself is still shown
+        header["reason"] = f"the library fit could not be drawn: {type(exc).__name__}: {exc}"
+        return header, {}
+    header.update(available=True, thickness_nm=est.thickness_nm, tilt_crystal_mrad=list(est.tilt_crystal_mrad),
+                  fit_quality=float(shown["fit_quality"]), library=checker.info.get("file", ""))
+    return header, {k: np.asarray(shown[k], np.float32) for k in FIT_IMAGES}

@@ -219,8 +219,9 @@ class BlockEngine:
                                         rows=arrays)
             with self._emit:
                 seq = self.state.apply_blocks(idx[sl], arrays, sums[sl], counts[sl], part)
-                if self.publisher is not None:
-                    self.publisher.blocks(seq, idx[sl], arrays)
+                if self.publisher is not None:  # with when the newest block's last frame came (wall clock)
+                    self.publisher.blocks(seq, idx[sl], arrays,
+                                          completed=time.time() - (time.perf_counter() - max(t_complete[sl])))
             now = time.perf_counter()
             self.stats.block_delay_s.extend(now - t for t in t_complete[sl])
             self.stats.stored_at.update({(int(i), int(j)): now for i, j in idx[sl]})
@@ -377,7 +378,8 @@ class BlockEngine:
             with self._emit:
                 seq = self.state.apply_maps(idx, arrays)
                 if self.publisher is not None:
-                    self.publisher.blocks(seq, idx, arrays, stage="check")
+                    self.publisher.blocks(seq, idx, arrays, stage="check",
+                                          completed=time.time() - (time.perf_counter() - max(t for _, _, t in landed)))
             now = time.perf_counter()
             self.stats.checks_done += len(landed)
             self.stats.check_span_s[1] = now

@@ -2,7 +2,8 @@
 
 PUB messages (wire format, `stemlive.protocol.wire`): ``blocks`` (indices and their map values; header
 ``stage`` "network" when the networks have read the blocks, "check" when the library check's
-values replace them later -- ``maps/method`` says the same per block), ``virtual``
+values replace them later -- ``maps/method`` says the same per block; ``completed``: when the
+engine had the newest block's last frame, wall clock), ``virtual``
 (rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates,
 ``{"type": "rings", "rings": {name: [inner, outer, unit]}}`` the ring images of the whole scan for
@@ -64,9 +65,14 @@ class Publisher:
         with self._pub_lock:
             self._pub.send_multipart(encode(header, arrays), copy=False)
 
-    def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray], stage: str = "network") -> None:
-        self.send({"type": "blocks", "seq": seq, "sent": time.time(), "stage": stage},
-                  {"indices": np.asarray(indices, np.int32), **{f"maps/{k}": v for k, v in rows.items()}})
+    def blocks(self, seq: int, indices: np.ndarray, rows: dict[str, np.ndarray], stage: str = "network",
+               completed: float | None = None) -> None:
+        """``completed``: when (``time.time()``) the engine had the last frame of the newest of
+        these blocks; a dashboard on the same machine measures that frame -> its page from it."""
+        header = {"type": "blocks", "seq": seq, "sent": time.time(), "stage": stage}
+        if completed is not None:
+            header["completed"] = float(completed)
+        self.send(header, {"indices": np.asarray(indices, np.int32), **{f"maps/{k}": v for k, v in rows.items()}})
 
     def virtual(self, seq: int, rows: slice, images: dict[str, np.ndarray]) -> None:
         self.send({"type": "virtual", "seq": seq, "rows": [rows.start, rows.stop], "sent": time.time()},

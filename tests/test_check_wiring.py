@@ -216,9 +216,11 @@ class GatedChecker:
 class RecordingPublisher:
     def __init__(self):
         self.messages = []
+        self.completed = []  # when the newest block of each message had its last frame (wall clock)
 
-    def blocks(self, seq, indices, rows, stage="network"):
+    def blocks(self, seq, indices, rows, stage="network", completed=None):
         self.messages.append((seq, stage, np.asarray(indices).copy(), {k: np.array(v) for k, v in rows.items()}))
+        self.completed.append(completed)
 
     def status(self, status):
         pass
@@ -281,6 +283,20 @@ def test_blocks_show_the_network_at_once_and_the_check_when_it_lands(tmp_path):
     for stage, code in (("network", 1), ("check", 2)):
         got = [m for m in pub.messages if m[1] == stage]
         assert sum(len(m[2]) for m in got) == 6 and all((m[3]["method"] == code).all() for m in got)
+
+
+def test_blocks_messages_say_when_their_newest_block_completed(tmp_path):
+    """The dashboard measures last frame -> its page from this (one machine, one clock)."""
+    checker, pub = GatedChecker(), RecordingPublisher()
+    checker.release.set()
+    engine, state, store = _engine(tmp_path, checker, pub)
+    t0 = time.time()
+    _feed(engine)
+    t1 = time.time()  # on_result has seen every block complete by now
+    _wait(lambda: state.done.all())
+    engine.close("complete")
+    assert len(pub.completed) == len(pub.messages) >= 2 and {m[1] for m in pub.messages} == {"network", "check"}
+    assert all(t0 - 0.01 <= c <= t1 + 0.01 for c in pub.completed), (t0, pub.completed, t1)
 
 
 def test_checks_not_landed_within_the_timeout_keep_the_network_values(tmp_path):

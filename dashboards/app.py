@@ -50,6 +50,7 @@ BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
 RING_REFRESH_S = 0.5  # while frames come, a session's own rings are asked for again at most this often
+RATE_S = 3.0  # the status line's frames/s: over the last this many seconds
 
 class Page:
     def __init__(self, doc, feed):
@@ -64,15 +65,29 @@ class Page:
         # update once drawn, and the server sends the next only then
         self.probe = Div(text="", visible=False, name="latency-probe")
         self.ack = Div(text="0", visible=False, name="ack")
+        # The probe also carries when the engine had the newest block's last frame: once the maps
+        # are drawn, the browser measures that frame -> this page on its own clock (the engine's and
+        # the browser's are one clock on one machine) and sends it back with the acknowledgement.
         self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe, ack=self.ack), code="""
-            const [sent, version] = probe.text.split(" ");
+            const [sent, version, completed] = probe.text.split(" ");
             const s = parseFloat(sent);
             if (!Number.isNaN(s)) { (window.stemliveDelays = window.stemliveDelays || []).push(Date.now() / 1000 - s); }
-            requestAnimationFrame(() => { ack.text = version; });  // after the maps are drawn
+            requestAnimationFrame(() => {  // after the maps are drawn
+              const c = parseFloat(completed);
+              let d = "";
+              if (!Number.isNaN(c)) {
+                d = Date.now() / 1000 - c;
+                (window.stemliveFrameDelays = window.stemliveFrameDelays || []).push(d);
+              }
+              ack.text = version + " " + d;
+            });
         """))
         self.sent_version = 0
         self.sent_at = 0.0
         self.browser_delay_s: float | None = None  # engine publish -> this browser applied it
+        self.frame_delay_s: float | None = None  # a block's last frame -> drawn here (measured by the browser)
+        self._completed_sent: float | None = None
+        self._rate: list[tuple[float, int]] = []  # (monotonic, frames seen): frames/s over the last RATE_S
         self._sent_stamps: dict[int, float] = {}
         self.ack.on_change("text", self._on_ack)
         self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
@@ -395,7 +410,12 @@ class Page:
                 self.sent_version, self.sent_at = snap.version, time.monotonic()
                 if sent is not None and rows:
                     self._sent_stamps = {snap.version: sent}
-                self.probe.text = f"{sent if sent is not None and rows else 'nan'} {snap.version}"
+                completed = getattr(self.feed, "last_completed", None)
+                fresh = completed is not None and rows and completed != self._completed_sent
+                if fresh:
+                    self._completed_sent = completed
+                self.probe.text = (f"{sent if sent is not None and rows else 'nan'} {snap.version} "
+                                   f"{completed if fresh else 'nan'}")
         if self.chosen is None:
             self._show_latest(snap)
         if self._ring_stale and not self._ring_busy and time.monotonic() - self._ring_asked_at >= RING_REFRESH_S:
@@ -403,17 +423,24 @@ class Page:
         self._status(snap)
 
     def _on_ack(self, attr, old, new) -> None:
+        parts = str(new).split(" ")
         try:
-            sent = self._sent_stamps.pop(int(new), None)
+            sent = self._sent_stamps.pop(int(parts[0]), None)
         except ValueError:
             return
         if sent is not None:
             self.browser_delay_s = max(0.0, time.time() - sent)
+        try:
+            delay = float(parts[1]) if len(parts) > 1 and parts[1] else None
+        except ValueError:
+            delay = None
+        if delay is not None and math.isfinite(delay):
+            self.frame_delay_s = max(0.0, delay)
 
     def _browser_ready(self) -> bool:
         """The browser has applied the last update (or has not answered for 5 s: send anyway)."""
         try:
-            acked = int(self.ack.text)
+            acked = int(self.ack.text.split(" ")[0])
         except ValueError:
             acked = 0
         return acked >= self.sent_version or time.monotonic() - self.sent_at > 5.0
@@ -500,8 +527,13 @@ class Page:
         if now - self._status_at < STATUS_S and snap.status.get("state", "running") == "running":
             return  # a changed text re-lays the page out in the browser: twice a second is enough
         self._status_at = now
+        seen = int(snap.status.get("frames_seen", 0))
+        self._rate = [(t, n) for t, n in self._rate if now - t <= RATE_S] + [(now, seen)]
+        (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+        rate = (n1 - n0) / (t1 - t0) if t1 - t0 >= 1.0 else None  # the recent rate, once a second is seen
         text = status_text(snap.status, self.browser_delay_s, len(snap.atoms["positions"]),
-                           getattr(self.feed, "connected", True), getattr(self.feed, "error", ""))
+                           getattr(self.feed, "connected", True), getattr(self.feed, "error", ""),
+                           frame_delay_s=self.frame_delay_s, recent_fps=rate)
         if text != self.status.text:
             self.status.text = text
 

@@ -186,8 +186,18 @@ def duration_text(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 
-def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool = True, error: str = "") -> str:
-    """The status line in plain words: state, blocks, speed or total time, delay, dropped frames."""
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms" if seconds < 10 else f"{seconds:,.0f} s"
+
+
+def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool = True, error: str = "",
+                frame_delay_s: float | None = None, recent_fps: float | None = None) -> str:
+    """The status line in plain words: state, blocks, speed or total time, delay, dropped frames.
+
+    ``frame_delay_s``: the newest block's last frame (at the engine) -> drawn in this browser, as
+    the browser measured it; ``delay_s`` (engine publish -> this browser) is shown only without it.
+    ``recent_fps``: frames/s over the last seconds (the engine's figure is its average since it
+    started, waiting for the first frame included)."""
     state = status.get("state", "running")
     done, total = int(status.get("blocks_done", 0)), int(status.get("blocks_total", 0))
     seen, frames = int(status.get("frames_seen", 0)), int(status.get("frames_total", 0))
@@ -197,7 +207,7 @@ def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool
         parts.append("<b>Scanning</b>" if seen else "<b>Waiting for the first frames</b>")
         parts.append(f"{done} of {total} blocks analysed, {seen:,} of {frames:,} frames received")
         if seen:
-            parts.append(f"{fps:,.0f} frames/s")
+            parts.append(f"{recent_fps:,.0f} frames/s" if recent_fps is not None else f"{fps:,.0f} frames/s")
     else:
         took = status.get("elapsed_s")
         if took is None and fps > 0:
@@ -206,8 +216,10 @@ def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool
         parts.append(f"{word}: {done} of {total} blocks analysed, {seen:,} of {frames:,} frames")
         if took is not None:
             parts.append(f"took {duration_text(float(took))}")
-    if delay_s is not None and state == "running":
-        parts.append(f"newest block reached this page {delay_s * 1e3:,.0f} ms after the engine published it")
+    if frame_delay_s is not None and state == "running":
+        parts.append(f"newest block on this page {_ms(frame_delay_s)} after its last frame reached the engine")
+    elif delay_s is not None and state == "running":
+        parts.append(f"newest block reached this page {_ms(delay_s)} after the engine published it")
     if state != "running":
         dropped = int(status.get("frames_dropped", 0))
         parts.append("no frames lost" if dropped == 0 else f"<b>{dropped:,} frames lost</b>"

@@ -34,6 +34,8 @@ class LiveFeed:
         self.latest_block: tuple[int, int] | None = None
         self.last_delay_s: float | None = None  # publish -> received here, of the latest block message
         self.last_sent: float | None = None  # publish time (engine clock) of the latest block message
+        # when the engine had the last frame of the newest block the networks read (engine clock)
+        self.last_completed: float | None = None
         self.connected = False
         self.error = ""
         self._stop = threading.Event()
@@ -173,6 +175,8 @@ class LiveFeed:
                 if "sent" in header:
                     self.last_sent = header["sent"]
                     self.last_delay_s = max(0.0, time.time() - header["sent"])
+                if "completed" in header and header.get("stage", "network") == "network":
+                    self.last_completed = float(header["completed"])
                 snap.status["blocks_done"] = int(snap.done.sum())
             elif kind == "virtual":
                 r0, r1 = header["rows"]

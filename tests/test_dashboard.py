@@ -151,6 +151,12 @@ def test_region_stats_and_status_words():
     done = status_text({"state": "complete", "blocks_done": 8, "blocks_total": 8, "frames_seen": 400,
                         "frames_total": 400, "frames_per_s": 50.0, "frames_dropped": 12}, None, 0)
     assert "Finished" in done and "took 8.0 s" in done and "12 frames lost" in done and "frames/s" not in done
+    # the browser's own measure, last frame -> drawn here, wins over publish -> here; the recent rate
+    # over the engine's average since it started
+    live = status_text({"state": "running", "blocks_done": 3, "blocks_total": 8, "frames_seen": 100,
+                        "frames_total": 400, "frames_per_s": 50.0}, 0.12, 0, frame_delay_s=0.85, recent_fps=98.6)
+    assert "99 frames/s" in live and "850 ms after its last frame reached the engine" in live and "120 ms" not in live
+    assert "no frames lost" in status_text({"state": "complete", "frames_dropped": 0}, None, 0)
 
 
 def test_pacbed_display_scales_and_calibration():
@@ -254,6 +260,10 @@ def test_block_pacbed_requests_run_off_the_event_loop():
         ticks.pop(0)()
     assert page.pacbed.figure.title.text == "PACBED — pinned to block (1, 2)"
     assert page.chosen_source.data["left"] == [2 * 4 * 0.1]
+    # the browser's acknowledgement carries its measured last frame -> drawn delay
+    page.ack.text = "1 0.42"
+    assert page.frame_delay_s == pytest.approx(0.42) and page._browser_ready()
+    assert "No library fit" in page.pacbed.fit_info.text  # this feed sent none: said in words
 
 
 def test_row_patches_group_runs_of_rows():

@@ -1,4 +1,5 @@
-"""`stemlive atoms find IMAGE --out atoms.csv`: the atom finder on one image file."""
+"""`stemlive atoms find IMAGE --out atoms.csv`: the atom finder on one image file;
+`stemlive atoms analyse IMAGE --out columns.csv|.h5`: every column with its species and anomaly."""
 from __future__ import annotations
 
 import csv
@@ -35,6 +36,27 @@ def add_parsers(sub) -> None:
                    help="keep every peak of the network above the threshold (default: drop peaks that are not "
                         "columns: too little contrast above the noise, or closer than 0.9 Å to a likelier one)")
     f.set_defaults(func=run_find)
+
+    an = asub.add_parser("analyse", aliases=["analyze"],
+                         help="every column of one scan's HAADF/ABF pair: position, confidence, species, anomaly",
+                         description="Columns found in the --contrast image (as `atoms find`), each with its "
+                                     "lattice site, species (class and probabilities) and point-defect anomaly "
+                                     "score and flag (above the model card's threshold). The species and anomaly "
+                                     "networks read the HAADF and the ABF image of one scan: IMAGE as a 2×H×W "
+                                     "stack (HAADF first), or one image and --pair. Writes CSV (.csv) or HDF5 "
+                                     "(.h5, .hdf5; attributes name the models' ids).")
+    an.add_argument("image", type=Path)
+    an.add_argument("--pair", type=Path, default=None,
+                    help="the other detector's image of the same scan (ABF when --contrast haadf, and vice versa)")
+    an.add_argument("--out", type=Path, required=True, help="columns.csv or columns.h5 (never an input)")
+    an.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once analysed)")
+    an.add_argument("--sampling-A-per-px", type=float, default=None, dest="sampling",
+                    help="pixel size [Å] (default: from the fitted lattice and the models' material, SrTiO3 [001])")
+    an.add_argument("--contrast", choices=["haadf", "abf"], default="haadf",
+                    help="the image the columns are found in (haadf: Sr and Ti-O; abf: every column incl. O)")
+    an.add_argument("--models", type=Path, default=None, help="directory of model cards (default: the shipped models)")
+    an.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    an.set_defaults(func=run_analyse, threshold=None)
 
 
 def check_arguments(args) -> None:
@@ -85,6 +107,51 @@ def run_find(args) -> int:
     dropped = f"; {found.rejected} peaks screened out as no column" if found.rejected else ""
     print(f"{len(found.positions_px)} columns ({args.contrast}, {how}{zoom}; model {finder.card.id}{dropped}) "
           f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+OUT_SUFFIXES = {".csv": "csv", ".h5": "h5", ".hdf5": "h5"}
+
+
+def run_analyse(args) -> int:
+    """Find, classify and score every column; write the table only when all of it succeeded."""
+    from ..live.outputs import replacing
+    from .atoms_analyse import analyse, split_pair, write_csv as write_table_csv, write_h5
+    from .atom_analysis import AtomFinder
+    from .cards import SHIPPED_DIR
+    from .cli import prepare_output
+    from .column_anomaly import AnomalyDetector
+    from .column_species import SpeciesClassifier
+    from .readers import read_patterns
+
+    check_arguments(args)
+    prepare_output(args.out, [args.image, args.pair], args.overwrite)
+    kind = OUT_SUFFIXES.get(args.out.suffix.lower())
+    if kind is None:
+        raise ValueError(f"--out {args.out}: write .csv or .h5 (.hdf5), not {args.out.suffix or 'no suffix'!r}")
+    stack = read_patterns(args.image)
+    pair = read_patterns(args.pair) if args.pair is not None else None
+    haadf, abf = split_pair(stack, pair, args.contrast, str(args.image))
+    models = args.models or SHIPPED_DIR
+    finder = AtomFinder.shipped(args.contrast, models, backend=args.backend)
+    ort = "onnxruntime" if args.backend == "auto" else args.backend
+    classifier = SpeciesClassifier.shipped(models, backend=ort)
+    detector = AnomalyDetector.shipped(models, backend=ort)
+    res = analyse(haadf, abf, args.contrast, finder, classifier, detector, args.sampling)
+    with replacing(args.out) as tmp:
+        if kind == "csv":
+            write_table_csv(tmp, res)
+        else:
+            write_h5(tmp, res, str(args.image), args.contrast)
+    for note in res.notes:
+        print(f"stemlive atoms analyse: warning: {args.image}: {note}", file=sys.stderr)
+    n = len(res.positions_px)
+    counts = ", ".join(f"{c} {int(((res.species == i) & np.isfinite(res.probabilities).all(axis=1)).sum())}"
+                       for i, c in enumerate(res.classes))
+    scored = int(np.isfinite(res.anomaly_score).sum())
+    s = f"{res.sampling_A:.4g} Å/px ({res.sampling_source})" if res.sampling_A else "sampling unknown"
+    print(f"{n} columns ({args.contrast}, {s}); species: {counts or '-'}; anomaly: {int(res.anomaly_flagged.sum())} "
+          f"of {scored} scored flagged (threshold {res.anomaly_threshold:.2f}) -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -33,7 +33,7 @@ would hide it.  The network was trained with centres 0.02 Å rms from the site.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class ColumnAnomaly:
     threshold: float
     complete: np.ndarray  # (n,) bool: the whole patch lay in measured pixels
     reference: tuple[float, float]  # (centre, scale) the scores were standardised with
+    parts: dict = field(default_factory=dict)  # name -> (n,) the measures the score combines
 
 
 def error_window(size: int, spacings: float, sigma_cells: float | None) -> np.ndarray | None:
@@ -155,7 +156,8 @@ class AnomalyDetector:
         return np.concatenate([self.backend(x[i:i + batch])["reconstruction"] for i in range(0, len(x), batch)])
 
     def score(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, sampling_A: float | None = None,
-              reference: tuple[float, float] | None = None, threshold: float | None = None) -> ColumnAnomaly:
+              reference: tuple[float, float] | None = None, threshold: float | None = None,
+              groups: np.ndarray | None = None) -> ColumnAnomaly:
         """Anomaly of every column at ``positions_px`` (row, col) of the HAADF/ABF pair.
 
         ``threshold``: a score to flag above (default: the card's mean + 1.5 sd of bulk;

@@ -36,7 +36,7 @@ from bokeh.plotting import figure
 
 from . import hover
 from .display import (GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
-                      display_factor, doubtful, downsample, region_stats, status_text)
+                      display_factor, doubtful, downsample, holder_text, region_stats, status_text)
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
 from .patches import row_patch
@@ -53,8 +53,9 @@ RING_REFRESH_S = 0.5  # while frames come, a session's own rings are asked for a
 RATE_S = 3.0  # the status line's frames/s: over the last this many seconds
 
 class Page:
-    def __init__(self, doc, feed):
+    def __init__(self, doc, feed, holder_axis_deg: float | None = None):
         self.doc, self.feed = doc, feed
+        self.holder_axis_given = holder_axis_deg
         self.version = 0
         self.built = False
         self.chosen: tuple[int, int] | None = None  # pinned block; None: follow the latest
@@ -137,6 +138,9 @@ class Page:
         sy, sx = snap.scan_shape
         self.block = snap.block_shape
         self.flag_names = list(snap.flag_names)
+        # the holder's α axis on the detector: given to `stemlive dashboard`, else the run's (if it stored one)
+        axis = self.holder_axis_given if self.holder_axis_given is not None else snap.meta.get("holder_axis_deg")
+        self.holder_axis = float(axis) if axis is not None and math.isfinite(float(axis)) else None
         step = snap.meta.get("scan_step_nm")
         self.step = float(step) if step is not None and math.isfinite(float(step)) and float(step) > 0 else None
         self.s = self.step or 1.0  # data units per scan pixel
@@ -191,7 +195,8 @@ class Page:
         self.figures = figs + vfigs
         self.pacbed = PacbedPanel(MAP_PX, self._follow_latest)
         self.region_info = Div(text="<i>box-select a region on any map (toolbar: box select): mean ± sd "
-                                    "and count of every map there, and the tilt correction</i>",
+                                    "and count of every map there, and the tilt correction"
+                                    + (" (also as holder α/β)" if self.holder_axis is not None else "") + "</i>",
                                width=MAP_PX + 80, name="region-info")
         self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []}, name="source-histogram")
         self.hist_map = Select(title="histogram of", value="thickness", options=[(m.key, m.title) for m in MAPS],
@@ -206,7 +211,9 @@ class Page:
                                 + (f" — store: {meta['store']}" if meta.get("store") else "")
                                 + f" — scan {sy}×{sx} px, blocks of {self.block[0]}×{self.block[1]} px"
                                 + (f", scan step {self.step:.4g} nm" if self.step
-                                   else ", scan step unknown (axes in px)")),
+                                   else ", scan step unknown (axes in px)")
+                                + (f", holder α axis at {self.holder_axis:g}° (detector axis 1 → 0)"
+                                   if self.holder_axis is not None else "")),
                           name="models", sizing_mode="stretch_width")
         side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
         grids = [gridplot(figs, ncols=3, toolbar_location="right")]
@@ -669,6 +676,7 @@ class Page:
         with self.feed.lock:
             derived = derived_maps(snap.maps)
             crystal = np.asarray(snap.maps["tilt_crystal_mrad"][i0:i1, j0:j1], np.float64).reshape(-1, 2)
+            detector = np.asarray(snap.maps["tilt_mrad"][i0:i1, j0:j1], np.float64).reshape(-1, 2)
             virtual = {k: np.asarray(v, np.float64) for k, v in snap.virtual.items()}
         virtual.update({k: np.asarray(v, np.float64) for k, v in self.ring_images.items()})
         if i1 <= i0 or j1 <= j0:
@@ -687,10 +695,14 @@ class Page:
                         for s in stats)
         ok = np.isfinite(crystal).all(axis=1)
         correction = crystal_correction(crystal[ok].mean(axis=0)) if ok.any() else "no analysed blocks"
+        ok = np.isfinite(detector).all(axis=1)
+        if self.holder_axis is not None and ok.any():
+            correction += "<br><span class='holder'>" + holder_text(detector[ok].mean(axis=0), self.holder_axis) + "</span>"
         self.region_info.text = (f"<b>Region</b> blocks {i0}–{i1 - 1} × {j0}–{j1 - 1}:"
                                  f"<table class='region'><tr><th>map</th><th>mean ± sd</th><th>count</th></tr>"
                                  f"{table}</table>{correction}")
 
 
-def make_document(doc, feed) -> Page:
-    return Page(doc, feed)
+def make_document(doc, feed, holder_axis_deg: float | None = None) -> Page:
+    """One browser session's page on ``feed`` (``holder_axis_deg``: `stemlive dashboard --holder-axis-deg`)."""
+    return Page(doc, feed, holder_axis_deg)

@@ -177,6 +177,36 @@ def crystal_correction(tilt_crystal_mean: np.ndarray) -> str:
             f"[010] {-t010:+.2f} mrad")
 
 
+def holder_correction(tilt_mrad_mean, axis_deg: float) -> tuple[float, float]:
+    """(Δα, Δβ) in mrad of a double-tilt holder that bring a region with mean tilt ``t`` (DESIGN.md:
+    the beam relative to the zone axis, detector frame, t0 along axis 0, t1 along axis 1) onto
+    the zone axis.
+
+    ``axis_deg`` = φ: the holder's α (long) axis on the detector, in degrees from detector axis 1
+    towards axis 0 (the dashboard's azimuth convention).  With a = (sin φ, cos φ) along the α
+    axis and b = (cos φ, −sin φ) at φ + 90° ((axis 0, axis 1) components), the convention is: a
+    tilt of +1 mrad in α moves the zone axis by +1 mrad along b (so the measured tilt t by −1
+    mrad along b), +1 mrad in β moves it along a.  A beam at +t from the zone axis is a zone axis
+    at −t from the beam (DESIGN.md), so the specimen must move its zone axis by +t:
+    Δα = t·b, Δβ = t·a, and Δα·b + Δβ·a = t.  As rotations in the frame (axis 0, axis 1, beam
+    direction): +α is right-handed about a, +β right-handed about −b.  A holder whose positive α
+    and β both go the other way: give φ + 180°.  (One reversed alone is a mirror this angle
+    cannot express.)  Tested with 3-D rotations in tests/test_dashboard.py."""
+    t = np.asarray(tilt_mrad_mean, np.float64)
+    phi = math.radians(axis_deg)
+    a = np.array([math.sin(phi), math.cos(phi)])
+    b = np.array([math.cos(phi), -math.sin(phi)])
+    return float(t @ b), float(t @ a)
+
+
+def holder_text(tilt_mrad_mean, axis_deg: float) -> str:
+    """The holder correction in words, mrad and degrees (what a holder's readout shows)."""
+    da, db = holder_correction(tilt_mrad_mean, axis_deg)
+    deg = 180 / math.pi / 1000
+    return (f"holder (α axis at {axis_deg:g}° from detector axis 1 towards axis 0): tilt α by {da:+.2f} mrad "
+            f"({da * deg:+.3f}°), β by {db:+.2f} mrad ({db * deg:+.3f}°)")
+
+
 def duration_text(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "—"

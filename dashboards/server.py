@@ -10,8 +10,10 @@ from functools import partial
 from ..protocol.security import check_token, is_loopback
 
 
-def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str | None = None):
-    """A started-but-not-running Bokeh Server serving the dashboard at /."""
+def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str | None = None,
+                holder_axis_deg: float | None = None):
+    """A started-but-not-running Bokeh Server serving the dashboard at /.  ``holder_axis_deg``:
+    the holder's α axis on the detector (region statistics then give holder α/β)."""
     from bokeh.application import Application
     from bokeh.application.handlers.function import FunctionHandler
     from bokeh.server.server import Server
@@ -27,7 +29,7 @@ def make_server(feed, port: int = 5006, address: str = "127.0.0.1", token: str |
     if token:  # signed session ids: only a URL carrying a session id signed with the token opens
         kw.update(sign_sessions=True, generate_session_ids=False, secret_key=token.encode())
     origins = [f"127.0.0.1:{port}", f"localhost:{port}"] + ([f"{address}:{port}"] if not loopback else [])
-    app = Application(FunctionHandler(partial(make_document, feed=feed)))
+    app = Application(FunctionHandler(partial(make_document, feed=feed, holder_axis_deg=holder_axis_deg)))
     server = Server({"/": app}, port=port, address=address, allow_websocket_origin=origins,
                     num_procs=1, **kw)
     server.start()

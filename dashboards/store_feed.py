@@ -139,7 +139,8 @@ def snapshot_of(view: dict, path, version: int) -> Snapshot:
             "store": str(path), "models": [m.get("id") for m in a["models"]],
             "mrad_per_px": float(a.get("mrad_per_px", math.nan)), "scan_step_nm": step,
             "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial"),
-            "method": str(a.get("method", "network"))}
+            "method": str(a.get("method", "network")),
+            "holder_axis_deg": float(a["holder_axis_deg"]) if "holder_axis_deg" in a else None}
     return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                     block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                     maps=view["maps"], virtual=view["virtual"], done=view["done"], counts=view["counts"],

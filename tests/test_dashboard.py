@@ -273,3 +273,32 @@ def test_row_patches_group_runs_of_rows():
     img = np.arange(20.0).reshape(4, 5)
     (idx, vals), = row_patch(img, [1, 2])
     assert idx == (0, slice(1, 3), slice(None)) and np.array_equal(vals, img[1:3].ravel())
+
+
+def test_holder_correction_brings_the_zone_axis_onto_the_beam():
+    """DESIGN.md: tilt t is the beam relative to the zone axis (detector frame), i.e. the zone axis
+    sits at -t from the beam.  The holder's Δα (right-handed about its α axis a, at φ from detector
+    axis 1 towards axis 0) and Δβ (right-handed about -b, b at φ + 90°), applied as 3-D rotations
+    in (axis 0, axis 1, beam), put the zone axis on the beam."""
+    from scipy.spatial.transform import Rotation
+
+    from stemlive.dashboards.display import holder_correction, holder_text
+
+    assert holder_correction((0.5, -0.2), 0) == pytest.approx((0.5, -0.2))  # α axis along axis 1
+    assert holder_correction((0.5, -0.2), 90) == pytest.approx((0.2, 0.5))  # α axis along axis 0
+    assert holder_correction((0.5, -0.2), 180) == pytest.approx((-0.5, 0.2))  # both reversed
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        t = rng.uniform(-8, 8, 2)  # mrad
+        phi = rng.uniform(-180, 180)
+        da, db = holder_correction(t, phi)
+        p = np.radians(phi)
+        a, b = np.array([np.sin(p), np.cos(p), 0]), np.array([np.cos(p), -np.sin(p), 0])
+        np.testing.assert_allclose(da * b[:2] + db * a[:2], t, atol=1e-12)  # the two moves add up to t
+        zone = np.array([-t[0] * 1e-3, -t[1] * 1e-3, 1.0])
+        zone /= np.linalg.norm(zone)
+        moved = Rotation.from_rotvec(-b * db * 1e-3).apply(Rotation.from_rotvec(a * da * 1e-3).apply(zone))
+        left = moved[:2] / moved[2] * 1e3  # mrad off the beam
+        assert np.hypot(*left) < 0.01 * max(1.0, np.hypot(*t)), (t, phi, left)
+    text = holder_text((0.5, -0.2), 90)
+    assert "α by +0.20 mrad (+0.011°)" in text and "β by +0.50 mrad (+0.029°)" in text

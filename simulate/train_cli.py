@@ -63,6 +63,20 @@ def add_parsers(sub) -> None:
     anomaly_train.add_arguments(an)
     an.set_defaults(func=anomaly_train.run)
 
+    rv = tsub.add_parser("rvae", help="a rotationally invariant VAE on one image's column patches: per-column "
+                                      "angle and latent maps (local symmetry, seed 004; resumable)")
+    rv.add_argument("--image", type=Path, required=True, help="HAADF image (npy, TIFF, dm3/dm4)")
+    rv.add_argument("--out", type=Path, required=True, help="directory for the encoder ONNX, its card, the maps")
+    rv.add_argument("--positions", type=Path, default=None,
+                    help="column positions (npy (n, 2) or CSV with row,col columns, px); default: the shipped "
+                         "HAADF atom finder")
+    rv.add_argument("--sampling-A-per-px", type=float, default=None, help="for the atom finder")
+    rv.add_argument("--work", type=Path, default=None, help="checkpoint (resumable; default: OUT/work)")
+    rv.add_argument("--steps", type=int, default=1500)
+    rv.add_argument("--latent", type=int, default=2)
+    rv.add_argument("--threads", type=int, default=1)
+    rv.set_defaults(func=lambda args: __import__("stemlive.models.column_rvae", fromlist=["run_cli"]).run_cli(args))
+
 
 def run_pacbed(args) -> int:
     from ..models.cards import SHIPPED_DIR

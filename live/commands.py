@@ -21,7 +21,13 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--mrad-per-px", type=positive(), default=None, help="detector calibration")
     ap.add_argument("--scan-step-nm", type=positive(), default=None,
                     help="scan step (checks a block spans a unit cell; gives the atom finder its sampling)")
-    ap.add_argument("--scan-rotation-deg", type=float, default=0.0, help="scan vs detector rotation (stored)")
+    ap.add_argument("--scan-rotation-deg", type=float, default=0.0,
+                    help="scan vs detector rotation (stored; turns the CoM shifts as LiberTEM's CoM analysis does: "
+                         "positive = clockwise)")
+    ap.add_argument("--com", action="store_true",
+                    help="also centre-of-mass (DPC) shift and iDPC maps, from LiberTEM's CoMUDF (one more pass per frame)")
+    ap.add_argument("--flip-y", action="store_true",
+                    help="the detector's first row is at the bottom (e.g. some Merlin set-ups): for the CoM maps")
     ap.add_argument("--center", type=float, nargs=2, default=None, metavar=("ROW", "COL"),
                     help="disk centre on the detector [px]; default: found on the first analysed block")
     ap.add_argument("--out", type=Path, required=out_required, help="result store (HDF5)")
@@ -78,7 +84,7 @@ def settings_from(args) -> Settings:
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
                     stall_timeout_s=getattr(args, "stall_timeout", None), progress=not args.quiet, token=args.token,
                     atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin,
-                    method=args.method, check_timeout_s=args.check_timeout)
+                    method=args.method, check_timeout_s=args.check_timeout, com=args.com, flip_y=args.flip_y)
 
 
 def add_parsers(sub) -> None:

@@ -22,7 +22,7 @@ PLAN = """stemlive demo
      at 1.28 mrad/px, a FIB wedge (terraces ~3.9 nm apart) with a bowl-shaped bent region, Poisson noise
   2. serve it as a DECTRIS detector (SIMPLON REST API + ZMQ stream, bslz4)
   3. acquire it live with LiberTEM-live; per scan block: PACBED networks (then, in a second stage, the
-     library check), virtual BF/ABF/ADF/HAADF
+     library check), virtual BF/ABF/ADF/HAADF, CoM shift and iDPC
   4. results: HDF5 store + ZMQ publisher (PUB {pub}, REP {rep}) + the dashboard (unless --headless)
 """
 
@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     ap.add_argument("--pub", default="tcp://127.0.0.1:5557", help="publisher PUB address (port 0: any free)")
     ap.add_argument("--rep", default="tcp://127.0.0.1:5558", help="publisher REP address (port 0: any free)")
     ap.add_argument("--port", type=int, default=5006, help="dashboard port (0: any free)")
+    ap.add_argument("--no-com", action="store_true",
+                    help="without the centre-of-mass (DPC) and iDPC maps (LiberTEM's CoMUDF, one more pass per frame)")
     from .commands import add_method_options
 
     add_method_options(ap, timeout=600.0)  # the demo compares the checked maps with its truth: wait for them
@@ -110,7 +112,8 @@ def run(args) -> int:
     out = args.out or scan_dir / "demo-result.h5"
     settings = Settings(block=(args.block, args.block), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
                         mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], overwrite=True,
-                        pub=pub, rep=rep, method=args.method, check_timeout_s=args.check_timeout)
+                        pub=pub, rep=rep, method=args.method, check_timeout_s=args.check_timeout,
+                        com=not args.no_com)
     try:
         with SimDetector(dump, args.api_port, args.data_port, args.dwell_us or None) as sim:
             print(f"simulated detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",

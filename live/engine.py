@@ -37,6 +37,7 @@ import numpy as np
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import DEFAULT_RINGS, RingScale
 from ..udf.virtual_detector import frame_profiles, ring_images
+from .com_maps import com_images
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
@@ -80,8 +81,11 @@ class BlockEngine:
                  publisher: Publisher | None = None, *, roi: np.ndarray | None = None,
                  alpha_mrad: float, mrad_per_px: float | None = None, center_px: tuple[float, float] | None = None,
                  rings: dict | None = None, bin_px: float = 0.5, batch: int = 64, atoms=None,
-                 checker=None, check_timeout: float | None = 120.0, progress: bool = False):
+                 checker=None, check_timeout: float | None = 120.0, progress: bool = False,
+                 com: dict | None = None):
         self.grid = grid
+        # CoM maps from LiberTEM's CoMUDF (``raw_com`` in the record): {"scan_rotation_deg", "flip_y"}; None: off
+        self.com = com
         self.analyzer = analyzer
         self.state = state
         self.store = store
@@ -314,10 +318,24 @@ class BlockEngine:
                                            profiles=profiles, scale=scale, bin_px=self.bin_px)
             if self.publisher is not None:
                 self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
+        if self.com is not None and center is not None and "raw_com" in self._bins:
+            com = self._com_images(center, scale)
+            with self._emit:  # iDPC changes everywhere: whole images
+                seq = self.state.apply_virtual(slice(None), com)
+                if self.publisher is not None:
+                    self.publisher.virtual(seq, slice(0, self.grid.scan_shape[0]), com)
+            images.update(com)
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
             if center is not None and self.store.layout.radial_bins:
                 self.store.write_radial(flat, profiles, center, radius_px=scale.radius_px)
+
+    def _com_images(self, center, scale) -> dict[str, np.ndarray]:
+        """CoM shift and iDPC images of every frame recorded so far (NaN elsewhere)."""
+        raw = np.asarray(self._bins["raw_com"], np.float64).reshape(-1, 2).copy()
+        raw[~self._have] = np.nan
+        return com_images(raw.reshape(*self.grid.scan_shape, 2), center, scale.mrad_per_px,
+                          self.com.get("scan_rotation_deg", 0.0), self.com.get("flip_y", False))
 
     # -- second stage: the library check -------------------------------------------------------
     def _queue_checks(self, idx, means, estimates, part, t_complete) -> None:

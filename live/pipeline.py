@@ -62,6 +62,8 @@ class Settings:
     atom_margin_px: int = 16  # context around a block for atom finding
     method: str | None = None  # "check" (None: check where the setting's check data exists) or "network"
     check_timeout_s: float | None = 120.0  # at the end, wait this long for the library check to catch up
+    com: bool = False  # centre-of-mass (DPC) and iDPC maps from LiberTEM's CoMUDF (one more pass per frame)
+    flip_y: bool = False  # the detector's first row is at the bottom (e.g. some Merlin set-ups): for the CoM maps
 
 
 @dataclass
@@ -171,6 +173,10 @@ def make_udfs(settings: Settings, record: Path | None = None) -> list:
     udfs = [BlockPacbedUDF(block=settings.block),
             VirtualDetectorUDF(center=settings.center_px, alpha_mrad=settings.alpha_mrad,
                                mrad_per_px=settings.mrad_per_px, rings=settings.rings, bin_px=BIN_PX, images=False)]
+    if settings.com:  # whole-frame centre of mass; shifts, scan rotation and iDPC in the engine
+        from libertem.udf.com import CoMUDF
+
+        udfs.append(CoMUDF.with_params())
     if record is not None:
         from libertem_live.udf.record import RecordUDF  # raw frames (.npy) for a later replay
 
@@ -267,10 +273,10 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
             it = ctx.run_udf_iter(dataset=dataset, udf=make_udfs(settings, record), roi=roi)
             for res in it:
                 blocks, virtual = res.buffers[0], res.buffers[1]
-                engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")},
-                                 {k: virtual[k].data for k in ("radial", "dipole", "center_used",
-                                                               "recorded")},
-                                 res.damage.data)
+                per_frame = {k: virtual[k].data for k in ("radial", "dipole", "center_used", "recorded")}
+                if settings.com:
+                    per_frame["raw_com"] = res.buffers[2]["raw_com"].data
+                engine.on_result({k: blocks[k].data for k in ("counts", "pacbed")}, per_frame, res.damage.data)
                 n = int(np.count_nonzero(res.damage.data))
                 if n > seen[0]:
                     timing["last"] = time.perf_counter()

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import n_bins_for
+from .com_maps import COM_IMAGES
 from .engine import BlockEngine
 from .processes import signals_deferred
 from .publisher import Publisher
@@ -69,7 +70,9 @@ def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], 
     Servers are bound before the store is created: a run refused on its addresses writes nothing.
     """
     grid = BlockGrid(scan_shape, settings.block)
-    layout = StoreLayout(scan_shape, grid.block, sig_shape, tuple(virtual or settings.rings),
+    com = settings.com
+    virtual = tuple(virtual or settings.rings) + (COM_IMAGES if com else ())
+    layout = StoreLayout(scan_shape, grid.block, sig_shape, virtual,
                          atoms=atoms.image_name if atoms else None,
                          radial_bins=n_bins_for(sig_shape, radial_bin_px) if radial_bins is None else radial_bins,
                          radial_bin_px=radial_bin_px)
@@ -99,7 +102,8 @@ def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], 
                              mrad_per_px=settings.mrad_per_px, center_px=settings.center_px, rings=settings.rings,
                              bin_px=radial_bin_px, batch=batch, atoms=atoms, checker=checker,
                              check_timeout=settings.check_timeout_s if check_timeout is ... else check_timeout,
-                             progress=settings.progress)
+                             progress=settings.progress,
+                             com={"scan_rotation_deg": settings.scan_rotation_deg, "flip_y": settings.flip_y} if com else None)
     except BaseException as exc:
         store.finish("aborted", f"{type(exc).__name__}: {exc}")
         if publisher is not None:

@@ -46,6 +46,12 @@ from .column_species import classifier_input
 TASK = "column-anomaly"
 MIN_COLUMNS = 16
 MAD_TO_SD = 1.4826  # a normal distribution's sd over its median absolute deviation
+# v2 geometry (cells of the material): the template window on a column and the neighbourhood a
+# displacement is measured against; a card's ``anomaly.v2`` overrides them
+V2_DEFAULTS = {"template_radius_cells": 0.3, "template_sigma_cells": 0.2, "neighbour_radius_cells": 3.0}
+# the parts whose maximum is the score, as chosen on validation specimens (simulate/anomaly_train.py);
+# a card's anomaly.v2.combine names its own
+COMBINE = ("haadf", "displacement", "haadf_amplitude")
 
 
 @dataclass
@@ -109,6 +115,154 @@ def standardise(error: np.ndarray, reference: tuple[float, float]) -> np.ndarray
     return (np.asarray(error, np.float64) - centre) / scale
 
 
+def channel_errors(patches: np.ndarray, reconstruction: np.ndarray, valid: np.ndarray | None = None,
+                   window: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) :func:`reconstruction_error` of each channel alone: an O vacancy changes only the
+    ABF channel, and averaged with the HAADF channel's noise its misfit halves."""
+    return np.stack([reconstruction_error(patches[:, c:c + 1], reconstruction[:, c:c + 1], valid, window)
+                     for c in range(patches.shape[1])], axis=1)
+
+
+def group_references(values: np.ndarray, groups: np.ndarray, use: np.ndarray | None = None,
+                     min_columns: int = MIN_COLUMNS) -> dict:
+    """{group: (median, 1.4826 MAD)} of ``values`` within each group of ``use`` columns: Sr, Ti-O
+    and O columns misfit differently, and an image's mix of them (HAADF finds no O) would move a
+    pooled median.  A group with too few columns raises, as :func:`image_reference`."""
+    v = np.asarray(values, np.float64)
+    g = np.asarray(groups)
+    ok = np.ones(len(v), bool) if use is None else np.asarray(use, bool)
+    return {int(k): image_reference(v[g == k], ok[g == k], min_columns) for k in np.unique(g)}
+
+
+def group_scores(values: np.ndarray, groups: np.ndarray | None, use: np.ndarray | None = None,
+                 min_columns: int = MIN_COLUMNS, references: dict | None = None) -> np.ndarray:
+    """``values`` standardised within each group (None: one group) by :func:`group_references`
+    (or the ``references`` given); a group without a reference scores NaN."""
+    v = np.asarray(values, np.float64)
+    g = np.zeros(len(v), int) if groups is None else np.asarray(groups)
+    refs = references if references is not None else group_references(v, g, use, min_columns)
+    out = np.full(len(v), np.nan)
+    for k in np.unique(g):
+        if int(k) in refs:
+            out[g == k] = standardise(v[g == k], refs[int(k)])
+    return out
+
+
+def gaussian_equivalent(chi2: np.ndarray, dof: int = 2) -> np.ndarray:
+    """The standard-normal score with the same upper-tail probability as ``chi2`` (``dof``
+    degrees of freedom): a 2D offset and a 1D error score then flag bulk equally often."""
+    from scipy.stats import chi2 as chi2_dist, norm
+
+    return norm.isf(np.clip(chi2_dist.sf(np.asarray(chi2, np.float64), dof), 1e-300, 1.0))
+
+
+def template_offsets(image: np.ndarray, centres_px: np.ndarray, groups: np.ndarray, radius_px: float,
+                     sigma_px: float) -> np.ndarray:
+    """(n, 2) px: each column's offset from its centre (:func:`template_fit`)."""
+    return template_fit(image, centres_px, groups, radius_px, sigma_px)[0]
+
+
+def template_fit(image: np.ndarray, centres_px: np.ndarray, groups: np.ndarray, radius_px: float,
+                 sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """((n, 2) px offsets, (n,) amplitudes): each column fitted against its group's mean column.
+
+    A window (radius ``radius_px``, 1-px samples, bilinear) is cut at every centre; the mean
+    window of a group is its column as the image shows it (probe, thickness, tilt, neighbours:
+    no model assumed); each window is fitted by least squares as a·T(x − d) + b, linearised in
+    d (d ≪ the column's width), weighted by a Gaussian of σ ``sigma_px``.  The matched filter:
+    near the shot-noise limit of a position, where the finder's own fit is 5-10 pm off."""
+    from scipy import ndimage
+
+    pos = np.asarray(centres_px, np.float64).reshape(-1, 2)
+    if len(pos) == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    k = int(np.ceil(radius_px))
+    o = np.arange(-k, k + 1, dtype=np.float64)
+    oy, ox = np.meshgrid(o, o, indexing="ij")
+    coords = pos[:, None, None, :] + np.stack([oy, ox], -1)[None]
+    img = np.asarray(image, np.float64)
+    win = ndimage.map_coordinates(img, coords.reshape(-1, 2).T, order=1, mode="nearest").reshape(len(pos), *oy.shape)
+    w = np.exp(-0.5 * (oy ** 2 + ox ** 2) / sigma_px ** 2) * (np.hypot(oy, ox) <= radius_px)
+    sw = np.sqrt(w).ravel()
+    out = np.full((len(pos), 2), np.nan)
+    amp = np.full(len(pos), np.nan)
+    g = np.asarray(groups)
+    finite = np.isfinite(win).all(axis=(1, 2))  # unmeasured pixels in the window: no offset
+    for key in np.unique(g):
+        m = (g == key) & finite
+        if m.sum() < 3:
+            continue
+        t = win[m].mean(axis=0)
+        gy, gx = np.gradient(t)
+        a = np.stack([t.ravel(), np.ones(t.size), -gy.ravel(), -gx.ravel()], 1) * sw[:, None]
+        coef, *_ = np.linalg.lstsq(a, (win[m].reshape(m.sum(), -1) * sw).T, rcond=None)
+        out[m] = coef[2:].T / np.where(np.abs(coef[0]) > 1e-12, coef[0], np.nan)[:, None]
+        amp[m] = coef[0]
+    return out, amp
+
+
+def relative_displacement(fitted_px: np.ndarray, groups: np.ndarray, radius_px: float) -> np.ndarray:
+    """(n, 2) px: each fitted centre against its lattice site as its same-group neighbours put it.
+
+    The lattice (`column_lattice.fit_lattice`) gives every column an ideal point; a column's
+    residual from it, less the median residual of the other columns of its group within
+    ``radius_px``, is its own displacement -- scan distortion, drift and an error of the lattice
+    fit move the neighbours too and cancel."""
+    from scipy.spatial import cKDTree
+
+    from .column_lattice import fit_lattice
+
+    pos = np.asarray(fitted_px, np.float64)
+    lat = fit_lattice(pos)
+    res = pos - lat.points(lat.indices(pos))
+    out = np.full(pos.shape, np.nan)
+    g = np.asarray(groups)
+    for key in np.unique(g):
+        idx = np.flatnonzero(g == key)
+        tree = cKDTree(pos[idx])
+        for a, nb in zip(idx, tree.query_ball_point(pos[idx], radius_px)):
+            nb = [idx[b] for b in nb if idx[b] != a]
+            if len(nb) >= 3:
+                out[a] = res[a] - np.median(res[nb], axis=0)
+    return out
+
+
+def displacement_references(rel_px: np.ndarray, groups: np.ndarray, use: np.ndarray | None = None,
+                            min_columns: int = MIN_COLUMNS) -> dict:
+    """{group: robust per-axis sd} of relative displacements (1.4826 MAD of the components about
+    zero): the image's own position precision for that kind of column."""
+    d = np.asarray(rel_px, np.float64)
+    g = np.asarray(groups)
+    ok = np.isfinite(d).all(axis=1) & (np.ones(len(d), bool) if use is None else np.asarray(use, bool))
+    refs = {}
+    for key in np.unique(g):
+        comp = d[(g == key) & ok].ravel()
+        if len(comp) < 2 * min_columns:
+            raise ValueError(f"standardising displacements needs at least {min_columns} columns of each kind, got "
+                             f"{len(comp) // 2}")
+        sd = MAD_TO_SD * float(np.median(np.abs(comp)))
+        if not sd > 0:
+            raise ValueError("the column displacements have no spread; they cannot be standardised")
+        refs[int(key)] = sd
+    return refs
+
+
+def displacement_scores(rel_px: np.ndarray, groups: np.ndarray, use: np.ndarray | None = None,
+                        min_columns: int = MIN_COLUMNS, references: dict | None = None) -> np.ndarray:
+    """Gaussian-equivalent score of each relative displacement: |d|² over its group's per-axis
+    variance (:func:`displacement_references`) is χ² with 2 degrees of freedom for bulk whatever
+    the dose, sampling and thickness -- the image's own precision sets the scale."""
+    d = np.asarray(rel_px, np.float64)
+    g = np.asarray(groups)
+    refs = references if references is not None else displacement_references(d, g, use, min_columns)
+    out = np.full(len(d), np.nan)
+    for key in np.unique(g):
+        m = g == key
+        if int(key) in refs:
+            out[m] = gaussian_equivalent(np.sum(d[m] ** 2, axis=1) / refs[int(key)] ** 2)
+    return out
+
+
 class AnomalyDetector:
     """The bulk VAE behind an inference backend, with its card's threshold."""
 
@@ -127,6 +281,12 @@ class AnomalyDetector:
             raise ModelMismatch(f"model card {card.path} holds no anomaly threshold ('anomaly': {{'threshold': ...}})")
         self.threshold = float(an["threshold"])
         self.threshold_at = {float(k): float(v) for k, v in an.get("threshold_at_false_alarm", {}).items()}
+        # v2 (when the card holds it): per-channel, per-kind scores and the displacement, by max
+        self.v2 = an.get("v2") if isinstance(an.get("v2"), dict) else None
+        self.method = "v2" if self.v2 is not None else "v1"
+        if self.v2 is not None:
+            self.threshold = float(self.v2["threshold"])
+            self.threshold_at = {float(k): float(v) for k, v in self.v2.get("threshold_at_false_alarm", {}).items()}
         self.window = error_window(self.size, self.spacings, an.get("window_sigma_cells"))
         self.backend = load_backend(card.onnx_path, backend, threads=threads)
         verify(card, self.backend.metadata())
@@ -156,21 +316,89 @@ class AnomalyDetector:
         return np.concatenate([self.backend(x[i:i + batch])["reconstruction"] for i in range(0, len(x), batch)])
 
     def score(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, sampling_A: float | None = None,
-              reference: tuple[float, float] | None = None, threshold: float | None = None,
-              groups: np.ndarray | None = None) -> ColumnAnomaly:
-        """Anomaly of every column at ``positions_px`` (row, col) of the HAADF/ABF pair.
+              reference=None, threshold: float | None = None, groups: np.ndarray | None = None,
+              method: str | None = None) -> ColumnAnomaly:
+        """Anomaly of every column at ``positions_px`` (row, col; lattice sites) of the HAADF/ABF pair.
 
-        ``threshold``: a score to flag above (default: the card's mean + 1.5 sd of bulk;
-        ``self.threshold_at[0.03]`` holds the 3 %-false-alarm one)."""
+        ``method`` "v1": the joint error of both channels, standardised over the image; "v2" (the
+        default when the card calibrated it): ``parts`` "haadf" and "abf" -- each channel's error
+        standardised within each kind of column (``groups``; default the sublattices of a lattice
+        fitted to the positions) -- and "displacement" -- the column's template-fitted centre
+        against its site as its same-kind neighbours put it, a Gaussian-equivalent score; the
+        score is their maximum ("displacement_pm" holds the offset's size).
+        ``reference``: the standardisation of an earlier image of the same acquisition (v1:
+        (centre, scale); v2: the dict a score returns).  ``threshold``: a score to flag above
+        (default: the card's; ``self.threshold_at`` holds the 1 %/3 %-false-alarm ones)."""
+        method = method or self.method
+        if method not in ("v1", "v2"):
+            raise ValueError(f"method {method!r}: choose v1 or v2")
         pos = np.asarray(positions_px, np.float64).reshape(-1, 2)
-        thr = self.threshold if threshold is None else float(threshold)
+        thr = (self.threshold if method == self.method else float(self.card.data["anomaly"]["threshold"])) \
+            if threshold is None else float(threshold)
         if len(pos) == 0:
             z = np.zeros(0)
             return ColumnAnomaly(z, z, np.zeros(0, bool), thr, np.zeros(0, bool), reference or (np.nan, np.nan))
         x = classifier_input(haadf, abf)
-        p = extract_patches(x, pos, edge_px=self.edge_px(pos, sampling_A), size=self.size, prefilter=self.prefilter)
-        err = reconstruction_error(p.patches, self.reconstruct(p.patches), p.valid, self.window)
-        if reference is None:
-            reference = image_reference(err, p.complete)
-        score = standardise(err, reference)
-        return ColumnAnomaly(err, score, score > thr, thr, p.complete, reference)
+        edge = self.edge_px(pos, sampling_A)
+        p = extract_patches(x, pos, edge_px=edge, size=self.size, prefilter=self.prefilter)
+        rec = self.reconstruct(p.patches)
+        err = reconstruction_error(p.patches, rec, p.valid, self.window)
+        if method == "v1":
+            if reference is None:
+                reference = image_reference(err, p.complete)
+            score = standardise(err, reference)
+            return ColumnAnomaly(err, score, score > thr, thr, p.complete, reference)
+        cell_px = edge / (self.spacings / 2)
+        if groups is None:
+            groups = self.sublattices(pos)
+        groups = np.asarray(groups)
+        ref = dict(reference) if reference is not None else {}
+        ce = channel_errors(p.patches, rec, p.valid, self.window)
+        parts = {}
+        for c, name in enumerate(("haadf", "abf")):
+            if name not in ref:
+                ref[name] = group_references(ce[:, c], groups, p.complete)
+            parts[name] = group_scores(ce[:, c], groups, references=ref[name])
+        v2 = self.v2 or V2_DEFAULTS
+        geom = (v2["template_radius_cells"] * cell_px, v2["template_sigma_cells"] * cell_px)
+        off, amp_h = template_fit(x[0], pos, groups, *geom)
+        amp_a = template_fit(x[1], pos, groups, *geom)[1]
+        for name, amp in (("haadf_amplitude", amp_h), ("abf_amplitude", amp_a)):
+            if name not in ref:
+                try:
+                    ref[name] = group_references(amp, groups, p.complete & np.isfinite(amp))
+                except ValueError:
+                    ref[name] = {}
+            z = group_scores(amp, groups, references=ref[name])
+            parts[name] = gaussian_equivalent(z ** 2, 1)  # two-sided: emptied and over-full columns
+        rel = np.full(pos.shape, np.nan)
+        if len(pos) >= 6 and np.isfinite(off).all(axis=1).sum() >= 6:
+            fin = np.isfinite(off).all(axis=1)
+            try:
+                rel[fin] = relative_displacement(pos[fin] + off[fin], groups[fin],
+                                                 v2["neighbour_radius_cells"] * cell_px)
+            except ValueError:
+                pass  # no lattice among these columns: no displacement measure
+        if "displacement" not in ref:
+            try:
+                ref["displacement"] = displacement_references(rel, groups, p.complete)
+            except ValueError:
+                ref["displacement"] = {}
+        parts["displacement"] = displacement_scores(rel, groups, references=ref["displacement"])
+        parts["displacement_pm"] = (np.hypot(*rel.T) * sampling_A * 100 if sampling_A is not None
+                                    else np.full(len(pos), np.nan))
+        stack = np.stack([parts[k] for k in v2.get("combine", COMBINE)])
+        with np.errstate(all="ignore"):
+            score = np.where(np.isfinite(stack).any(axis=0), np.nanmax(np.where(np.isfinite(stack), stack, -np.inf),
+                                                                        axis=0), np.nan)
+        return ColumnAnomaly(err, score, score > thr, thr, p.complete, ref, parts)
+
+    @staticmethod
+    def sublattices(positions_px: np.ndarray) -> np.ndarray:
+        """(n,) the kind of column each is (sublattice of a lattice fitted to them; all 0 when none fits)."""
+        from .column_lattice import lattice_sites
+
+        try:
+            return lattice_sites(positions_px, local_cells=None).sublattice
+        except ValueError:
+            return np.zeros(len(positions_px), np.int64)

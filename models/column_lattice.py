@@ -107,10 +107,12 @@ def _refine(pos: np.ndarray, lat: Lattice, use: np.ndarray, max_residual: float)
     ij = lat.indices(pos)
     res = pos - lat.points(ij)
     good = use & (np.hypot(*res.T) <= max_residual * lat.spacing_px)
-    if good.sum() < 3:
-        return lat, good
+    if good.sum() < MIN_COLUMNS or np.linalg.matrix_rank(np.column_stack([np.ones(good.sum()), ij[good]])) < 3:
+        return lat, good  # too few or collinear columns to refine with: keep the lattice as it is
     a = np.column_stack([np.ones(good.sum()), ij[good]])
     coef, *_ = np.linalg.lstsq(a, pos[good], rcond=None)
+    if abs(np.linalg.det(coef[1:3])) < 0.5 * lat.cell_area_px2:
+        return lat, good
     return Lattice(coef[0], coef[1:3]), good
 
 

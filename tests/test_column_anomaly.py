@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from stemlive.models.cards import ModelMismatch, load_card
-from stemlive.models.column_anomaly import (AnomalyDetector, error_window, image_reference, reconstruction_error,
-                                            standardise)
+from stemlive.models.column_anomaly import (AnomalyDetector, displacement_scores, error_window, group_scores,
+                                            image_reference, reconstruction_error, standardise)
 
 pytest.importorskip("abtem")
 from stemlive.simulate.defect_images import DEFECT_TYPES, DefectRanges, bulk_ranges, defect_images  # noqa: E402
 
 
 def ranges(dose=1e5, **kw) -> DefectRanges:
-    return DefectRanges(image=bulk_ranges(dose_e_per_A2=(dose, dose), size_px=192), **kw)
+    return DefectRanges(image=bulk_ranges(dose_e_per_A2=(dose, dose), size_px=256), **kw)
 
 
 def test_defects_are_where_the_truth_says():
@@ -74,11 +74,15 @@ def detector():
     return AnomalyDetector.shipped()
 
 
-def test_card_threshold_is_the_seeds_rule(detector):
+def test_card_thresholds(detector):
+    """v1: the seed's rule; v2 (the default): 3 % of validation bulk, the seed's rule beside it."""
     an = detector.card.data["anomaly"]
-    assert detector.threshold == pytest.approx(an["bulk_mean"] + 1.5 * an["bulk_sd"])
+    assert an["threshold"] == pytest.approx(an["bulk_mean"] + 1.5 * an["bulk_sd"])
+    v2 = an["v2"]
+    assert detector.method == "v2" and detector.threshold == pytest.approx(v2["threshold"])
+    assert v2["threshold_seed_rule"] == pytest.approx(v2["bulk_mean"] + 1.5 * v2["bulk_sd"])
     assert set(detector.threshold_at) == {0.01, 0.03}
-    assert detector.threshold_at[0.01] > detector.threshold_at[0.03]
+    assert detector.threshold_at[0.01] > detector.threshold_at[0.03] == pytest.approx(detector.threshold)
     assert detector.card.data["training"]["simulator"].endswith("bulk only")
 
 
@@ -108,12 +112,48 @@ def test_shipped_detector_passes_bulk_and_flags_strong_defects(detector):
 def test_too_few_columns_is_a_clear_error_unless_a_reference_is_given(detector):
     d = defect_images(np.random.default_rng(5), ranges(1e5, types=()))
     s = d.meta["sampling_A"]
-    inner = np.argsort(np.hypot(*(d.sites_px - 96).T))[:5]
+    inner = np.argsort(np.hypot(*(d.sites_px - 128).T))[:5]
     with pytest.raises(ValueError, match="reference"):
         detector.score(d.haadf, d.abf, d.sites_px[inner], sampling_A=s)
     full = detector.score(d.haadf, d.abf, d.sites_px, sampling_A=s)
-    few = detector.score(d.haadf, d.abf, d.sites_px[inner], sampling_A=s, reference=full.reference)
-    assert np.allclose(few.score, full.score[inner], atol=1e-6)
+    groups = detector.sublattices(d.sites_px)
+    few = detector.score(d.haadf, d.abf, d.sites_px[inner], sampling_A=s, reference=full.reference,
+                         groups=groups[inner])
+    assert np.allclose(few.parts["haadf"], full.parts["haadf"][inner], atol=1e-6)
+    assert np.isnan(few.parts["displacement"]).all()  # 5 columns: no lattice to measure against
+    v1 = detector.score(d.haadf, d.abf, d.sites_px, sampling_A=s, method="v1")
+    few1 = detector.score(d.haadf, d.abf, d.sites_px[inner], sampling_A=s, reference=v1.reference, method="v1")
+    assert np.allclose(few1.score, v1.score[inner], atol=1e-6)
+
+
+def test_group_and_displacement_scores():
+    rng = np.random.default_rng(0)
+    g = np.repeat([0, 1], 200)
+    v = np.r_[rng.normal(1, 0.1, 200), rng.normal(5, 2.0, 200)]  # two kinds, different levels and spreads
+    z = group_scores(v, g)
+    assert abs(np.median(z[:200])) < 0.05 and abs(np.median(z[200:])) < 0.05
+    assert 0.8 < z[:200].std() < 1.2 and 0.8 < z[200:].std() < 1.2
+    d = rng.normal(0, 0.3, (400, 2))
+    d[7] = [3.0, 0.0]  # ten sd off
+    sc = displacement_scores(d, g)
+    assert sc[7] > 5 and np.mean(sc > 2.0) < 0.04  # Gaussian-equivalent: ~2.3 % of bulk above 2
+
+
+def test_v2_finds_a_displaced_ti_column_and_measures_it(detector):
+    """1e5 e/Å², Ti displaced 15-20 pm: flagged, its displacement measured to a few pm."""
+    r = ranges(1e5, types=("Ti_displaced",), displacement_pm=(15.0, 20.0), sites_per_defect=60)
+    found, err = [], []
+    for k in range(2):
+        d = defect_images(np.random.default_rng([81, k]), r)
+        s = d.meta["sampling_A"]
+        c = d.sites_px + np.random.default_rng([81, k, 1]).normal(0, 0.02 / s, d.sites_px.shape)
+        res = detector.score(d.haadf, d.abf, c, sampling_A=s)
+        for df in d.defects:
+            if res.complete[df["site"]]:
+                found.append(res.flagged[df["site"]])
+                err.append(res.parts["displacement_pm"][df["site"]] - df["value"])
+    assert len(found) >= 3 and np.mean(found) == 1.0
+    assert np.abs(err).max() < 6.0
 
 
 def shipped_copy(tmp_path):

@@ -19,12 +19,20 @@ from .atom_analysis import AtomFinder
 
 @dataclass
 class AtomRows:
-    """Columns found in a batch of blocks (positions in scan pixels)."""
+    """Columns found in a batch of blocks (positions in scan pixels); with the per-column
+    analyses on (`atoms_analyse.BlockColumns`), their species and anomaly too (else None)."""
 
     positions_px: np.ndarray  # (n, 2) float32
     confidence: np.ndarray  # (n,) float32
     intensity: np.ndarray  # (n,) float32
     block: np.ndarray  # (n, 2) int32: the block that owns the column
+    species: np.ndarray | None = None  # (n,) int8 class index, -1 unknown
+    species_prob: np.ndarray | None = None  # (n, k) float32, NaN unknown
+    anomaly: np.ndarray | None = None  # (n,) float32 score, NaN unknown
+    anomaly_flag: np.ndarray | None = None  # (n,) bool: score above the card's threshold
+
+    FIELDS = ("positions_px", "confidence", "intensity", "block")
+    ANALYSES = ("species", "species_prob", "anomaly", "anomaly_flag")
 
     @classmethod
     def empty(cls) -> "AtomRows":
@@ -35,8 +43,32 @@ class AtomRows:
     def concat(cls, parts: list["AtomRows"]) -> "AtomRows":
         if not parts:
             return cls.empty()
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                     ("positions_px", "confidence", "intensity", "block")))
+        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+        if any(p.species is not None for p in parts):  # parts without the analyses: unknown
+            k = next(p.species_prob.shape[1] for p in parts if p.species is not None)
+            filled = [p if p.species is not None else p.with_unknown(k) for p in parts]
+            for f in cls.ANALYSES:
+                setattr(out, f, np.concatenate([getattr(p, f) for p in filled]))
+        return out
+
+    def with_unknown(self, k: int) -> "AtomRows":
+        """These rows with species and anomaly unknown (``k`` classes)."""
+        n = len(self)
+        return AtomRows(self.positions_px, self.confidence, self.intensity, self.block, np.full(n, -1, np.int8),
+                        np.full((n, k), np.nan, np.float32), np.full(n, np.nan, np.float32), np.zeros(n, bool))
+
+    def head(self, n: int) -> "AtomRows":
+        """The first ``n`` rows."""
+        return AtomRows(*(None if getattr(self, f) is None else getattr(self, f)[:n]
+                          for f in self.FIELDS + self.ANALYSES))
+
+    def arrays(self, prefix: str = "atoms/") -> dict[str, np.ndarray]:
+        """Wire/state arrays: positions, confidence, intensity, block (+ the analyses when on)."""
+        out = {f"{prefix}positions": self.positions_px, f"{prefix}confidence": self.confidence,
+               f"{prefix}intensity": self.intensity, f"{prefix}block": self.block}
+        if self.species is not None:
+            out.update({f"{prefix}{f}": getattr(self, f) for f in self.ANALYSES})
+        return out
 
     def __len__(self) -> int:
         return len(self.positions_px)
@@ -54,6 +86,8 @@ class AtomStitcher:
         self.analysed = np.zeros(grid.shape, bool)
         self._kept: dict[tuple[int, int], np.ndarray] = {}  # block -> its columns' positions
         self.errors: list[str] = []
+        self.last_windows: list = []
+        self.columns = None  # `atoms_analyse.BlockColumns`: species and anomaly of the kept columns, or None
         # every block's window [r0, r1) × [c0, c1), for the vectorised readiness test
         ny, nx = grid.shape
         bounds = np.array([[(w[0].start, w[0].stop, w[1].start, w[1].stop) for w in
@@ -83,6 +117,9 @@ class AtomStitcher:
         """Find the columns of ``blocks`` in the scan-grid ``image``; marks them analysed.
         Pixels outside the scanned region (NaN) take the mean of the rest of their window."""
         parts = []
+        # per analysed block: (block, window slices, all columns found in the window (window px),
+        # which of them the block kept) -- the per-column analyses read the same windows
+        self.last_windows: list = []
         for i, j in blocks:
             self.analysed[i, j] = True
             ws = self.window(i, j)
@@ -97,6 +134,7 @@ class AtomStitcher:
                 continue
             pos = found.positions_px + [ws[0].start, ws[1].start]
             keep = self._owned(i, j, pos)
+            self.last_windows.append(((i, j), ws, np.asarray(found.positions_px, np.float64), keep))
             pos = pos[keep]
             self._kept[(i, j)] = pos
             parts.append(AtomRows(pos.astype(np.float32), found.confidence[keep].astype(np.float32),

@@ -75,9 +75,6 @@ def material_cell_A(anomaly_card) -> float:
 def analyse(haadf: np.ndarray, abf: np.ndarray, contrast: str, finder, classifier, detector,
             sampling_A: float | None = None) -> AnalysedColumns:
     """Columns of the ``contrast`` image, their species and anomaly (see the module docstring)."""
-    from .column_anomaly import MIN_COLUMNS
-    from .column_lattice import lattice_sites
-
     haadf = np.asarray(haadf, np.float64)
     abf = np.asarray(abf, np.float64)
     for name, img in (("HAADF", haadf), ("ABF", abf)):
@@ -85,10 +82,52 @@ def analyse(haadf: np.ndarray, abf: np.ndarray, contrast: str, finder, classifie
             raise ValueError(f"the {name} image has NaN or infinite pixels")
     image = haadf if contrast == "haadf" else abf
     found = finder.find(image, sampling_A, require_structure=True)
-    pos = found.positions_px
-    n = len(pos)
-    notes = [found.note] if found.note else []
+    plan = plan_columns(haadf, abf, found.positions_px, contrast, classifier, detector, sampling_A)
+    if found.note:
+        plan.notes.insert(0, found.note)
+    (probs, rec), = run_networks([plan], classifier, detector)
+    r = finish_columns(plan, classifier, detector, probs, rec)
     models = {"finder": finder.card.id, "species": classifier.card.id, "anomaly": detector.card.id}
+    return AnalysedColumns(plan.positions_px, found.confidence, found.intensity, plan.sites_px,
+                           tuple(classifier.classes), r["species"], r["probabilities"], r["species_complete"],
+                           r["anomaly_score"], r["anomaly_flagged"], float(detector.threshold), plan.sampling_A,
+                           plan.sampling_source, models, plan.notes, r["parts"], plan.lattice)
+
+
+@dataclass
+class ColumnPlan:
+    """One image's columns ready for the per-column networks: lattice sites, sampling, patches.
+
+    :func:`plan_columns` makes it, :func:`run_networks` puts the patches of any number of plans
+    through each network in one batch, :func:`finish_columns` turns the outputs into species and
+    anomaly -- so `atoms analyse` (one image) and the live engine (every block window analysed
+    in one step) share one code path."""
+
+    haadf: np.ndarray
+    abf: np.ndarray
+    positions_px: np.ndarray  # (n, 2)
+    classify: np.ndarray  # (m,) indices of the columns classified
+    sites_px: np.ndarray  # (n, 2) NaN without a lattice
+    sublattice: np.ndarray | None
+    sampling_A: float | None
+    sampling_source: str
+    notes: list
+    lattice: dict
+    species_patches: object = None  # ColumnPatches of the classified columns, or None (no sampling)
+    anomaly_prep: tuple | None = None  # AnomalyDetector.prepare's answer at the sites, or None
+
+
+def plan_columns(haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, contrast: str, classifier,
+                 detector, sampling_A: float | None = None, classify: np.ndarray | None = None) -> ColumnPlan:
+    """Lattice sites of all ``positions_px`` (the lattice and the anomaly's per-image
+    standardisation use every column of the image), the sampling (given, else from the lattice
+    and the models' material), the species patches of the ``classify`` columns (default all)."""
+    from .column_lattice import lattice_sites
+
+    pos = np.asarray(positions_px, np.float64).reshape(-1, 2)
+    n = len(pos)
+    cls_idx = np.arange(n) if classify is None else np.asarray(classify, np.int64)
+    notes: list = []
     sites = np.full((n, 2), np.nan)
     lat_info: dict = {}
     ls = None
@@ -111,34 +150,63 @@ def analyse(haadf: np.ndarray, abf: np.ndarray, contrast: str, finder, classifie
             notes.append(f"the fitted lattice implies {implied:.4g} Å/px for {detector.card.data['training']['material']} "
                          f"(cell {cell_A:g} Å, {COLUMNS_PER_CELL[contrast]} {contrast.upper()} columns per cell), "
                          f"not the {s:g} Å/px given: another material or zone than the models were trained on?")
-    k = len(classifier.classes)
-    species = np.zeros(n, int)
-    probs = np.full((n, k), np.nan, np.float32)
-    complete = np.zeros(n, bool)
-    if n and s is not None:
-        sp = classifier.classify(haadf, abf, pos, sampling_A=s)
-        species, probs, complete = sp.label, sp.probabilities, sp.complete
-    elif n:
+    plan = ColumnPlan(haadf, abf, pos, cls_idx, sites, None if ls is None else ls.sublattice, s, source, notes,
+                      lat_info)
+    if len(cls_idx) and s is not None:
+        plan.species_patches = classifier.patches(haadf, abf, pos[cls_idx], sampling_A=s)
+    elif len(cls_idx):
         notes.append("no sampling and no lattice to take it from: no species")
+    if ls is not None and s is not None:
+        plan.anomaly_prep = detector.prepare(haadf, abf, sites, sampling_A=s)
+    return plan
+
+
+def run_networks(plans: list[ColumnPlan], classifier, detector) -> list[tuple]:
+    """[(species probabilities or None, anomaly reconstruction or None)] per plan: every plan's
+    patches through each network in one batch (one backend call per network and 1024 patches)."""
+    sp = [p.species_patches.patches for p in plans if p.species_patches is not None]
+    an = [p.anomaly_prep[1].patches for p in plans if p.anomaly_prep is not None]
+    probs = iter(_split(classifier.probabilities(np.concatenate(sp)), [len(x) for x in sp]) if sp else [])
+    recs = iter(_split(detector.reconstruct(np.concatenate(an)), [len(x) for x in an]) if an else [])
+    return [(next(probs) if p.species_patches is not None else None,
+             next(recs) if p.anomaly_prep is not None else None) for p in plans]
+
+
+def _split(a: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(a, np.cumsum(sizes)[:-1])
+
+
+def finish_columns(plan: ColumnPlan, classifier, detector, probs: np.ndarray | None,
+                   reconstruction: np.ndarray | None) -> dict:
+    """Species of the classified columns and anomaly of every column of ``plan`` from the
+    networks' outputs (:func:`run_networks`); unknown: probabilities NaN, score NaN."""
+    from .column_anomaly import MIN_COLUMNS
+
+    n, m, k = len(plan.positions_px), len(plan.classify), len(classifier.classes)
+    species = np.zeros(m, int)
+    p_out = np.full((m, k), np.nan, np.float32)
+    complete = np.zeros(m, bool)
+    if probs is not None:
+        species, p_out, complete = probs.argmax(axis=1), probs.astype(np.float32), plan.species_patches.complete
     score = np.full(n, np.nan)
     flagged = np.zeros(n, bool)
     parts: dict = {}
-    if ls is not None and s is not None:
+    if reconstruction is not None:
         try:
-            res = detector.score(haadf, abf, sites, sampling_A=s, groups=ls.sublattice)
+            res = detector.score(plan.haadf, plan.abf, plan.sites_px, sampling_A=plan.sampling_A,
+                                 groups=plan.sublattice, prepared=plan.anomaly_prep, reconstruction=reconstruction)
             # a patch reaching beyond the image is filled at its edge: not judged
             score = np.where(res.complete, res.score, np.nan)
             flagged = res.flagged & res.complete
-            parts = {k: np.where(res.complete, v, np.nan) for k, v in res.parts.items()}
+            parts = {name: np.where(res.complete, v, np.nan) for name, v in res.parts.items()}
         except ValueError as exc:
             if "at least" not in str(exc) and "no spread" not in str(exc):
                 raise
-            notes.append(f"anomaly not scored: the image is too small for the per-image standardisation "
-                         f"(it needs {MIN_COLUMNS} columns whose whole {detector.edge_A:.1f} Å patch lies in the "
-                         f"image): {exc}")
-    return AnalysedColumns(pos, found.confidence, found.intensity, sites, tuple(classifier.classes), species, probs,
-                           complete, score, flagged, float(detector.threshold), s, source, models, notes, parts,
-                           lat_info)
+            plan.notes.append(f"anomaly not scored: the image is too small for the per-image standardisation "
+                              f"(it needs {MIN_COLUMNS} columns whose whole {detector.edge_A:.1f} Å patch lies in "
+                              f"the image): {exc}")
+    return {"species": species, "probabilities": p_out, "species_complete": complete, "anomaly_score": score,
+            "anomaly_flagged": flagged, "parts": parts}
 
 
 def _safe(name: str) -> str:
@@ -214,3 +282,60 @@ def read_h5(path: Path) -> dict:
         out = {k: f["columns"][k][()] for k in f["columns"]}
         out["attrs"] = dict(f.attrs)
     return out
+
+
+class BlockColumns:
+    """Species and anomaly of the columns an `AtomStitcher` kept, live, per block window.
+
+    Each block's window (the block and its margin, the pixels the finder read, all final) is
+    one image for :func:`plan_columns`: its per-image standardisation, lattice fit and anomaly
+    reference use every column found in the window, so a block's result depends on nothing but
+    its window -- the same in any order the blocks complete (live = replay).  All windows of one
+    engine step go through each network in one batch.  The anomaly's standardisation needs
+    ``column_anomaly.MIN_COLUMNS`` complete patches of each kind in the window; a smaller
+    window leaves its columns' anomaly NaN (counted in ``unscored_blocks``)."""
+
+    def __init__(self, classifier, detector, contrast: str, sampling_A: float):
+        self.classifier = classifier
+        self.detector = detector
+        self.contrast = contrast
+        self.sampling_A = float(sampling_A)
+        self.classes = tuple(classifier.classes)
+        self.threshold = float(detector.threshold)
+        self.unscored_blocks = 0  # blocks whose window was too small to standardise the anomaly
+        self.seconds: list = []  # per engine step
+
+    @property
+    def cards(self) -> list:
+        return [self.classifier.card, self.detector.card]
+
+    def analyse(self, virtual: dict, windows: list, rows):
+        """``rows`` (the `AtomRows` of ``windows``, in their order) with species and anomaly;
+        ``virtual``: the scan-grid HAADF and ABF images."""
+        import time
+
+        t = time.perf_counter()
+        haadf, abf = virtual["haadf"], virtual["abf"]
+        plans = [plan_columns(haadf[ws], abf[ws], pos, self.contrast, self.classifier, self.detector,
+                              self.sampling_A, classify=np.flatnonzero(keep)) for _, ws, pos, keep in windows]
+        k = len(self.classes)
+        species, probs, score, flag = [], [], [], []
+        for plan, (p, rec), (_, _, _, keep) in zip(plans, run_networks(plans, self.classifier, self.detector),
+                                                   windows):
+            r = finish_columns(plan, self.classifier, self.detector, p, rec)
+            m = len(plan.classify)
+            known = np.isfinite(r["probabilities"]).all(axis=1) if m else np.zeros(0, bool)
+            species.append(np.where(known, r["species"], -1).astype(np.int8))
+            probs.append(r["probabilities"].reshape(m, k).astype(np.float32))
+            score.append(r["anomaly_score"][keep].astype(np.float32))
+            flag.append(r["anomaly_flagged"][keep].astype(bool))
+            if m and not np.isfinite(r["anomaly_score"]).any():
+                self.unscored_blocks += 1
+        out = type(rows)(rows.positions_px, rows.confidence, rows.intensity, rows.block)
+        cat = (lambda a, shape, dt: np.concatenate(a) if a else np.zeros(shape, dt))
+        out.species, out.species_prob = cat(species, 0, np.int8), cat(probs, (0, k), np.float32)
+        out.anomaly, out.anomaly_flag = cat(score, 0, np.float32), cat(flag, 0, bool)
+        if len(out.species) != len(rows):
+            raise RuntimeError(f"column analyses: {len(out.species)} results for {len(rows)} columns")
+        self.seconds.append(time.perf_counter() - t)
+        return out

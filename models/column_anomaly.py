@@ -40,7 +40,7 @@ import numpy as np
 
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, ModelMismatch, find_cards, verify
-from .column_patches import column_spacing, extract_patches
+from .column_patches import ColumnPatches, column_spacing, extract_patches
 from .column_species import classifier_input
 
 TASK = "column-anomaly"
@@ -308,6 +308,15 @@ class AnomalyDetector:
             return self.edge_A / sampling_A
         return self.spacings * column_spacing(positions_px)
 
+    def prepare(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray,
+                sampling_A: float | None = None) -> tuple[np.ndarray, ColumnPatches, float]:
+        """(network input image (2, H, W), the columns' patches, patch edge px): what
+        :meth:`score` feeds the network, separable so many images' patches share one batch."""
+        pos = np.asarray(positions_px, np.float64).reshape(-1, 2)
+        x = classifier_input(haadf, abf)
+        edge = self.edge_px(pos, sampling_A)
+        return x, extract_patches(x, pos, edge_px=edge, size=self.size, prefilter=self.prefilter), edge
+
     def reconstruct(self, patches: np.ndarray, batch: int = 1024) -> np.ndarray:
         """The bulk model's reconstruction of (n, 2, P, P) normalised patches."""
         x = np.ascontiguousarray(patches, np.float32)
@@ -317,7 +326,8 @@ class AnomalyDetector:
 
     def score(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, sampling_A: float | None = None,
               reference=None, threshold: float | None = None, groups: np.ndarray | None = None,
-              method: str | None = None) -> ColumnAnomaly:
+              method: str | None = None, prepared: tuple | None = None,
+              reconstruction: np.ndarray | None = None) -> ColumnAnomaly:
         """Anomaly of every column at ``positions_px`` (row, col; lattice sites) of the HAADF/ABF pair.
 
         ``method`` "v1": the joint error of both channels, standardised over the image; "v2" (the
@@ -328,7 +338,10 @@ class AnomalyDetector:
         score is their maximum ("displacement_pm" holds the offset's size).
         ``reference``: the standardisation of an earlier image of the same acquisition (v1:
         (centre, scale); v2: the dict a score returns).  ``threshold``: a score to flag above
-        (default: the card's; ``self.threshold_at`` holds the 1 %/3 %-false-alarm ones)."""
+        (default: the card's; ``self.threshold_at`` holds the 1 %/3 %-false-alarm ones).
+        ``prepared`` (:meth:`prepare`'s answer for these arguments) and ``reconstruction`` (the
+        network's output for its patches): given, so a caller can batch many images' patches
+        through the network at once (the live engine, one batch per step)."""
         method = method or self.method
         if method not in ("v1", "v2"):
             raise ValueError(f"method {method!r}: choose v1 or v2")
@@ -338,10 +351,8 @@ class AnomalyDetector:
         if len(pos) == 0:
             z = np.zeros(0)
             return ColumnAnomaly(z, z, np.zeros(0, bool), thr, np.zeros(0, bool), reference or (np.nan, np.nan))
-        x = classifier_input(haadf, abf)
-        edge = self.edge_px(pos, sampling_A)
-        p = extract_patches(x, pos, edge_px=edge, size=self.size, prefilter=self.prefilter)
-        rec = self.reconstruct(p.patches)
+        x, p, edge = self.prepare(haadf, abf, pos, sampling_A) if prepared is None else prepared
+        rec = self.reconstruct(p.patches) if reconstruction is None else reconstruction
         err = reconstruction_error(p.patches, rec, p.valid, self.window)
         if method == "v1":
             if reference is None:

@@ -18,7 +18,7 @@ import numpy as np
 from .atom_analysis import network_input
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
-from .column_patches import column_spacing, extract_patches
+from .column_patches import ColumnPatches, column_spacing, extract_patches
 
 TASK = "column-species"
 
@@ -84,8 +84,21 @@ class SpeciesClassifier:
         n = len(self.classes)
         if len(pos) == 0:
             return ColumnSpecies(self.classes, np.zeros(0, int), np.zeros((0, n), np.float32), np.zeros(0, bool))
-        x = classifier_input(haadf, abf)
-        p = extract_patches(x, pos, edge_px=self.edge_px(pos, sampling_A), size=self.size)
-        probs = np.concatenate([self.backend(p.patches[i:i + batch])["probabilities"]
-                                for i in range(0, len(p), batch)])
+        p = self.patches(haadf, abf, pos, sampling_A)
+        probs = self.probabilities(p.patches, batch)
         return ColumnSpecies(self.classes, probs.argmax(axis=1), probs.astype(np.float32), p.complete)
+
+    def patches(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray,
+                sampling_A: float | None = None) -> ColumnPatches:
+        """The network's input patches for the columns (separate, so many images' patches can
+        share one batch: the live engine classifies all columns of an engine step at once)."""
+        pos = np.asarray(positions_px, np.float64).reshape(-1, 2)
+        return extract_patches(classifier_input(haadf, abf), pos, edge_px=self.edge_px(pos, sampling_A),
+                               size=self.size)
+
+    def probabilities(self, patches: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """(n, n_classes) float32 class probabilities of (n, 2, P, P) patches."""
+        if len(patches) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate([self.backend(np.ascontiguousarray(patches[i:i + batch], np.float32))["probabilities"]
+                               for i in range(0, len(patches), batch)]).astype(np.float32)

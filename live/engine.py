@@ -10,7 +10,8 @@ given): they alone are analysed at once, in the loop (one short wait, counted in
 statistics), so the centre reaches the VirtualDetectorUDF (`take_calibration`) at the same point
 of the scan in every run; their estimates are reused, not recomputed.  With an `AtomStitcher`,
 the worker also finds atomic columns in the calibrated virtual image, block by block, as soon
-as a block and its margin have their final values.
+as a block and its margin have their final values -- and, with the stitcher's ``columns``
+(`atoms_analyse.BlockColumns`), their species and anomaly from the same windows.
 
 The library check (``checker``, `models/checked_analysis.py`) is a second stage in its own
 thread: a block is stored and published with the networks' reading (``maps/method`` 1) at once,
@@ -290,6 +291,8 @@ class BlockEngine:
         if not blocks:
             return
         rows = self.atoms.analyse(self.state.virtual[self.atoms.image_name], blocks)
+        if self.atoms.columns is not None:  # species and anomaly: every window of this step in one batch
+            rows = self.atoms.columns.analyse(self.state.virtual, self.atoms.last_windows, rows)
         if self.store is not None:
             self.store.write_atoms(rows, self.atoms.analysed)
         with self._emit:

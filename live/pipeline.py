@@ -60,6 +60,7 @@ class Settings:
     progress: bool = True
     atoms: str | None = "haadf"  # find atomic columns in this virtual image (None: off)
     atom_margin_px: int = 16  # context around a block for atom finding
+    columns: bool = True  # species and anomaly of the located columns (needs the scan step, HAADF and ABF rings)
     method: str | None = None  # "check" (None: check where the setting's check data exists) or "network"
     check_timeout_s: float | None = 120.0  # at the end, wait this long for the library check to catch up
     com: bool = False  # centre-of-mass (DPC) and iDPC maps from LiberTEM's CoMUDF (one more pass per frame)
@@ -149,7 +150,35 @@ def load_atom_stitcher(settings: Settings, grid: BlockGrid):
         warnings.warn(f"atom finding off: {exc}", stacklevel=3)
         return None
     sampling = settings.scan_step_nm * 10 if settings.scan_step_nm else None
-    return AtomStitcher(finder, grid, sampling, margin_px=settings.atom_margin_px)
+    stitcher = AtomStitcher(finder, grid, sampling, margin_px=settings.atom_margin_px)
+    stitcher.columns = load_block_columns(settings, sampling)
+    return stitcher
+
+
+def load_block_columns(settings: Settings, sampling_A: float | None):
+    """Species and anomaly of the located columns (`atoms_analyse.BlockColumns`), or None with a
+    one-line warning: off (``settings.columns``), no scan step (the networks' patches are sized
+    in Å), a HAADF or ABF ring missing (they read both), or no model."""
+    if not settings.columns:
+        return None
+    from ..models.atoms_analyse import BlockColumns
+    from ..models.cards import SHIPPED_DIR
+    from ..models.column_anomaly import AnomalyDetector
+    from ..models.column_species import SpeciesClassifier
+
+    missing = [r for r in ("haadf", "abf") if r not in settings.rings]
+    why = (f"no {' and no '.join(r.upper() for r in missing)} ring (they read the HAADF and the ABF image)" if missing
+           else "the scan step is not known (give --scan-step-nm)" if sampling_A is None else None)
+    if why is None:
+        try:
+            kw = {"backend": settings.backend, "threads": LIVE_INFERENCE_THREADS}
+            mdir = settings.models_dir or SHIPPED_DIR
+            return BlockColumns(SpeciesClassifier.shipped(mdir, **kw), AnomalyDetector.shipped(mdir, **kw),
+                                settings.atoms, sampling_A)
+        except FileNotFoundError as exc:
+            why = str(exc)
+    warnings.warn(f"column species and anomaly off: {why}", stacklevel=3)
+    return None
 
 
 def check_block_size(settings: Settings, analyzer) -> str | None:

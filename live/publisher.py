@@ -4,7 +4,8 @@ PUB messages (wire format, `stemlive.protocol.wire`): ``blocks`` (indices and th
 ``stage`` "network" when the networks have read the blocks, "check" when the library check's
 values replace them later -- ``maps/method`` says the same per block; ``completed``: when the
 engine had the newest block's last frame, wall clock), ``virtual``
-(rows of the virtual images), ``atoms`` (columns found in newly analysed blocks), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
+(rows of the virtual images), ``atoms`` (columns found in newly analysed blocks, with their
+species and anomaly when the run has the per-column analyses), ``status``.  REP requests are JSON: ``{"type": "state"}`` returns the
 full current state, ``{"type": "pacbed", "block": [i, j]}`` one block's mean PACBED and estimates,
 ``{"type": "rings", "rings": {name: [inner, outer, unit]}}`` the ring images of the whole scan for
 the operator's rings (header ``rings``, ``seq``, ``radial``; arrays ``rings/<name>``, NaN where no
@@ -79,10 +80,14 @@ class Publisher:
                   {f"virtual/{k}": v for k, v in images.items()})
 
     def atoms(self, seq: int, rows, blocks: list[tuple[int, int]]) -> None:
-        self.send({"type": "atoms", "seq": seq, "sent": time.time()},
-                  {"atoms/positions": rows.positions_px, "atoms/confidence": rows.confidence,
-                   "atoms/intensity": rows.intensity, "atoms/block": rows.block,
-                   "atoms/analysed_blocks": np.asarray(blocks, np.int32).reshape(-1, 2)})
+        """Columns of newly analysed blocks; with the per-column analyses also ``atoms/species``
+        (int8, -1 unknown), ``atoms/species_prob`` (n, k), ``atoms/anomaly`` (NaN unknown),
+        ``atoms/anomaly_flag``, and the header's ``species_names`` and ``anomaly_threshold``."""
+        header = {"type": "atoms", "seq": seq, "sent": time.time()}
+        if rows.species is not None:
+            header["species_names"] = list(self.state.layout.atom_classes)
+            header["anomaly_threshold"] = self.state.layout.anomaly_threshold
+        self.send(header, {**rows.arrays(), "atoms/analysed_blocks": np.asarray(blocks, np.int32).reshape(-1, 2)})
 
     def status(self, status: dict) -> None:
         self.send({"type": "status", "status": status})

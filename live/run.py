@@ -54,8 +54,11 @@ class Run:
 
 
 def cards_of(analyzer, atoms) -> list[dict]:
-    """The model cards a run records: the PACBED networks', then the atom finder's."""
-    return [c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
+    """The model cards a run records: the PACBED networks', the atom finder's, then the
+    per-column species and anomaly models' (when on)."""
+    cols = getattr(atoms, "columns", None) if atoms else None
+    return ([c.data for c in analyzer.cards] + ([atoms.finder.card.data] if atoms else [])
+            + ([c.data for c in cols.cards] if cols is not None else []))
 
 
 def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], *, analyzer, checker,
@@ -74,6 +77,8 @@ def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], 
     virtual = tuple(virtual or settings.rings) + (COM_IMAGES if com else ())
     layout = StoreLayout(scan_shape, grid.block, sig_shape, virtual,
                          atoms=atoms.image_name if atoms else None,
+                         atom_classes=atoms.columns.classes if atoms and atoms.columns is not None else (),
+                         anomaly_threshold=atoms.columns.threshold if atoms and atoms.columns is not None else None,
                          radial_bins=n_bins_for(sig_shape, radial_bin_px) if radial_bins is None else radial_bins,
                          radial_bin_px=radial_bin_px)
     cards = cards_of(analyzer, atoms)

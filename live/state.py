@@ -140,12 +140,16 @@ class LiveState:
             arrays["blocks/partial"] = self.partial.copy()
             arrays["blocks/counts"] = self.counts.copy()
             table = AtomRows.concat(self._atom_batches)
-            arrays.update({"atoms/positions": table.positions_px, "atoms/confidence": table.confidence,
-                           "atoms/intensity": table.intensity, "atoms/block": table.block})
+            if table.species is None and self.layout.atom_classes:  # analyses on, no column yet
+                table = table.with_unknown(len(self.layout.atom_classes))
+            arrays.update(table.arrays())
             arrays["atoms/analysed"] = self.atoms_analysed.copy()
             header = {"type": "state", "seq": self.seq, "status": dict(self.status), "meta": self.meta,
                       "scan_shape": list(self.layout.scan_shape), "block_shape": list(self.layout.block_shape),
                       "flag_names": list(STORE_FLAGS), "radial": self.radial_info()}
+            if self.layout.atom_classes:  # what atoms/species indexes, and the anomaly's flag level
+                header["atoms"] = {"species_names": list(self.layout.atom_classes),
+                                   "anomaly_threshold": self.layout.anomaly_threshold}
         return header, arrays
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, dict[str, np.ndarray]]:

@@ -26,6 +26,17 @@ library check found (`stemlive pacbed analyze` JSON schema 2 has the same fields
   ``checks_done``, ``checks_unfinished`` (blocks left with the networks' values because the
   run closed first) and ``checks_failed``.
 
+The atom table (``/atoms/``, one row per column, rows [0, ``count``) valid while running, cut
+to them at the end): ``positions`` (n, 2) scan px, ``confidence``, ``intensity``, ``block`` (n, 2)
+the block that owns the column, ``analysed`` (block grid); attribute ``contrast``.  With the
+per-column analyses (`models/atoms_analyse.BlockColumns`: the run knows its scan step and has
+both HAADF and ABF rings) also ``species`` (int8 index into the attribute ``names`` (JSON), -1
+unknown), ``species_prob`` (n, k float32, NaN unknown; attribute ``names``), ``anomaly``
+(float32 score, per-image standardised within the block's window, NaN unknown: e.g. a window
+with too few columns to standardise) and ``anomaly_flag`` (bool, score above the anomaly card's
+threshold, attribute ``threshold``); the models are in the store's ``models`` list.  Stores
+written before them lack these four datasets (`read_store` then leaves them out).
+
 Per-frame radial profiles (``/virtual/radial``, float32, (scan_y, scan_x, n_bins)): frame (y, x)'s
 intensity in the radial bins [k·Δ, (k+1)·Δ) px around the calibrated disk centre, k = 0 …
 n_bins-1, with Δ = attribute ``bin_px`` (0.5 px; pixels split into 4×4 sub-pixels, so bin edges
@@ -66,6 +77,7 @@ _STORE_FLAGS_FIXED = ("vacuum", "not-on-zone", "thickness-at-range-edge", "low-c
 STORE_FLAGS = _STORE_FLAGS_FIXED + tuple(f for f in FLAGS if f not in _STORE_FLAGS_FIXED)
 STATES = ("running", "complete", "aborted")
 METHOD_CODES = {"none": 0, "network": 1, "check": 2}  # /maps/method
+ATOM_ANALYSES = ("species", "species_prob", "anomaly", "anomaly_flag")  # /atoms/... with the column analyses
 
 # name -> (trailing shape, dtype, fill) of the per-block maps
 MAP_FIELDS = {
@@ -100,6 +112,8 @@ class StoreLayout:
     sig_shape: tuple[int, int]
     virtual: tuple[str, ...] = ("bf", "abf", "adf", "haadf")
     atoms: str | None = None  # the virtual image atoms are found in ("haadf", "abf"), or none
+    atom_classes: tuple[str, ...] = ()  # species names of the per-column analyses (empty: off)
+    anomaly_threshold: float | None = None  # the anomaly model card's threshold (with the classes)
     radial_bins: int = 0  # per-frame radial profiles of this many bins in /virtual/radial (0: none)
     radial_bin_px: float = 0.5
 
@@ -203,6 +217,16 @@ class ResultStore:
                 g.create_dataset("confidence", data=np.full(n, np.nan, np.float32))
                 g.create_dataset("intensity", data=np.full(n, np.nan, np.float32))
                 g.create_dataset("block", data=np.full((n, 2), -1, np.int32))
+                if layout.atom_classes:  # species and anomaly of every column (BlockColumns)
+                    ds = g.create_dataset("species", data=np.full(n, -1, np.int8))
+                    ds.attrs["names"] = json.dumps(list(layout.atom_classes))
+                    ds = g.create_dataset("species_prob", data=np.full((n, len(layout.atom_classes)), np.nan,
+                                                                        np.float32))
+                    ds.attrs["names"] = json.dumps(list(layout.atom_classes))
+                    g.create_dataset("anomaly", data=np.full(n, np.nan, np.float32))
+                    ds = g.create_dataset("anomaly_flag", data=np.zeros(n, bool))
+                    ds.attrs["threshold"] = (np.nan if layout.anomaly_threshold is None
+                                             else float(layout.anomaly_threshold))
                 g.create_dataset("count", data=np.int64(0))
                 g.create_dataset("analysed", data=np.zeros((ny, nx), bool))
             # frames seen, blocks done, unix time of the last write: a reader can tell a stalled run
@@ -304,12 +328,15 @@ class ResultStore:
             if n0 + n > g["positions"].shape[0]:  # keep what fits and say so; the run goes on
                 n = g["positions"].shape[0] - n0
                 g.attrs["truncated"] = True
-                rows = type(rows)(*(getattr(rows, k)[:n] for k in ("positions_px", "confidence", "intensity", "block")))
+                rows = rows.head(n)
             if n:
                 g["positions"][n0:n0 + n] = rows.positions_px
                 g["confidence"][n0:n0 + n] = rows.confidence
                 g["intensity"][n0:n0 + n] = rows.intensity
                 g["block"][n0:n0 + n] = rows.block
+                if "species" in g and rows.species is not None:
+                    for name in ATOM_ANALYSES:
+                        g[name][n0:n0 + n] = getattr(rows, name)
             g["analysed"][...] = analysed
             g["count"][()] = n0 + n
             f.flush()
@@ -336,10 +363,12 @@ class ResultStore:
             if "atoms" in f:
                 g = f["atoms"]
                 n = int(g["count"][()])
-                for name in ("positions", "confidence", "intensity", "block"):
-                    data = g[name][:n]
+                for name in ("positions", "confidence", "intensity", "block") + ATOM_ANALYSES:
+                    if name not in g:
+                        continue
+                    data, attrs = g[name][:n], dict(g[name].attrs)
                     del g[name]
-                    g.create_dataset(name, data=data)
+                    g.create_dataset(name, data=data).attrs.update(attrs)
             f.attrs["state"] = state
             f.attrs["reason"] = reason
             f.attrs["finished"] = _now()
@@ -413,6 +442,10 @@ def read_store(path: str | Path) -> dict:
             out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block")}
             out["atoms"]["analysed"] = g["analysed"][()]
             out["atoms"]["contrast"] = str(g.attrs["contrast"])
+            if "species" in g:  # stores before the per-column analyses have none of these
+                out["atoms"].update({k: g[k][:n] for k in ATOM_ANALYSES})
+                out["atoms"]["species_names"] = json.loads(g["species"].attrs["names"])
+                out["atoms"]["anomaly_threshold"] = float(g["anomaly_flag"].attrs["threshold"])
         out["progress"] = f["progress"][()]
     out["attrs"] = attrs
     return out

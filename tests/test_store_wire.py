@@ -235,3 +235,81 @@ def test_dashboards_do_not_import_live():
             if isinstance(node, ast.ImportFrom):
                 assert not (node.level == 2 and (node.module or "").startswith("live")), f"{path.name} imports live"
                 assert not (node.module or "").startswith("stemlive.live"), f"{path.name} imports live"
+
+
+def column_rows(n=3, k=5):
+    from stemlive.models.atom_regions import AtomRows
+
+    rows = AtomRows(np.arange(2 * n, dtype=np.float32).reshape(n, 2), np.ones(n, np.float32),
+                    np.full(n, 2.0, np.float32), np.zeros((n, 2), np.int32))
+    rows.species = np.array([0, 1, -1][:n], np.int8)
+    rows.species_prob = np.full((n, k), 1.0 / k, np.float32)
+    rows.species_prob[2:] = np.nan
+    rows.anomaly = np.array([0.5, 4.0, np.nan][:n], np.float32)
+    rows.anomaly_flag = np.array([False, True, False][:n])
+    return rows
+
+
+def test_column_species_and_anomaly_in_store_state_and_atoms_message(tmp_path):
+    """/atoms/{species, species_prob, anomaly, anomaly_flag}: stored (cut at finish, attributes
+    kept), in the full state and on the atoms message (header + raw arrays, no pickle)."""
+    names = ("Sr", "Ti-O", "O", "vacant", "partial")
+    layout = StoreLayout((8, 8), (4, 4), (5, 5), atoms="haadf", atom_classes=names, anomaly_threshold=3.2)
+    store = ResultStore.create(tmp_path / "s.h5", layout, alpha_mrad=13.6, kv=200)
+    rows = column_rows()
+    store.write_atoms(rows, np.eye(2, dtype=bool))
+    mid = read_store(tmp_path / "s.h5")["atoms"]  # readable mid-run
+    np.testing.assert_array_equal(mid["species"], rows.species)
+    store.finish()
+    a = read_store(tmp_path / "s.h5")["atoms"]
+    assert a["species_names"] == list(names) and a["anomaly_threshold"] == pytest.approx(3.2)
+    assert a["species"].dtype == np.int8 and a["species_prob"].shape == (3, 5)
+    np.testing.assert_array_equal(a["anomaly"], rows.anomaly)
+    np.testing.assert_array_equal(a["anomaly_flag"], rows.anomaly_flag)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert json.loads(f["atoms/species"].attrs["names"]) == list(names)
+        assert f["atoms/anomaly_flag"].attrs["threshold"] == pytest.approx(3.2)
+
+    state = LiveState(layout, {"alpha_mrad": 13.6})
+    header, arrays = state.full_state()  # on, but no column yet: empty arrays of the right shape
+    assert arrays["atoms/species_prob"].shape == (0, 5) and header["atoms"]["species_names"] == list(names)
+    pub = Publisher(state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.connect(pub.pub_address)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        import time
+
+        time.sleep(0.3)
+        seq = state.apply_atoms(rows, [(0, 0)])
+        pub.atoms(seq, rows, [(0, 0)])
+        header, arrays = decode(sub.recv_multipart())
+        assert header["type"] == "atoms" and header["species_names"] == list(names)
+        assert header["anomaly_threshold"] == pytest.approx(3.2)
+        np.testing.assert_array_equal(arrays["atoms/species"], rows.species)
+        np.testing.assert_array_equal(arrays["atoms/anomaly"], rows.anomaly)
+        np.testing.assert_array_equal(arrays["atoms/anomaly_flag"], rows.anomaly_flag)
+        assert arrays["atoms/species_prob"].shape == (3, 5)
+    finally:
+        sub.close()
+        pub.close()
+    _, arrays = state.full_state()
+    np.testing.assert_array_equal(arrays["atoms/species"], rows.species)
+
+
+def test_old_store_without_column_analyses_reads(tmp_path):
+    """A store written before species/anomaly (no such datasets) reads; the fields are absent."""
+    layout = StoreLayout((8, 8), (4, 4), (5, 5), atoms="haadf")
+    store = ResultStore.create(tmp_path / "old.h5", layout, alpha_mrad=13.6, kv=200)
+    rows = column_rows()
+    store.write_atoms(rows, np.eye(2, dtype=bool))  # analyses given, the store has no place: dropped
+    store.finish()
+    with h5py.File(tmp_path / "old.h5", "r") as f:
+        assert "species" not in f["atoms"]
+    a = read_store(tmp_path / "old.h5")["atoms"]
+    assert len(a["positions"]) == 3 and "species" not in a and "anomaly" not in a
+    state = LiveState(layout, {})
+    state.apply_atoms(type(rows)(rows.positions_px, rows.confidence, rows.intensity, rows.block), [(0, 0)])
+    header, arrays = state.full_state()
+    assert "atoms/species" not in arrays and "atoms" not in header

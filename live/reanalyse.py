@@ -56,7 +56,10 @@ def reanalyse(src: Path, out: Path, *, models_dir: Path | None = None, backend: 
             image = old["virtual"][atoms.image_name]
             blocks = atoms.ready(np.isfinite(image))
             if blocks:
-                store.write_atoms(atoms.analyse(image, blocks), atoms.analysed)
+                rows = atoms.analyse(image, blocks)
+                if atoms.columns is not None and {"haadf", "abf"} <= set(old["virtual"]):  # species, anomaly
+                    rows = atoms.columns.analyse(old["virtual"], atoms.last_windows, rows)
+                store.write_atoms(rows, atoms.analysed)
         run.close("complete", reason)
     except BaseException as exc:  # Ctrl-C while the checks run, too: the new store ends honestly
         if store.state == "running":

@@ -45,6 +45,8 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
                     help="find atomic columns in this virtual image, block by block (default haadf)")
     ap.add_argument("--atom-margin", type=int, default=16,
                     help="scan pixels of context around a block for atom finding (default 16)")
+    ap.add_argument("--no-columns", action="store_true",
+                    help="without the species and anomaly of the located columns (per block window)")
     add_method_options(ap)
 
 
@@ -84,6 +86,7 @@ def settings_from(args) -> Settings:
                     pub=None if args.no_publish else args.pub, rep=None if args.no_publish else args.rep,
                     stall_timeout_s=getattr(args, "stall_timeout", None), progress=not args.quiet, token=args.token,
                     atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin,
+                    columns=not args.no_columns,
                     method=args.method, check_timeout_s=args.check_timeout, com=args.com, flip_y=args.flip_y)
 
 

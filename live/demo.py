@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     ap.add_argument("--port", type=int, default=5006, help="dashboard port (0: any free)")
     ap.add_argument("--no-com", action="store_true",
                     help="without the centre-of-mass (DPC) and iDPC maps (LiberTEM's CoMUDF, one more pass per frame)")
+    ap.add_argument("--no-columns", action="store_true",
+                    help="without the species and anomaly of the located columns (per block window)")
     from .commands import add_method_options
 
     add_method_options(ap, timeout=600.0)  # the demo compares the checked maps with its truth: wait for them
@@ -113,7 +115,7 @@ def run(args) -> int:
     settings = Settings(block=(args.block, args.block), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
                         mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], overwrite=True,
                         pub=pub, rep=rep, method=args.method, check_timeout_s=args.check_timeout,
-                        com=not args.no_com)
+                        com=not args.no_com, columns=not args.no_columns)
     try:
         with SimDetector(dump, args.api_port, args.data_port, args.dwell_us or None) as sim:
             print(f"simulated detector: REST http://127.0.0.1:{sim.api_port}, stream tcp://127.0.0.1:{sim.data_port}",

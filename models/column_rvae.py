@@ -405,7 +405,7 @@ class LocalSymmetry:
                                 f"got {int(ok.sum())}; pass reference_deg from a larger image of the acquisition")
         out = self.encode(p.patches[ok]) if ok.any() else {k: np.zeros((0,)) for k in OUTPUT_NAMES}
         n = len(pos)
-        k = int(self.card.data["outputs"]["latent"].split(", ")[1].split(")")[0])
+        k = int(self.card.data["training"]["config"]["latent"])
         raw = np.full(n, np.nan)
         raw[ok] = wrap_deg(out["angle_deg"], self.period)
         ref = circular_mean_deg(raw[ok], self.period) if reference_deg is None else float(reference_deg)

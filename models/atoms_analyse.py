@@ -157,8 +157,32 @@ def plan_columns(haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, c
     elif len(cls_idx):
         notes.append("no sampling and no lattice to take it from: no species")
     if ls is not None and s is not None:
-        plan.anomaly_prep = detector.prepare(haadf, abf, sites, sampling_A=s)
+        short = _too_few_inside(sites, ls.sublattice, detector, s, np.shape(haadf))
+        if short is None:
+            plan.anomaly_prep = detector.prepare(haadf, abf, sites, sampling_A=s)
+        else:  # the standardisation would refuse it: spare the patches and the network (live: most windows)
+            notes.append(_too_small_note(detector, short))
     return plan
+
+
+def _too_few_inside(sites: np.ndarray, groups: np.ndarray, detector, sampling_A: float, shape) -> str | None:
+    """Why the anomaly's per-kind standardisation must fail here (a kind with fewer than
+    MIN_COLUMNS sites whose whole patch lies in the image -- complete patches are a subset), or None."""
+    from .column_anomaly import MIN_COLUMNS
+
+    half = (detector.size - 1) / 2 * detector.edge_A / sampling_A / detector.size
+    lim = np.asarray(shape[-2:], float) - 0.5
+    inside = ((sites - half >= -0.5) & (sites + half <= lim)).all(axis=1)
+    counts = {int(g): int(inside[groups == g].sum()) for g in np.unique(groups)}
+    few = {g: c for g, c in counts.items() if c < MIN_COLUMNS}
+    return f"{min(few.values())} in one kind of column" if few else None
+
+
+def _too_small_note(detector, why: str) -> str:
+    from .column_anomaly import MIN_COLUMNS
+
+    return (f"anomaly not scored: the image is too small for the per-image standardisation (it needs "
+            f"{MIN_COLUMNS} columns whose whole {detector.edge_A:.1f} Å patch lies in the image): {why}")
 
 
 def run_networks(plans: list[ColumnPlan], classifier, detector) -> list[tuple]:
@@ -180,8 +204,6 @@ def finish_columns(plan: ColumnPlan, classifier, detector, probs: np.ndarray | N
                    reconstruction: np.ndarray | None) -> dict:
     """Species of the classified columns and anomaly of every column of ``plan`` from the
     networks' outputs (:func:`run_networks`); unknown: probabilities NaN, score NaN."""
-    from .column_anomaly import MIN_COLUMNS
-
     n, m, k = len(plan.positions_px), len(plan.classify), len(classifier.classes)
     species = np.zeros(m, int)
     p_out = np.full((m, k), np.nan, np.float32)
@@ -202,9 +224,7 @@ def finish_columns(plan: ColumnPlan, classifier, detector, probs: np.ndarray | N
         except ValueError as exc:
             if "at least" not in str(exc) and "no spread" not in str(exc):
                 raise
-            plan.notes.append(f"anomaly not scored: the image is too small for the per-image standardisation "
-                              f"(it needs {MIN_COLUMNS} columns whose whole {detector.edge_A:.1f} Å patch lies in "
-                              f"the image): {exc}")
+            plan.notes.append(_too_small_note(detector, str(exc)))
     return {"species": species, "probabilities": p_out, "species_complete": complete, "anomaly_score": score,
             "anomaly_flagged": flagged, "parts": parts}
 
@@ -329,7 +349,7 @@ class BlockColumns:
             probs.append(r["probabilities"].reshape(m, k).astype(np.float32))
             score.append(r["anomaly_score"][keep].astype(np.float32))
             flag.append(r["anomaly_flagged"][keep].astype(bool))
-            if m and not np.isfinite(r["anomaly_score"]).any():
+            if len(plan.positions_px) and not np.isfinite(r["anomaly_score"]).any():
                 self.unscored_blocks += 1
         out = type(rows)(rows.positions_px, rows.confidence, rows.intensity, rows.block)
         cat = (lambda a, shape, dt: np.concatenate(a) if a else np.zeros(shape, dt))

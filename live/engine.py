@@ -118,7 +118,6 @@ class BlockEngine:
         # state + publish in one step, so the two stages' messages leave in ``seq`` order
         self._emit = threading.Lock()
         self.checker = checker if analyzer is not None else None
-        state.checker = self.checker  # a block's PACBED request is answered with its library fit
         self.check_timeout = check_timeout
         self.progress = progress
         self._checks: queue.Queue = queue.Queue()

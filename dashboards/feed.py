@@ -42,7 +42,7 @@ class LiveFeed:
         self._req_lock = threading.Lock()
         self._req = None
         self._store_rings: StoreRings | None = None
-        self._fitter = None  # the library check for blocks read from the store once the engine has gone
+        self._fitter = None  # the run's library check, opened here on the first block asked for
         self._thread = threading.Thread(target=self._run, name="stemlive-dashboard-feed", daemon=True)
         self._thread.start()
 
@@ -76,12 +76,16 @@ class LiveFeed:
 
     def block_pacbed(self, i: int, j: int) -> tuple[dict, np.ndarray]:
         """From the engine; once the engine has gone (scan over), from its result store.  The
-        header's ``fit`` says whether the library check's fitted pattern came with it, and
-        ``fit_images`` holds it (``observed``, ``model``, ``residual``; canonical frame)."""
+        library check's fitted pattern is drawn here (`StoreFitter`: the run's check data opened
+        in this process): header ``fit`` says whether there is one, ``fit_images`` holds it
+        (``observed``, ``model``, ``residual``; canonical frame).  Call off the event loop."""
         try:
             header, arrays = self.request(pacbed_request(i, j))
-            header["fit_images"] = {k[4:]: v for k, v in arrays.items() if k.startswith("fit/")}
-            return header, arrays["pacbed"]
+            pac = arrays["pacbed"]
+            if self._fitter is None:
+                self._fitter = fitter_for(header.get("meta") or self.snapshot.meta)
+            header["fit"], header["fit_images"] = self._fitter.fit(pac, header.get("estimate", {}))
+            return header, pac
         except TimeoutError:
             store = (self.snapshot.meta.get("store") if self.snapshot else None) or ""
             if not store or not Path(store).exists():

@@ -109,6 +109,14 @@ class StoreRings:
         return header, images
 
 
+def _json(v) -> dict:
+    try:
+        out = json.loads(v) if isinstance(v, (str, bytes)) else v
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
 def _seconds(a: dict) -> float | None:
     try:
         return (datetime.fromisoformat(a["finished"]) - datetime.fromisoformat(a["started"])).total_seconds()
@@ -139,7 +147,7 @@ def snapshot_of(view: dict, path, version: int) -> Snapshot:
             "store": str(path), "models": [m.get("id") for m in a["models"]],
             "mrad_per_px": float(a.get("mrad_per_px", math.nan)), "scan_step_nm": step,
             "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial"),
-            "method": str(a.get("method", "network")),
+            "method": str(a.get("method", "network")), "check": _json(a.get("check", "{}")),
             "holder_axis_deg": float(a["holder_axis_deg"]) if "holder_axis_deg" in a else None}
     return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                     block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
@@ -161,15 +169,18 @@ def changed_rows(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> set[
 
 
 class StoreFitter:
-    """The library check of a store's setting, opened in this (the dashboard's) process on the
-    first block asked for -- on the request worker thread: opening takes about a second -- so a
-    store's blocks get the library's fitted pattern beside their PACBED as a live run's do.
+    """The library check of a run's setting, opened in this (the dashboard's) process on the
+    first block asked for -- on the request worker thread: opening takes about a second -- and
+    drawn here (`block_fit`, a few ms), for a live run's blocks as for a store's: the engine's
+    REP thread does not share the check with the engine's check thread, nor spend its cores.
+    Refused (with the words why) when the run's check data has another sha256 than the file
+    found here.
 
     None where the check data does not ship for the store's kV and α, or the run used the
     networks alone; ``reason`` then says so in words."""
 
-    def __init__(self, kv: float, alpha_mrad: float, method: str | None):
-        self.kv, self.alpha_mrad, self.method = kv, alpha_mrad, method
+    def __init__(self, kv: float, alpha_mrad: float, method: str | None, sha256: str | None = None):
+        self.kv, self.alpha_mrad, self.method, self.sha256 = kv, alpha_mrad, method, sha256
         self._lock = threading.Lock()
         self._opened = False
         self.checker = None
@@ -192,7 +203,11 @@ class StoreFitter:
             if not path.exists():
                 return None, (f"no library-check data ships for {self.kv:g} kV, {self.alpha_mrad:g} mrad "
                               f"({path.name}): no library fit to show")
-            return Checker.open(path, self.kv, self.alpha_mrad), ""
+            checker = Checker.open(path, self.kv, self.alpha_mrad)
+            if self.sha256 and checker.info.get("sha256") != self.sha256:
+                return None, (f"the run's library-check data is not the shipped {path.name} (another sha256): "
+                              "its fit cannot be redrawn here")
+            return checker, ""
         except (ValueError, OSError) as exc:  # no card for the setting, a refused or unreadable file
             return None, f"no library check for this store's setting: {exc}"
 
@@ -223,7 +238,9 @@ def store_block_pacbed(path, snap: Snapshot, i: int, j: int,
 
 def fitter_for(meta: dict) -> StoreFitter:
     """The `StoreFitter` of a store whose snapshot meta is ``meta``."""
-    return StoreFitter(float(meta.get("kv", math.nan)), float(meta.get("alpha_mrad", math.nan)), meta.get("method"))
+    check = meta.get("check") or {}
+    return StoreFitter(float(meta.get("kv", math.nan)), float(meta.get("alpha_mrad", math.nan)), meta.get("method"),
+                       check.get("sha256") if isinstance(check, dict) else None)
 
 
 class StoreFeed:

@@ -2,8 +2,8 @@
 
 The engine writes analysed blocks and virtual images into it, and later the library check's
 values for blocks already there (``maps/method`` says which a block shows); the publisher's REP
-thread reads it to answer "full state" and "PACBED of block (i, j)" (with the library check's fitted pattern for a
-checked block) for a dashboard that
+thread reads it to answer "full state" and "PACBED of block (i, j)" (its mean pattern, estimates and the run's meta:
+a dashboard draws the library check's fit from them in its own process) for a dashboard that
 connects late, and "ring images for these rings": the engine hands over each new frame's radial
 profile (around the calibrated centre once it is known; before, around the centre the frame was
 recorded with, as the engine's own ring images then are) with its ring images, and any ring the
@@ -46,9 +46,6 @@ class LiveState:
         self._atom_batches: list = []
         self.atoms_analysed = np.zeros((ny, nx), bool)
         self.seq = 0  # increases with every change; lets a subscriber see what it missed
-        # the run's library check (`models.checked_analysis.Checker`), set by the engine: a block's
-        # PACBED is answered with the library's fitted pattern beside it (a few ms, on the REP thread)
-        self.checker = None
 
     def apply_blocks(self, indices: np.ndarray, rows: dict[str, np.ndarray], pacbed: np.ndarray,
                      counts: np.ndarray, partial: np.ndarray) -> int:
@@ -163,14 +160,4 @@ class LiveState:
             est = {k: np.asarray(v[i, j]).tolist() for k, v in self.maps.items()}
             header = {"type": "pacbed", "block": [i, j], "done": bool(self.done[i, j]), "frames": n,
                       "estimate": est, "meta": self.meta}
-            checker = self.checker
-        arrays = {"pacbed": mean.astype(np.float32)}
-        # the library's best-fitting pattern at the block's checked reading, and the difference
-        # (outside the lock: the engine is not held up by it)
-        from ..models.checked_analysis import block_fit
-
-        why = ("the run reads blocks with the networks alone (method network)" if self.meta.get("method") == "network"
-               else "no library-check data for this setting")
-        header["fit"], fit = block_fit(checker, mean, est, no_checker=why)
-        arrays.update({f"fit/{k}": v for k, v in fit.items()})
-        return header, arrays
+        return header, {"pacbed": mean.astype(np.float32)}

@@ -33,41 +33,51 @@ def _rows(done, method: int) -> dict:
     return {k: np.asarray(row[k])[None] for k in MAP_FIELDS}
 
 
-def test_live_state_answers_a_checked_block_with_its_library_fit(checked):
+def test_live_feed_draws_a_checked_block_with_its_library_fit(checked):
+    """The engine answers with the block's pattern, estimates and the run's meta; the dashboard
+    process draws the library fit from them (the engine's cores and its check stay its own)."""
+    from stemlive.dashboards.feed import LiveFeed
     from stemlive.live.publisher import Publisher
     from stemlive.live.state import LiveState
-    from stemlive.dashboards.feed import LiveFeed
     from stemlive.models.checked_analysis import render_check
 
     checker, disk, done = checked
-    state = LiveState(LAYOUT, {"alpha_mrad": 13.6, "kv": 200, "method": "check"})
-    state.checker = checker
+    meta = {"alpha_mrad": 13.6, "kv": 200, "method": "check", "check": checker.info}
+    state = LiveState(LAYOUT, meta)
     state.apply_blocks(np.array([[0, 1]]), _rows(done, 2), disk[None] * 16, np.array([16]), np.array([False]))
     state.apply_blocks(np.array([[1, 1]]), _rows(done, 1), disk[None] * 16, np.array([16]), np.array([False]))
     header, arrays = state.block_pacbed(0, 1)
-    fit = header["fit"]
-    assert fit["available"] and fit["thickness_nm"] == pytest.approx(done.estimate.thickness_nm, rel=1e-5)
-    want = render_check(checker, disk, done.estimate)
-    np.testing.assert_allclose(arrays["fit/model"], want["model"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(arrays["fit/residual"], arrays["fit/observed"] - arrays["fit/model"], atol=1e-5)
-    # a block the networks alone have read: the words, no images
-    header, arrays = state.block_pacbed(1, 1)
-    assert not header["fit"]["available"] and "has not read this block" in header["fit"]["reason"]
-    assert not any(k.startswith("fit/") for k in arrays)
-    # over the wire (JSON + raw arrays), as the dashboard gets it
+    assert set(arrays) == {"pacbed"} and header["meta"]["check"]["sha256"] == checker.info["sha256"]
     pub = Publisher(state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
     feed = LiveFeed(pub.pub_address, pub.rep_address, timeout_s=5)
     try:
         header, pac = feed.block_pacbed(0, 1)
-        assert header["fit"]["available"] and header["fit_images"]["model"].shape == (64, 64)
-        np.testing.assert_allclose(header["fit_images"]["model"], want["model"], rtol=1e-4, atol=1e-5)
+        fit, images = header["fit"], header["fit_images"]
+        assert fit["available"] and fit["thickness_nm"] == pytest.approx(done.estimate.thickness_nm, rel=1e-5)
+        want = render_check(checker, disk, done.estimate)
+        np.testing.assert_allclose(images["model"], want["model"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(images["residual"], images["observed"] - images["model"], atol=1e-5)
+        # a block the networks alone have read (the check lags): the words, no images
+        header, pac = feed.block_pacbed(1, 1)
+        assert not header["fit"]["available"] and "has not read this block" in header["fit"]["reason"]
+        assert header["fit_images"] == {}
     finally:
         feed.close()
         pub.close()
-    # a run without a checker says why
-    net = LiveState(LAYOUT, {"alpha_mrad": 13.6, "kv": 200, "method": "network"})
-    net.apply_blocks(np.array([[0, 0]]), _rows(done, 1), disk[None], np.array([1]), np.array([False]))
-    assert "networks alone" in net.block_pacbed(0, 0)[0]["fit"]["reason"]
+
+
+def test_fitter_refuses_check_data_other_than_the_runs(checked):
+    from stemlive.dashboards.store_feed import fitter_for
+
+    checker, disk, done = checked
+    est = {k: np.asarray(v).tolist() for k, v in _rows(done, 2).items()}
+    est = {k: v[0] for k, v in est.items()}
+    fit, images = fitter_for({"kv": 200, "alpha_mrad": 13.6, "method": "check", "check": {"sha256": "0" * 64}}).fit(disk, est)
+    assert not fit["available"] and "another sha256" in fit["reason"] and images == {}
+    fit, images = fitter_for({"kv": 200, "alpha_mrad": 13.6, "method": "network"}).fit(disk, est)
+    assert "networks alone" in fit["reason"]
+    fit, images = fitter_for({"kv": 200, "alpha_mrad": 13.6, "method": "check", "check": checker.info}).fit(disk, est)
+    assert fit["available"] and images["model"].shape == (64, 64)
 
 
 @pytest.mark.parametrize("kv,method,words", [(200, "check", None), (200, "network", "networks alone"),
@@ -91,14 +101,14 @@ def test_store_block_gets_its_library_fit_in_the_dashboard_process(checked, tmp_
 
 def test_panel_draws_the_fit_beside_the_pattern_or_says_why_not(checked):
     from stemlive.dashboards.pacbed_panel import PacbedPanel
+    from stemlive.dashboards.store_feed import fitter_for
     from stemlive.live.state import LiveState
 
     checker, disk, done = checked
     state = LiveState(LAYOUT, {"alpha_mrad": 13.6, "kv": 200, "method": "check"})
-    state.checker = checker
     state.apply_blocks(np.array([[0, 0]]), _rows(done, 2), disk[None], np.array([1]), np.array([False]))
     header, arrays = state.block_pacbed(0, 0)
-    header["fit_images"] = {k[4:]: v for k, v in arrays.items() if k.startswith("fit/")}
+    header["fit"], header["fit_images"] = fitter_for(header["meta"]).fit(arrays["pacbed"], header["estimate"])
     panel = PacbedPanel(200, lambda: None)
     panel.show((0, 0), True, header, arrays["pacbed"], "text")
     assert len(panel.fit_image.data["image"]) == 1 and len(panel.diff_image.data["image"]) == 1

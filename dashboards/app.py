@@ -50,7 +50,7 @@ BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
 RING_REFRESH_S = 0.5  # while frames come, a session's own rings are asked for again at most this often
-RATE_S = 3.0  # the status line's frames/s: over the last this many seconds
+RATE_S = 30.0  # the status line's frames/s: between the frame count's changes in the last this many s
 
 class Page:
     def __init__(self, doc, feed, holder_axis_deg: float | None = None):
@@ -534,13 +534,20 @@ class Page:
         if now - self._status_at < STATUS_S and snap.status.get("state", "running") == "running":
             return  # a changed text re-lays the page out in the browser: twice a second is enough
         self._status_at = now
+        # frames/s between the changes of the frame count seen in the last RATE_S: LiberTEM-live
+        # hands frames over a partition (a scan row of blocks) at a time, so a rate over a fixed
+        # short window swings between 0 and a burst; between changes it is what the scan achieves
         seen = int(snap.status.get("frames_seen", 0))
-        self._rate = [(t, n) for t, n in self._rate if now - t <= RATE_S] + [(now, seen)]
-        (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
-        rate = (n1 - n0) / (t1 - t0) if t1 - t0 >= 1.0 else None  # the recent rate, once a second is seen
+        if seen and (not self._rate or seen != self._rate[-1][1]):  # from the first frames on
+            self._rate = [(t, n) for t, n in self._rate if now - t <= RATE_S] + [(now, seen)]
+        rate = quiet = None
+        if len(self._rate) > 1:
+            (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+            rate = (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.5 else None
+            quiet = now - t1  # seconds since the count last grew
         text = status_text(snap.status, self.browser_delay_s, len(snap.atoms["positions"]),
                            getattr(self.feed, "connected", True), getattr(self.feed, "error", ""),
-                           frame_delay_s=self.frame_delay_s, recent_fps=rate)
+                           frame_delay_s=self.frame_delay_s, recent_fps=rate, quiet_s=quiet)
         if text != self.status.text:
             self.status.text = text
 

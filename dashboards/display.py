@@ -216,18 +216,23 @@ def duration_text(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 
+QUIET_S = 10.0  # the status line says when no frame has come for longer than this
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.0f} ms" if seconds < 10 else f"{seconds:,.0f} s"
 
 
 def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool = True, error: str = "",
-                frame_delay_s: float | None = None, recent_fps: float | None = None) -> str:
+                frame_delay_s: float | None = None, recent_fps: float | None = None,
+                quiet_s: float | None = None) -> str:
     """The status line in plain words: state, blocks, speed or total time, delay, dropped frames.
 
     ``frame_delay_s``: the newest block's last frame (at the engine) -> drawn in this browser, as
     the browser measured it; ``delay_s`` (engine publish -> this browser) is shown only without it.
-    ``recent_fps``: frames/s over the last seconds (the engine's figure is its average since it
-    started, waiting for the first frame included)."""
+    ``recent_fps``: frames/s measured by the page over the last seconds (the engine's figure is its
+    average since it started, waiting for the first frame included); ``quiet_s``: seconds since
+    the frame count last grew (said above QUIET_S: frames come a partition at a time)."""
     state = status.get("state", "running")
     done, total = int(status.get("blocks_done", 0)), int(status.get("blocks_total", 0))
     seen, frames = int(status.get("frames_seen", 0)), int(status.get("frames_total", 0))
@@ -238,6 +243,8 @@ def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool
         parts.append(f"{done} of {total} blocks analysed, {seen:,} of {frames:,} frames received")
         if seen:
             parts.append(f"{recent_fps:,.0f} frames/s" if recent_fps is not None else f"{fps:,.0f} frames/s")
+            if quiet_s is not None and quiet_s > QUIET_S:
+                parts.append(f"<b>no new frames for {duration_text(quiet_s)}</b>")
     else:
         took = status.get("elapsed_s")
         if took is None and fps > 0:

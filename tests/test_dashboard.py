@@ -157,6 +157,8 @@ def test_region_stats_and_status_words():
                         "frames_total": 400, "frames_per_s": 50.0}, 0.12, 0, frame_delay_s=0.85, recent_fps=98.6)
     assert "99 frames/s" in live and "850 ms after its last frame reached the engine" in live and "120 ms" not in live
     assert "no frames lost" in status_text({"state": "complete", "frames_dropped": 0}, None, 0)
+    assert "no new frames for 12.0 s" in status_text({"state": "running", "frames_seen": 5}, None, 0, quiet_s=12)
+    assert "no new frames" not in status_text({"state": "running", "frames_seen": 5}, None, 0, quiet_s=3)
 
 
 def test_pacbed_display_scales_and_calibration():

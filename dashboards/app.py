@@ -35,7 +35,7 @@ from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, Col
 from bokeh.plotting import figure
 
 from . import hover
-from .display import (GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
+from .display import (COM_VIEWS, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
                       display_factor, doubtful, downsample, holder_text, region_stats, status_text)
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
@@ -171,6 +171,11 @@ class Page:
         if self.rings is not None:
             for key in vkeys:
                 self._ring_title(key)
+        # centre-of-mass maps (runs with --com): beside the rings, not adjustable by them
+        com_unit = "mrad" if snap.meta.get("mrad_per_px") else "px"
+        cfigs = [self._image_figure(key, title, com_unit if unit == "mrad" else unit, {key: snap.virtual[key]},
+                                    palette, kind, self.virtual, (sx * self.s, sy * self.s), vf, blocks=False)
+                 for key, title, unit, palette, kind in COM_VIEWS if key in snap.virtual]
         # atomic columns over the virtual images (off at first: at full view they hide the image)
         self.atom_source = ColumnDataSource(self._atom_columns(snap.atoms), name="source-atoms")
         self.atoms_shown = len(snap.atoms["positions"])
@@ -187,12 +192,12 @@ class Page:
         # the block whose PACBED is shown, outlined on every map and image
         self.chosen_source = ColumnDataSource({"left": [], "right": [], "top": [], "bottom": []},
                                               name="source-chosen")
-        for f in figs + vfigs:
+        for f in figs + vfigs + cfigs:
             f.quad(left="left", right="right", top="top", bottom="bottom", source=self.chosen_source,
                    fill_alpha=0, line_color=OUTLINE, line_width=2)
             f.on_event(Tap, self._on_tap)
             f.on_event(SelectionGeometry, self._on_select)
-        self.figures = figs + vfigs
+        self.figures = figs + vfigs + cfigs
         self.pacbed = PacbedPanel(MAP_PX, self._follow_latest)
         self.region_info = Div(text="<i>box-select a region on any map (toolbar: box select): mean ± sd "
                                     "and count of every map there, and the tilt correction"
@@ -231,6 +236,11 @@ class Page:
         self.root.children = [
             self.status, self.probe, self.ack, self.rings_drawn, self.models, row(grids[0], side),
             Div(text="<b>Virtual detectors</b> (scan grid)"), virtual]
+        if cfigs:
+            cgrid = gridplot(cfigs, ncols=4, toolbar_location="right")
+            cgrid.name = "com-grid"
+            self.root.children += [Div(text="<b>Centre of mass</b> (DPC shift from the calibrated disk centre, "
+                                            "in the scan frame; iDPC its integral: columns bright)"), cgrid]
         self.built = True
         self._histogram(derived)
         if self.rings is not None:

@@ -58,6 +58,12 @@ MAPS = (
 )
 MAP_BY_KEY = {m.key: m for m in MAPS}
 VIRTUAL = (("bf", "BF"), ("abf", "ABF"), ("adf", "ADF"), ("haadf", "HAADF"))
+# a run with --com (live/com_maps.py): CoM shift from the calibrated disk centre in the scan frame, and
+# its integral; (key, title, unit ("mrad" becomes px where the detector calibration is unknown), palette, kind)
+COM_VIEWS = (("com_y", "CoM shift, scan axis 0", "mrad", DIVERGING, "symmetric"),
+             ("com_x", "CoM shift, scan axis 1", "mrad", DIVERGING, "symmetric"),
+             ("com_magnitude", "|CoM shift|", "mrad", SEQUENTIAL, "sequential"),
+             ("idpc", "iDPC (integrated CoM)", "a.u.", GREY, "sequential"))
 
 
 def flag_bits(names: list[str], wanted) -> int:

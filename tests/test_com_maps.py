@@ -64,7 +64,22 @@ def test_shifts_follow_libertem_com_udf(rotation, flip):
     assert set(img) == set(COM_IMAGES)
 
 
-def test_replay_with_com_stores_the_maps(live_scan, tmp_path):
+@pytest.fixture(scope="module")
+def com_store(live_scan, tmp_path_factory):
+    """The test scan replayed with --com (scan rotation 12°)."""
+    from stemlive.live.pipeline import Settings
+    from stemlive.live.replay import replay
+
+    d, meta, _, _ = live_scan
+    out = tmp_path_factory.mktemp("com") / "com.h5"
+    settings = Settings(block=(8, 8), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
+                        mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], pub=None, rep=None,
+                        progress=False, atoms=None, method="network", com=True, scan_rotation_deg=12.0)
+    replay(d / "frames.npy", settings)
+    return out
+
+
+def test_replay_with_com_stores_the_maps(live_scan, com_store, tmp_path):
     """`replay --com`: the store holds CoM shift (mrad) and iDPC images for every frame, as
     LiberTEM's CoMUDF gives them offline around the run's calibrated centre; without --com none."""
     from libertem.api import Context
@@ -75,12 +90,7 @@ def test_replay_with_com_stores_the_maps(live_scan, tmp_path):
     from stemlive.live.replay import replay
 
     d, meta, data, _ = live_scan
-    out = tmp_path / "com.h5"
-    settings = Settings(block=(8, 8), alpha_mrad=meta["alpha_mrad"], kv=meta["kv"], out=out,
-                        mrad_per_px=meta["mrad_per_px"], scan_step_nm=meta["scan_step_nm"], pub=None, rep=None,
-                        progress=False, atoms=None, method="network", com=True, scan_rotation_deg=12.0)
-    replay(d / "frames.npy", settings)
-    store = read_store(out)
+    store = read_store(com_store)
     for k in COM_IMAGES:
         assert np.isfinite(store["virtual"][k]).all(), k
     center = tuple(store["radial"]["center_px"])  # the run's calibrated disk centre
@@ -104,3 +114,26 @@ def test_replay_with_com_stores_the_maps(live_scan, tmp_path):
                                       mrad_per_px=meta["mrad_per_px"], pub=None, rep=None, progress=False,
                                       atoms=None, method="network"))
     assert not set(COM_IMAGES) & set(read_store(plain)["virtual"])
+
+
+def test_store_page_shows_the_com_maps(com_store):
+    """`stemlive dashboard R.h5` of a --com run: the four CoM maps beside the virtual detectors, in
+    mrad (iDPC in a.u.), drawn from the store, not adjustable by the ring sliders."""
+    from bokeh.document import Document
+
+    from stemlive.dashboards.app import Page
+    from stemlive.dashboards.feed import StoreFeed
+
+    store = read_store(com_store)
+    feed = StoreFeed(com_store)
+    try:
+        page = Page(Document(), feed)
+        for key in COM_IMAGES:
+            entry = page.virtual[key]
+            np.testing.assert_allclose(entry["source"].data["image"][0], store["virtual"][key], rtol=1e-6, err_msg=key)
+            assert entry["figure"] in page.figures
+        assert "[mrad]" in page.virtual["com_y"]["figure"].title.text
+        assert "[a.u.]" in page.virtual["idpc"]["figure"].title.text
+        assert page.rings is None or not set(COM_IMAGES) & set(page.rings.sliders)
+    finally:
+        feed.close()

@@ -8,11 +8,10 @@ so switching the unit converts the sliders without moving a ring.
 """
 from __future__ import annotations
 
-import math
-
 from bokeh.layouts import column
 from bokeh.models import CustomJS, Div, RadioButtonGroup, RangeSlider
 
+from ..protocol.rings import positive_or_none
 from ..udf.radial_bins import DEFAULT_RINGS
 
 LABELS = {"bf": "BF", "abf": "ABF", "adf": "ADF", "haadf": "HAADF", "custom": "Custom"}
@@ -37,14 +36,6 @@ def ring_words(lo_alpha: float, hi_alpha: float, alpha_mrad: float | None) -> st
     return f"{lo_alpha * alpha_mrad:.1f}–{hi_alpha * alpha_mrad:.1f} mrad ({a})"
 
 
-def _finite(v) -> float | None:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and v > 0 else None
-
-
 class RingPanel:
     """One RangeSlider per ring (name ``ring-<key>``) and the unit toggle (``ring-unit``).
 
@@ -52,9 +43,9 @@ class RingPanel:
     request per gesture, not one per pixel dragged)."""
 
     def __init__(self, keys: list[str], meta: dict, on_change, width: int = 280):
-        self.alpha_mrad = _finite(meta.get("alpha_mrad"))
+        self.alpha_mrad = positive_or_none(meta.get("alpha_mrad"))
         radial = meta.get("radial") or {}
-        radius = _finite(radial.get("radius_px"))
+        radius = positive_or_none(radial.get("radius_px"))
         run_rings = {**DEFAULT_RINGS, **(meta.get("rings") or {})}
         self.alpha: dict[str, tuple[float, float]] = {}  # each ring in α, as the sliders show it
         for key in keys:
@@ -62,7 +53,7 @@ class RingPanel:
             self.alpha[key] = got or (ring_alpha(DEFAULT_RINGS[key], None, None) if key in DEFAULT_RINGS
                                       else CUSTOM_ALPHA)
         # the sliders reach the frame's edge (the last radial bin) where that is known
-        edge = _finite(radial.get("n_bins")) and _finite(radial.get("bin_px"))
+        edge = positive_or_none(radial.get("n_bins")) and positive_or_none(radial.get("bin_px"))
         max_alpha = radial["n_bins"] * radial["bin_px"] / radius if edge and radius else 6.0
         self.max_alpha = max(max_alpha, *(hi for _, hi in self.alpha.values()))
         self.unit = "mrad" if self.alpha_mrad else "alpha"

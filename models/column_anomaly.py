@@ -40,7 +40,7 @@ import numpy as np
 
 from .backends import load_backend
 from .cards import SHIPPED_DIR, ModelCard, ModelMismatch, find_cards, verify
-from .column_patches import ColumnPatches, column_spacing, extract_patches
+from .column_patches import ColumnPatches, extract_patches, patch_edge_px
 from .column_species import classifier_input
 
 TASK = "column-anomaly"
@@ -302,11 +302,7 @@ class AnomalyDetector:
         return cls(cards[-1], **kw)
 
     def edge_px(self, positions_px: np.ndarray, sampling_A: float | None) -> float:
-        if sampling_A is not None:
-            if not (np.isfinite(sampling_A) and sampling_A > 0):
-                raise ValueError(f"sampling must be a finite positive number of Å per pixel, got {sampling_A}")
-            return self.edge_A / sampling_A
-        return self.spacings * column_spacing(positions_px)
+        return patch_edge_px(self.edge_A, self.spacings, positions_px, sampling_A)
 
     def prepare(self, haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray,
                 sampling_A: float | None = None) -> tuple[np.ndarray, ColumnPatches, float]:

@@ -54,6 +54,16 @@ def column_spacing(positions_px: np.ndarray) -> float:
     return float(np.median(cKDTree(pos).query(pos, k=2)[0][:, 1]))
 
 
+def patch_edge_px(edge_A: float, spacings: float, positions_px: np.ndarray, sampling_A: float | None) -> float:
+    """A patch's edge in pixels: ``edge_A`` at a known sampling, else ``spacings`` column spacings
+    measured from the positions (a model's card says both, so its patches cover the same crystal)."""
+    if sampling_A is not None:
+        if not (np.isfinite(sampling_A) and sampling_A > 0):
+            raise ValueError(f"sampling must be a finite positive number of Å per pixel, got {sampling_A}")
+        return edge_A / sampling_A
+    return spacings * column_spacing(positions_px)
+
+
 def patch_offsets(edge_px: float, size: int) -> np.ndarray:
     """(size, size, 2) offsets [image px] of the patch pixels from its centre: pixel centres of
     an edge_px-wide square split into size × size, symmetric about the column."""

@@ -16,7 +16,8 @@ import numpy as np
 from ..udf.radial_bins import RingScale, ring_bin_weights
 
 
-def _finite(v) -> float | None:
+def positive_or_none(v) -> float | None:
+    """``v`` as a finite positive float, else None (a calibration that is not known)."""
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -30,7 +31,7 @@ def ring_scale(alpha_mrad: float | None, mrad_per_px: float | None = None,
     calibrated disk radius is α; without it α over the detector calibration; mrad per px is the
     calibration, else α over the disk radius.  Unknown parts stay None (a ring in that unit is
     then refused with the reason)."""
-    alpha, mpp, radius = _finite(alpha_mrad), _finite(mrad_per_px), _finite(radius_px)
+    alpha, mpp, radius = positive_or_none(alpha_mrad), positive_or_none(mrad_per_px), positive_or_none(radius_px)
     if radius is None and alpha and mpp:
         radius = alpha / mpp
     if mpp is None and alpha and radius:

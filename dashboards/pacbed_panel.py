@@ -20,6 +20,7 @@ from bokeh.plotting import figure
 from .display import DIVERGING, SEQUENTIAL, flag_text
 
 SCALES = ("linear", "log", "gamma")
+FIT_AXES = "{unit}, [010] → [100] ↓"  # the check's canonical frame, from the disk centre
 
 
 def display_intensity(pac: np.ndarray, scale: str, gamma: float = 0.3) -> np.ndarray:
@@ -96,7 +97,7 @@ class PacbedPanel:
         self.scale = RadioButtonGroup(labels=list(SCALES), active=1, name="pacbed-scale")
         self.gamma = Slider(title="γ", start=0.1, end=1.0, step=0.05, value=0.3, width=140, name="pacbed-gamma")
         # the library check's fit beside it: its model on the same intensity scale, the difference
-        small = max(120, size // 2)
+        small = max(100, size // 2 - 25)  # (the page stays within a 1750 px window)
         self.fit_mapper = LinearColorMapper(palette=SEQUENTIAL, nan_color=(0, 0, 0, 0))
         self.diff_mapper = LinearColorMapper(palette=DIVERGING, nan_color=(0, 0, 0, 0))
         self.fit_image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []}, name="source-pacbed-fit")
@@ -105,14 +106,17 @@ class PacbedPanel:
         self.fit_figures = []
         for name, title, src, mapper in (("pacbed-fit", "Library fit", self.fit_image, self.fit_mapper),
                                          ("pacbed-difference", "Block − library", self.diff_image, self.diff_mapper)):
+            # one axis label for both axes, no toolbar: the panel fits beside the pattern
             f = figure(title=title, frame_width=small, frame_height=small, match_aspect=True, name=name,
-                       tools="pan,wheel_zoom,reset", x_axis_label="mrad (crystal [010])",
-                       y_axis_label="mrad (crystal [100])", x_range=Range1d(-1, 1),
-                       y_range=Range1d(1, -1))
-            f.toolbar.logo = None
+                       tools="", toolbar_location=None, x_axis_label=FIT_AXES.format(unit="mrad"),
+                       x_range=Range1d(-1, 1), y_range=Range1d(1, -1))
             f.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
-            f.add_layout(ColorBar(color_mapper=mapper, width=6, label_standoff=4,
-                                  major_label_text_font_size="8px"), "right")
+            f.xaxis.major_label_text_font_size = f.yaxis.major_label_text_font_size = "8px"
+            f.xaxis.axis_label_text_font_size = "9px"
+            f.xaxis.ticker.desired_num_ticks = f.yaxis.ticker.desired_num_ticks = 4
+            if mapper is self.diff_mapper:  # the difference's scale matters; the fit's is the pattern's
+                f.add_layout(ColorBar(color_mapper=mapper, width=6, label_standoff=3,
+                                      major_label_text_font_size="8px"), "right")
             self.fit_figures.append(f)
         # both show the same part of the canonical frame
         self.fit_figures[1].x_range = self.fit_figures[0].x_range
@@ -194,8 +198,7 @@ class PacbedPanel:
                               f"{tc[0]:+.2f}, [010] {tc[1]:+.2f} mrad (crystal frame); unexplained structure "
                               f"beyond the disk {fit['fit_quality']:.3f}. Axes: {unit} from the disk centre.")
         for f in self.fit_figures:
-            f.xaxis.axis_label = f"{unit} (crystal [010])"
-            f.yaxis.axis_label = f"{unit} (crystal [100])"
+            f.xaxis.axis_label = FIT_AXES.format(unit=unit)
         self.fit_figures[0].x_range.update(start=-(half + 0.5) * s, end=(half + 0.5) * s)
         self.fit_figures[0].y_range.update(start=(half + 0.5) * s, end=-(half + 0.5) * s)
         return {"model": model, "residual": np.asarray(images["residual"], np.float64), "s": s, "half": half}

@@ -28,8 +28,9 @@ def _wait_file(folder: Path, pattern: str, timeout: float = 30.0) -> Path:
     return br.wait_for(found, timeout, what=f"a download {pattern} in {folder}")
 
 
-def exercise_controls(d, store: dict, downloads: Path) -> None:
-    """Click every control; ``store``: `read_store` of the finished run the page shows."""
+def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | None = None) -> None:
+    """Click every control; ``store``: `read_store` of the finished run the page shows;
+    ``holder_axis_deg``: the page's holder axis (region statistics then give α/β)."""
     maps, attrs = store["maps"], store["attrs"]
     step = float(attrs["scan_step_nm"]) if math.isfinite(float(attrs["scan_step_nm"])) else 1.0
     by, bx = (int(v) * step for v in attrs["block_shape"])
@@ -110,11 +111,25 @@ def exercise_controls(d, store: dict, downloads: Path) -> None:
     info = br.text_of(d, "pacbed-info")
     assert f"thickness {maps['thickness_nm'][i, j]:.1f} ± {maps['thickness_sigma_nm'][i, j]:.1f} nm" in info
     assert "mrad" in br.model_prop(d, "pacbed", "below.0.axis_label")
+    # beside it: the library's fitted pattern and the difference for a checked block, else why not
+    checked = int(maps["method"][i, j]) == 2
+    fit_text = br.wait_for(lambda: (lambda t: t if ("Library fit" in t) == checked and "fit" in t else None)(
+        br.text_of(d, "pacbed-fit-info")), 20, what="the library fit (or why none) for the pinned block")
+    if checked:
+        assert f"thickness {maps['thickness_nm'][i, j]:.1f} nm" in fit_text, fit_text
+        diff = np.array(br.model_data(d, "source-pacbed-difference"), float)
+        assert diff.shape == (64, 64) and np.isfinite(diff).sum() > 1000
+        assert br.model_prop(d, "pacbed-difference", "below.0.axis_label").startswith("mrad, [010] →")
+    else:
+        assert "No library fit" in fit_text and br.model_data(d, "source-pacbed-fit") is None, fit_text
     # log (default) -> gamma: the drawn pattern goes to [0, 1]
     br.click_widget(d, "pacbed-scale", "button", 2)
     br.wait_for(lambda: (lambda v: v is not None and min(x for r in v for x in r if x is not None) == 0
                          and max(x for r in v for x in r if x is not None) == 1)(br.model_data(d, "source-pacbed")),
                 10, what="the gamma display")
+    if checked:  # the library fit on the same scale
+        br.wait_for(lambda: (lambda v: v is not None and max(x for r in v for x in r if x is not None) == 1)(
+            br.model_data(d, "source-pacbed-fit")), 10, what="the library fit on the gamma scale")
     br.click_widget(d, "pacbed-follow")
     br.wait_for(lambda: "following the latest block" in (br.model_prop(d, "pacbed", "title.text") or ""), 20,
                 what="follow latest")
@@ -128,6 +143,22 @@ def exercise_controls(d, store: dict, downloads: Path) -> None:
     region = region[np.isfinite(region)]
     assert f"<td>Thickness</td><td>{region.mean():.3g} ± {region.std(ddof=1):.3g} nm</td><td>{region.size}</td>" in text
     assert "Tilt t0" in text and "HAADF" in text and "zone axis" in text
+    tilt = maps["tilt_mrad"][0:2, 0:3].reshape(-1, 2)
+    tilt = tilt[np.isfinite(tilt).all(axis=1)].mean(axis=0)
+    if holder_axis_deg is not None:  # the correction as holder α/β, DESIGN.md's tilt and the axis angle
+        p = math.radians(holder_axis_deg)
+        da = tilt @ [math.cos(p), -math.sin(p)]
+        db = tilt @ [math.sin(p), math.cos(p)]
+        assert f"tilt α by {da:+.2f} mrad" in text and f"β by {db:+.2f} mrad" in text, text
+    else:
+        assert "holder" not in text
+    # any map: a box on the tilt azimuth map gives the thickness of its own region
+    # (the grid's merged box-select button is still on: another click would turn it off)
+    br.drag(d, "map-tilt_azimuth", (1.2 * bx, 0.2 * by), (2.8 * bx, 2.8 * by))
+    region = maps["thickness_nm"][0:3, 1:3]
+    region = region[np.isfinite(region)]
+    want = f"<td>Thickness</td><td>{region.mean():.3g} ± {region.std(ddof=1):.3g} nm</td><td>{region.size}</td>"
+    br.wait_for(lambda: want in br.text_of(d, "region-info"), 20, what="region statistics from the azimuth map")
     if "radial" in store:
         exercise_rings(d, store)
     time.sleep(0.5)

@@ -24,6 +24,9 @@ def add_run_options(ap: argparse.ArgumentParser, out_required: bool = True) -> N
     ap.add_argument("--scan-rotation-deg", type=float, default=0.0,
                     help="scan vs detector rotation (stored; turns the CoM shifts as LiberTEM's CoM analysis does: "
                          "positive = clockwise)")
+    ap.add_argument("--holder-axis-deg", type=float, default=None,
+                    help="the holder's α tilt axis on the detector, degrees from axis 1 towards axis 0 (stored; "
+                         "the dashboard then gives tilt corrections as holder α/β)")
     ap.add_argument("--com", action="store_true",
                     help="also centre-of-mass (DPC) shift and iDPC maps, from LiberTEM's CoMUDF (one more pass per frame)")
     ap.add_argument("--flip-y", action="store_true",
@@ -87,7 +90,8 @@ def settings_from(args) -> Settings:
                     stall_timeout_s=getattr(args, "stall_timeout", None), progress=not args.quiet, token=args.token,
                     atoms=None if args.atoms == "off" else args.atoms, atom_margin_px=args.atom_margin,
                     columns=not args.no_columns,
-                    method=args.method, check_timeout_s=args.check_timeout, com=args.com, flip_y=args.flip_y)
+                    method=args.method, check_timeout_s=args.check_timeout, com=args.com, flip_y=args.flip_y,
+                    holder_axis_deg=args.holder_axis_deg)
 
 
 def add_parsers(sub) -> None:

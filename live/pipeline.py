@@ -65,6 +65,7 @@ class Settings:
     check_timeout_s: float | None = 120.0  # at the end, wait this long for the library check to catch up
     com: bool = False  # centre-of-mass (DPC) and iDPC maps from LiberTEM's CoMUDF (one more pass per frame)
     flip_y: bool = False  # the detector's first row is at the bottom (e.g. some Merlin set-ups): for the CoM maps
+    holder_axis_deg: float | None = None  # the holder's α axis on the detector (from axis 1 towards 0): stored, for α/β
 
 
 @dataclass

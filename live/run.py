@@ -87,7 +87,7 @@ def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], 
     info = {"alpha_mrad": settings.alpha_mrad, "kv": settings.kv, "mrad_per_px": settings.mrad_per_px,
             "scan_step_nm": settings.scan_step_nm, "scan_rotation_deg": settings.scan_rotation_deg,
             "models": [c["id"] for c in cards], "store": str(settings.out), "rings": settings.rings,
-            "method": method, "check": check}
+            "method": method, "check": check, "holder_axis_deg": settings.holder_axis_deg}
     state = LiveState(layout, info if meta is None else meta)
     publisher = None
     if settings.pub and settings.rep:
@@ -97,7 +97,8 @@ def open_run(settings, scan_shape: tuple[int, int], sig_shape: tuple[int, int], 
         store = ResultStore.create(settings.out, layout, alpha_mrad=settings.alpha_mrad, kv=settings.kv,
                                    mrad_per_px=settings.mrad_per_px, scan_step_nm=settings.scan_step_nm,
                                    scan_rotation_deg=settings.scan_rotation_deg, models=cards, rings=settings.rings,
-                                   source=source, overwrite=settings.overwrite, method=method, check=check)
+                                   source=source, overwrite=settings.overwrite, method=method, check=check,
+                                   holder_axis_deg=settings.holder_axis_deg)
     except BaseException:
         if publisher is not None:
             publisher.close()
@@ -127,4 +128,5 @@ def source_settings(store: dict, out: Path, **kw):
     return Settings(block=tuple(int(v) for v in a["block_shape"]), alpha_mrad=float(a["alpha_mrad"]),
                     kv=float(a["kv"]), out=Path(out), mrad_per_px=mpp, scan_step_nm=step,
                     scan_rotation_deg=float(a["scan_rotation_deg"]), pub=None, rep=None,
+                    holder_axis_deg=float(a["holder_axis_deg"]) if "holder_axis_deg" in a else None,
                     **({"rings": a["rings"]} if a["rings"] else {}), **kw)

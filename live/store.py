@@ -161,7 +161,7 @@ class ResultStore:
                mrad_per_px: float | None = None, scan_step_nm: float | None = None,
                scan_rotation_deg: float = 0.0, models: Sequence[dict] = (), rings: dict | None = None,
                source: str = "", overwrite: bool = False, method: str = "network",
-               check: dict | None = None) -> "ResultStore":
+               check: dict | None = None, holder_axis_deg: float | None = None) -> "ResultStore":
         """Create and pre-allocate the file.
 
         An existing file is replaced only with ``overwrite``, and not now: this run writes beside
@@ -183,6 +183,8 @@ class ResultStore:
             a["mrad_per_px"] = np.nan if mrad_per_px is None else float(mrad_per_px)
             a["scan_step_nm"] = np.nan if scan_step_nm is None else float(scan_step_nm)
             a["scan_rotation_deg"] = float(scan_rotation_deg)
+            if holder_axis_deg is not None:  # the holder's α axis on the detector (axis 1 towards 0)
+                a["holder_axis_deg"] = float(holder_axis_deg)
             a["models"] = json.dumps(list(models))
             a["rings"] = json.dumps(rings or {})
             a["flag_names"] = json.dumps(list(STORE_FLAGS))

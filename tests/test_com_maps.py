@@ -137,3 +137,4 @@ def test_store_page_shows_the_com_maps(com_store):
         assert page.rings is None or not set(COM_IMAGES) & set(page.rings.sliders)
     finally:
         feed.close()
+

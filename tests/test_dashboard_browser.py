@@ -68,7 +68,7 @@ def test_dashboard_live(live_scan, tmp_path):
                           "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
                           "--mrad-per-px", str(meta["mrad_per_px"]), "--scan-step-nm", str(meta["scan_step_nm"]),
                           "--out", str(store), "--pub", sub_addr,
-                          "--rep", req_addr, "--quiet", "--executor", "inline")
+                          "--rep", req_addr, "--quiet", "--executor", "inline", "--com")
         procs.append(engine)
         url = f"http://127.0.0.1:{web}/"
         a = br.browser()
@@ -157,6 +157,14 @@ def test_dashboard_live(live_scan, tmp_path):
         print(f"\nfinished status: {done_text}\nlast frame -> drawn in the browser over the scan (both "
               f"sessions): {len(frame_delays)} updates, median {np.median(frame_delays) * 1e3:.0f} ms, "
               f"90th pct {np.percentile(frame_delays, 90) * 1e3:.0f} ms", flush=True)
+        # the CoM maps (--com) as stored, in both sessions
+        for key in ("com_y", "com_x", "com_magnitude", "idpc"):
+            want_com = final["virtual"][key]
+            for drv in (a, b):
+                got = br.wait_for(lambda drv=drv, key=key: (lambda v: v if v and finite_count(v) == want_com.size
+                                                            else None)(br.model_data(drv, f"source-{key}")),
+                                  what=f"the {key} map")
+                np.testing.assert_allclose(np.array(got, float), want_com, rtol=1e-5, atol=1e-6, err_msg=key)
         # the atom table is drawn over the virtual images, every column of the store
         n_atoms = len(final["atoms"]["positions"])
         assert n_atoms > 0

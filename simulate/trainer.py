@@ -75,6 +75,23 @@ def plot_curves(history: list, png: Path, metrics: list[tuple[str, str]]) -> Non
     plt.close(fig)
 
 
+def static_output_dims(onnx_path: Path, shapes: dict[str, tuple[int, ...]], dynamic: dict[int, str]) -> None:
+    """Declare every output axis that is not dynamic with its size (``shapes``: one sample's outputs).
+
+    The exporter names an axis it cannot prove constant (e.g. a slice of a layer's output) with a
+    symbol; TensorRT then cannot size that output's buffer from the input shape alone."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if i not in dynamic and i < len(shapes[out.name]):
+                d.Clear()
+                d.dim_value = int(shapes[out.name][i])
+    onnx.save(model, str(onnx_path))
+
+
 def export(model, onnx_path: Path, card: dict, parity_batch: torch.Tensor, tol: float = 1e-3,
            spatial: bool = False) -> dict:
     """ONNX export (dynamic batch -- and image size with ``spatial`` -- opset 17), card metadata,
@@ -89,6 +106,9 @@ def export(model, onnx_path: Path, card: dict, parity_batch: torch.Tensor, tol: 
                       dynamic_axes={"x": axes, **{n: axes for n in names}}, opset_version=17,
                       dynamo=False)
     model.eval()
+    with torch.no_grad():
+        shapes = {n: tuple(o.shape) for n, o in zip(names, model(parity_batch[:1]))}
+    static_output_dims(tmp, shapes, axes)
     write_metadata(tmp, card)
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = sess.run(names, {"x": parity_batch.numpy()})

@@ -217,3 +217,18 @@ def test_missing_model_file_is_not_a_gpu_problem(tmp_path, caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError, match="does not exist"):
         load_backend(tmp_path / "none.onnx", "auto")
     assert "GPU inference" not in caplog.text
+
+
+def test_shipped_models_declare_every_output_axis_but_the_batch():
+    """TensorRT sizes output buffers from the input shape: an output axis the exporter left symbolic
+    (other than the batch, or image size for fully convolutional models) cannot be allocated."""
+    import onnx
+
+    from stemlive.models.cards import SHIPPED_DIR, find_cards
+
+    for card in find_cards(SHIPPED_DIR):
+        model = onnx.load(str(card.path.with_name(card.data["onnx_file"])), load_external_data=False)
+        free_in = {d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim if d.dim_param}
+        for out in model.graph.output:
+            unknown = [d.dim_param for d in out.type.tensor_type.shape.dim if d.dim_param and d.dim_param not in free_in]
+            assert not unknown, (card.data["id"], out.name, unknown)

@@ -22,7 +22,7 @@ from scipy import ndimage
 from .atom_locator import Columns, integrate, locate
 from .column_filter import SCREENS, Scales, screen_columns
 from .backends import load_backend
-from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
+from .cards import SHIPPED_DIR, ModelCard, latest_card, verify
 
 CONTRASTS = ("haadf", "abf")
 TILE = 512  # network tile edge for large images
@@ -160,13 +160,7 @@ class AtomFinder:
     @classmethod
     def shipped(cls, contrast: str = "haadf", models_dir: str | Path = SHIPPED_DIR, **kw) -> "AtomFinder":
         """The atom network for ``contrast`` in ``models_dir``, or a clear error naming what is there."""
-        task = atom_task(contrast)
-        cards = find_cards(models_dir, task)
-        if not cards:
-            have = sorted({c.task for c in find_cards(models_dir)})
-            raise FileNotFoundError(f"no {task} model in {models_dir} (it holds: {', '.join(have) or 'nothing'}); "
-                                    f"train one with `stemlive train atoms`")
-        return cls(cards[-1], **kw)
+        return cls(latest_card(models_dir, atom_task(contrast), "`stemlive train atoms`"), **kw)
 
     # -- scale ---------------------------------------------------------------------------------
     def zoom_for(self, image: np.ndarray, sampling_A: float | None) -> tuple[float, float | None]:

@@ -174,6 +174,17 @@ def find_cards(directory: str | Path = SHIPPED_DIR, task: str | None = None) -> 
     return cards
 
 
+def latest_card(directory: str | Path, task: str, train_with: str) -> ModelCard:
+    """The newest card of ``task`` in ``directory``, or a FileNotFoundError naming what the
+    directory holds and how to train one (``train_with``: the command)."""
+    cards = find_cards(directory, task)
+    if not cards:
+        have = sorted({c.task for c in find_cards(directory)})
+        raise FileNotFoundError(f"no {task} model in {directory} (it holds: {', '.join(have) or 'nothing'}); "
+                                f"train one with {train_with}")
+    return cards[-1]
+
+
 def select(cards: list[ModelCard], task: str, kv: float, alpha_mrad: float) -> ModelCard:
     """The card for ``task`` whose kV and convergence angle match the acquisition."""
     ok = [c for c in cards if c.task == task and c.kv is not None and abs(c.kv - kv) <= KV_TOLERANCE

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import load_backend
-from .cards import SHIPPED_DIR, ModelCard, ModelMismatch, find_cards, verify
+from .cards import SHIPPED_DIR, ModelCard, ModelMismatch, latest_card, verify
 from .column_patches import ColumnPatches, extract_patches, patch_edge_px
 from .column_species import classifier_input
 
@@ -296,10 +296,7 @@ class AnomalyDetector:
 
     @classmethod
     def shipped(cls, models_dir: str | Path = SHIPPED_DIR, **kw) -> "AnomalyDetector":
-        cards = find_cards(models_dir, TASK)
-        if not cards:
-            raise FileNotFoundError(f"no {TASK} model in {models_dir}; train one with `stemlive train anomaly`")
-        return cls(cards[-1], **kw)
+        return cls(latest_card(models_dir, TASK, "`stemlive train anomaly`"), **kw)
 
     def edge_px(self, positions_px: np.ndarray, sampling_A: float | None) -> float:
         return patch_edge_px(self.edge_A, self.spacings, positions_px, sampling_A)

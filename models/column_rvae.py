@@ -32,14 +32,13 @@ patch's inscribed disc (what a turned square patch keeps) + β·KL per pixel.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backends import load_backend
-from .cards import ModelCard, find_cards, verify
+from .cards import ModelCard, latest_card, verify
 from .column_patches import column_spacing, extract_patches
 
 TASK = "column-rvae"
@@ -195,7 +194,6 @@ def equivariance_loss(phi_rad, alpha_rad, period_deg: float = SYMMETRY_DEG):
 def encoder_export(model):
     """The encoder alone, outputs (angle_deg, offset [half-widths], latent) from the means: what
     ONNX carries and the backends run."""
-    import torch
     from torch import nn
 
     class Encoder(nn.Module):
@@ -380,12 +378,7 @@ class LocalSymmetry:
         if not directory.is_dir():
             raise FileNotFoundError(f"no rVAE model: {directory} is not a directory; train one with "
                                     f"`stemlive train rvae --image IMAGE --out {directory}`")
-        cards = find_cards(directory, TASK)
-        if not cards:
-            have = sorted({c.task for c in find_cards(directory)})
-            raise FileNotFoundError(f"no {TASK} model in {directory} (it holds: {', '.join(have) or 'nothing'}); "
-                                    f"train one with `stemlive train rvae --image IMAGE --out {directory}`")
-        return cls(cards[-1], **kw)
+        return cls(latest_card(directory, TASK, f"`stemlive train rvae --image IMAGE --out {directory}`"), **kw)
 
     def encode(self, patches: np.ndarray, batch: int = 4096) -> dict:
         """Raw encoder outputs of (n, C, P, P) patches."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from .atom_analysis import network_input
 from .backends import load_backend
-from .cards import SHIPPED_DIR, ModelCard, find_cards, verify
+from .cards import SHIPPED_DIR, ModelCard, latest_card, verify
 from .column_patches import ColumnPatches, extract_patches, patch_edge_px
 
 TASK = "column-species"
@@ -64,11 +64,7 @@ class SpeciesClassifier:
 
     @classmethod
     def shipped(cls, models_dir: str | Path = SHIPPED_DIR, **kw) -> "SpeciesClassifier":
-        cards = find_cards(models_dir, TASK)
-        if not cards:
-            raise FileNotFoundError(f"no {TASK} model in {models_dir}; train one with "
-                                    f"`python -m stemlive.simulate.species_train`")
-        return cls(cards[-1], **kw)
+        return cls(latest_card(models_dir, TASK, "`python -m stemlive.simulate.species_train`"), **kw)
 
     def edge_px(self, positions_px: np.ndarray, sampling_A: float | None) -> float:
         return patch_edge_px(self.edge_A, self.spacings, positions_px, sampling_A)

@@ -60,12 +60,15 @@ def idpc(field_y: np.ndarray, field_x: np.ndarray) -> np.ndarray:
 
 
 def com_images(raw_com: np.ndarray, center_px: tuple[float, float], mrad_per_px: float | None,
-               scan_rotation_deg: float = 0.0, flip_y: bool = False) -> dict[str, np.ndarray]:
-    """The four CoM images of a scan from its per-frame ``raw_com`` (scan_y, scan_x, 2; NaN or
-    frames not yet recorded masked by ``np.isfinite``)."""
+               scan_rotation_deg: float = 0.0, flip_y: bool = False, integrate: bool = True) -> dict[str, np.ndarray]:
+    """The four CoM images of a scan from its per-frame ``raw_com`` (scan_y, scan_x, 2; NaN for
+    frames not yet recorded); ``integrate=False``: the shifts alone (no iDPC)."""
     raw = np.asarray(raw_com, np.float64)
     dy, dx = com_shifts(raw, center_px, scan_rotation_deg, flip_y)
     k = mrad_per_px or 1.0
     dy, dx = dy * k, dx * k
-    return {"com_y": dy.astype(np.float32), "com_x": dx.astype(np.float32),
-            "com_magnitude": np.hypot(dy, dx).astype(np.float32), "idpc": idpc(dy, dx)}
+    out = {"com_y": dy.astype(np.float32), "com_x": dx.astype(np.float32),
+           "com_magnitude": np.hypot(dy, dx).astype(np.float32)}
+    if integrate:
+        out["idpc"] = idpc(dy, dx)
+    return out

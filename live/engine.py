@@ -38,7 +38,7 @@ import numpy as np
 from ..udf.block_grid import BlockGrid
 from ..udf.radial_bins import DEFAULT_RINGS, RingScale
 from ..udf.virtual_detector import frame_profiles, ring_images
-from .com_maps import com_images
+from .com_maps import com_images, idpc
 from .publisher import Publisher
 from .state import LiveState
 from .store import MAP_FIELDS, ResultStore, estimate_row
@@ -77,6 +77,9 @@ class EngineStats:
         return self.checks_done / (t1 - t0) if self.checks_done and t1 and t1 > t0 else 0.0
 
 
+IDPC_INTERVAL_S = 1.0  # the live iDPC is integrated at most this often (and when the last frame is in)
+
+
 class BlockEngine:
     def __init__(self, grid: BlockGrid, analyzer, state: LiveState, store: ResultStore | None = None,
                  publisher: Publisher | None = None, *, roi: np.ndarray | None = None,
@@ -87,6 +90,7 @@ class BlockEngine:
         self.grid = grid
         # CoM maps from LiberTEM's CoMUDF (``raw_com`` in the record): {"scan_rotation_deg", "flip_y"}; None: off
         self.com = com
+        self._idpc_at, self._idpc_stale = -np.inf, False  # when the iDPC was last integrated; frames since
         self.analyzer = analyzer
         self.state = state
         self.store = store
@@ -321,23 +325,46 @@ class BlockEngine:
             if self.publisher is not None:
                 self.publisher.virtual(seq, rows, {k: v[rows] for k, v in images.items()})
         if self.com is not None and center is not None and "raw_com" in self._bins:
-            com = self._com_images(center, scale)
-            with self._emit:  # iDPC changes everywhere: whole images
-                seq = self.state.apply_virtual(slice(None), com)
-                if self.publisher is not None:
-                    self.publisher.virtual(seq, slice(0, self.grid.scan_shape[0]), com)
-            images.update(com)
+            images.update(self._publish_com(flat, center, scale))
         if self.store is not None:
             self.store.write_virtual(images, int(self._frames_seen.sum()))
             if center is not None and self.store.layout.radial_bins:
                 self.store.write_radial(flat, profiles, center, radius_px=scale.radius_px)
 
-    def _com_images(self, center, scale) -> dict[str, np.ndarray]:
-        """CoM shift and iDPC images of every frame recorded so far (NaN elsewhere)."""
-        raw = np.asarray(self._bins["raw_com"], np.float64).reshape(-1, 2).copy()
-        raw[~self._have] = np.nan
-        return com_images(raw.reshape(*self.grid.scan_shape, 2), center, scale.mrad_per_px,
-                          self.com.get("scan_rotation_deg", 0.0), self.com.get("flip_y", False))
+    def _publish_com(self, flat: np.ndarray, center, scale, final: bool = False) -> dict[str, np.ndarray]:
+        """CoM shifts of the frames ``flat`` into the scan images, and iDPC of all frames so far.
+
+        The shifts are per frame (only the new ones are computed); the iDPC integral changes
+        everywhere and costs an FFT of the whole scan (~0.1 s for 256²), so it is redone at
+        most every ``IDPC_INTERVAL_S``, when the last frame is in, and at ``final``."""
+        raw = np.asarray(self._bins["raw_com"], np.float64).reshape(-1, 2)[flat]
+        new = com_images(raw[None], center, scale.mrad_per_px, self.com.get("scan_rotation_deg", 0.0),
+                         self.com.get("flip_y", False), integrate=False)
+        images = {}
+        for name, values in new.items():
+            img = self.state.virtual[name].copy()
+            img.ravel()[flat] = values[0]
+            images[name] = img
+        now = time.monotonic()
+        complete = bool((self._have | self._unscanned.ravel()).all())
+        if final or complete or now - self._idpc_at >= IDPC_INTERVAL_S:
+            images["idpc"] = idpc(images["com_y"], images["com_x"])
+            self._idpc_at, self._idpc_stale = now, False
+        else:
+            self._idpc_stale = True
+        with self._emit:  # iDPC changes everywhere: whole images
+            seq = self.state.apply_virtual(slice(None), images)
+            if self.publisher is not None:
+                self.publisher.virtual(seq, slice(0, self.grid.scan_shape[0]), images)
+        return images
+
+    def _final_com(self) -> None:
+        """The iDPC of every frame recorded, if the last one landed between two integrations."""
+        if self.com is None or not self._idpc_stale or self.calibration is None:
+            return
+        images = self._publish_com(np.zeros(0, np.int64), self.calibration.center_px, self._ring_scale(), final=True)
+        if self.store is not None:
+            self.store.write_virtual(images, int(self._frames_seen.sum()))
 
     # -- second stage: the library check -------------------------------------------------------
     def _queue_checks(self, idx, means, estimates, part, t_complete) -> None:
@@ -465,6 +492,7 @@ class BlockEngine:
         if not self._join_while_progressing(timeout):
             reason = (reason + "; " if reason else "") + f"analysis made no progress for {timeout:.0f} s"
             state = "aborted"
+        self._final_com()
         if check_timeout is _NOTHING:
             check_timeout = self.check_timeout
         self._finish_checks(check_timeout if state == "complete" and self._error is None else 0.0)

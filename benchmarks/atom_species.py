@@ -54,7 +54,8 @@ def run(classifier: SpeciesClassifier, n: int, finder: AtomFinder | None = None)
                 occupied = sp.label != CLASSES.index("vacant")
                 found[d][0] += int(occupied[ti].sum())
                 found[d][1] += int(occupied.sum())
-            res = classifier.classify(sp.haadf, sp.abf, centres, sampling_A=s)
+            res = classifier.classify(sp.haadf, sp.abf, centres, sampling_A=s,
+                                      context_px=None if finder is None else located)
             ok = res.complete
             np.add.at(out[d], (label[ok], res.label[ok]), 1)
     return out, found

@@ -153,7 +153,7 @@ def plan_columns(haadf: np.ndarray, abf: np.ndarray, positions_px: np.ndarray, c
     plan = ColumnPlan(haadf, abf, pos, cls_idx, sites, None if ls is None else ls.sublattice, s, source, notes,
                       lat_info)
     if len(cls_idx) and s is not None:
-        plan.species_patches = classifier.patches(haadf, abf, pos[cls_idx], sampling_A=s)
+        plan.species_patches = classifier.patches(haadf, abf, pos[cls_idx], sampling_A=s, context_px=pos)
     elif len(cls_idx):
         notes.append("no sampling and no lattice to take it from: no species")
     if ls is not None and s is not None:

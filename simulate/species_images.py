@@ -13,7 +13,9 @@ the atom-finding images (``defect_fraction``) so each class has enough examples.
 Patches (`models.column_patches`) are cut around each site from both images, standardised per
 image as the networks' inputs are (`network_input`, ABF inverted), one cell wide (two
 nearest-neighbour spacings), with the site position displaced by ``position_error_A`` (the
-finder's error) so the classifier does not rely on perfect centring.
+finder's error) so the classifier does not rely on perfect centring.  With ``reference`` each
+patch also carries the median of its four same-sublattice neighbours' patches, one cell away
+(`column_species.species_patches`): what the species classifier reads.
 """
 from __future__ import annotations
 
@@ -152,16 +154,23 @@ def patch_input(haadf: np.ndarray, abf: np.ndarray) -> np.ndarray:
 
 def labelled_patches(rng: np.random.Generator, r: SpeciesRanges = SpeciesRanges(),
                      border_px: float = 0.0, size: int = PATCH_SIZE, spacings: float = PATCH_SPACINGS,
-                     prefilter: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(patches (k, 2, P, P) float32, labels (k,), meta) of one specimen: the sites whose whole
+                     prefilter: bool = False, reference: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(patches (k, C, P, P) float32, labels (k,), meta) of one specimen: the sites whose whole
     patch lies in the image (displaced by the position error).  ``size``, ``spacings``,
-    ``prefilter``: the patch geometry (`extract_patches`; the species classifier's by default)."""
+    ``prefilter``: the patch geometry (`extract_patches`); ``reference``: C = 4, the HAADF and
+    ABF patches followed by their neighbours' median (`column_species.species_patches`, the
+    neighbours among all displaced sites; a column needs one whole neighbour patch)."""
     from ..models.column_patches import column_spacing, extract_patches
+    from ..models.column_species import species_patches
 
     sp = species_images(rng, r)
     edge = spacings * column_spacing(sp.sites_px)
     centres = sp.sites_px + rng.normal(0, r.position_error_A / sp.meta["sampling_A"], sp.sites_px.shape)
-    p = extract_patches(patch_input(sp.haadf, sp.abf), centres, edge_px=edge, size=size, prefilter=prefilter)
+    if reference:
+        cell = 2 * column_spacing(sp.sites_px)  # one SrTiO3 [001] cell: same-sublattice neighbours
+        p = species_patches(patch_input(sp.haadf, sp.abf), centres, edge, size, True, centres, cell)
+    else:
+        p = extract_patches(patch_input(sp.haadf, sp.abf), centres, edge_px=edge, size=size, prefilter=prefilter)
     keep = p.complete
     return p.patches[keep], sp.label[keep], {**sp.meta, "edge_px": edge}
 

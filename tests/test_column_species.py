@@ -90,3 +90,52 @@ def test_write_patches_resumes_and_refuses_other_settings(tmp_path):
         assert np.array_equal(z["x"], x)
     with pytest.raises(FileExistsError, match="other settings"):
         write_patches(tmp_path / "p.npz", 3, seed=3, ranges=r, progress=False)
+
+
+def test_neighbour_positions_are_the_same_sublattice_one_cell_away():
+    """A rotated SrTiO3 [001] lattice of all columns: every column's four neighbours are columns of
+    its own kind one cell away; a neighbour missing from the context is put where the lattice says."""
+    from stemlive.models.column_species import neighbour_positions
+
+    sp = species_images(np.random.default_rng(7), clean(defect_fraction=(0.0, 0.0)))
+    cell = 3.905 / 0.15
+    inner = ((sp.sites_px > cell + 2) & (sp.sites_px < 96 - cell - 2)).all(axis=1)
+    pos = sp.sites_px[inner]
+    nb = neighbour_positions(pos, sp.sites_px, cell)
+    assert nb.shape == (len(pos), 4, 2)
+    d = np.linalg.norm(nb - pos[:, None], axis=2)
+    assert np.allclose(d, cell, rtol=0.02)
+    # each neighbour is a located site of the same kind
+    from scipy.spatial import cKDTree
+
+    dist, idx = cKDTree(sp.sites_px).query(nb.reshape(-1, 2))
+    assert dist.max() < 1e-3
+    assert (sp.label[idx].reshape(-1, 4) == sp.label[inner][:, None]).all()
+    # drop one site from the context: its neighbours still get a position there, from the lattice
+    gone = np.flatnonzero(inner)[0]
+    ctx = np.delete(sp.sites_px, gone, axis=0)
+    nb2 = neighbour_positions(sp.sites_px[inner], ctx, cell)
+    assert np.abs(nb2 - nb).max() < 0.05 * cell
+    assert neighbour_positions(pos[:1], pos[:1], cell) is None  # no pair: no lattice
+
+
+def test_reference_channels_tell_a_partial_column_from_its_neighbours():
+    """The four-channel patches: a column's own patches, then its neighbours' median -- dimmer than
+    the reference where the column is partly occupied, as bright where it is full."""
+    from stemlive.models.column_species import species_patches
+
+    r = clean(defect_fraction=(0.1, 0.1), occupancy=(0.4, 0.5))
+    sp = species_images(np.random.default_rng(8), r)
+    stack = classifier_input(sp.haadf, sp.abf)
+    edge = 3.905 / 0.15
+    p = species_patches(stack, sp.sites_px, edge, PATCH_SIZE, True)
+    assert p.patches.shape == (len(sp.sites_px), 4, PATCH_SIZE, PATCH_SIZE) and np.isfinite(p.patches).all()
+    ok = p.complete
+    c = slice(PATCH_SIZE // 2 - 2, PATCH_SIZE // 2 + 2)
+    diff = (p.patches[:, 1, c, c] - p.patches[:, 3, c, c]).mean(axis=(1, 2))  # ABF: every column dips
+    full = ok & (sp.label <= CLASSES.index("O"))
+    part = ok & (sp.label == CLASSES.index("partial"))
+    assert part.sum() > 3
+    assert np.median(diff[part]) < np.median(diff[full]) - 0.3
+    two = species_patches(stack, sp.sites_px, edge, PATCH_SIZE, False)
+    assert two.patches.shape[1] == 2 and np.array_equal(two.patches, p.patches[:, :2])

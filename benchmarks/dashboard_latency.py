@@ -160,6 +160,26 @@ def last_frame_index(scan: tuple[int, int], block: tuple[int, int]) -> np.ndarra
     return rows[:, None] * sx + cols[None, :]
 
 
+def page_metrics(driver) -> dict[str, float]:
+    return {m["name"]: m["value"] for m in driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]}
+
+
+def print_js_profile(profile: dict, top: int) -> None:
+    """Where session 0's page spent its CPU time during the scan (Chrome's sampling profiler):
+    self time per function, the ``top`` largest, and the idle share."""
+    from collections import Counter
+
+    nodes = {n["id"]: n["callFrame"] for n in profile["nodes"]}
+    self_ms: Counter = Counter()
+    for node, dt in zip(profile["samples"], profile["timeDeltas"]):
+        f = nodes[node]
+        self_ms[f"{f['functionName'] or '(anonymous)'} {Path(f['url']).name}:{f['lineNumber']}"] += dt / 1e3
+    total = sum(self_ms.values())
+    print(f"page CPU profile (session 0, {total / 1e3:.1f} s sampled):")
+    for name, ms in self_ms.most_common(top):
+        print(f"  {ms:8.0f} ms {100 * ms / total:5.1f} %  {name}")
+
+
 def status_listener(address: str, stop: threading.Event, out: list, published: dict) -> None:
     """(time received, frames seen) of every status message the engine publishes, and the time
     each block was first published (engine clock = this machine's)."""
@@ -230,9 +250,22 @@ def real_engine(args) -> None:
                 "return typeof Bokeh !== 'undefined' && Bokeh.documents.length > 0 && "
                 "Bokeh.documents[0].get_model_by_name('source-thickness') !== null"), 120, what="the page")
             drv.execute_script(RECORDER)
+        if args.js_profile:
+            drivers[0].execute_cdp_cmd("Profiler.enable", {})
+            drivers[0].execute_cdp_cmd("Profiler.setSamplingInterval", {"interval": 1000})
+            drivers[0].execute_cdp_cmd("Profiler.start", {})
+            drivers[0].execute_cdp_cmd("Performance.enable", {})
+            metrics0 = page_metrics(drivers[0])
         if engine.wait(timeout=args.timeout) != 0:
             sys.exit(f"the engine failed (exit {engine.returncode})")
         time.sleep(2.0)  # the last blocks reach the pages
+        if args.js_profile:
+            print_js_profile(drivers[0].execute_cdp_cmd("Profiler.stop", {})["profile"], args.js_profile)
+            metrics1 = page_metrics(drivers[0])
+            print("page time during the scan (Chrome's Performance metrics, s): " + ", ".join(
+                f"{k} {metrics1[k] - metrics0[k]:.2f}" for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
+                                                                "RecalcStyleDuration") if k in metrics1)
+                  + f"; layouts {metrics1.get('LayoutCount', 0) - metrics0.get('LayoutCount', 0):.0f}")
         drawn = [drv.execute_script("return window.stemliveDrawn") for drv in drivers]
         # the page's own probe: publish -> the update carrying it reached the browser (before drawing)
         arrived = [np.array(drv.execute_script("return window.stemliveDelays || []"), float) for drv in drivers]
@@ -263,7 +296,10 @@ def real_engine(args) -> None:
     print(f"engine: last frame sent -> block published: median {np.nanmedian(engine_part) * 1e3:.0f} ms, "
           f"90th percentile {np.nanpercentile(engine_part, 90) * 1e3:.0f} ms")
     for n, rec in enumerate(drawn):
-        idx = np.array([int(k) for k, v in rec.items() if v > 0])
+        idx = np.array([int(k) for k, v in rec.items() if v > 0], int)
+        if idx.size == 0:
+            print(f"session {n}: no block drawn after the page was ready (it was built late?)")
+            continue
         lat = np.array([rec[str(k)] for k in idx]) - sent[idx]
         med, p90 = float(np.median(lat)), float(np.percentile(lat, 90))
         page = np.array([rec[str(k)] for k in idx]) - pub_t[idx]
@@ -287,6 +323,8 @@ def main() -> None:
     ap.add_argument("--dwell-us", type=int, default=10000, help="frame time of the simulator")
     ap.add_argument("--method", choices=("network", "check"), default="network")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds the engine may take")
+    ap.add_argument("--js-profile", type=int, default=0, metavar="N",
+                    help="print the N functions session 0's page spent most time in (Chrome's profiler)")
     ap.add_argument("--work", default=str(ROOT / ".bench-cache" / "dashboard_latency"), help="store and stream dump")
     ap.add_argument("--minutes", type=float, default=5.0, help="stand-in: how long")
     ap.add_argument("--blocks", type=int, default=256, help="stand-in: blocks per side of the map")

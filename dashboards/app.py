@@ -35,7 +35,7 @@ from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, Col
 from bokeh.plotting import figure
 
 from . import hover
-from .display import (COM_VIEWS, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
+from .display import (COM_VIEWS, settled_range, set_range, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
                       display_factor, doubtful, downsample, holder_text, region_stats, status_text)
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
@@ -46,7 +46,7 @@ TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
 REFRESH_MS = 100
 FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this often
-BACKGROUND_S = 0.5  # virtual-image rows alone are drawn at most this often
+BACKGROUND_S = 1.0  # virtual-image rows alone are drawn at most this often (each redraws 4-8 plots)
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
 OUTLINE = "#ff00ff"
 RING_REFRESH_S = 0.5  # while frames come, a session's own rings are asked for again at most this often
@@ -64,13 +64,15 @@ class Page:
         # flow control and the latency probe: the publish time of the newest block drawn rides in
         # the same document patch as the maps; the browser notes its arrival and acknowledges the
         # update once drawn, and the server sends the next only then
-        self.probe = Div(text="", visible=False, name="latency-probe")
-        self.ack = Div(text="0", visible=False, name="ack")
+        # (data sources, not Divs: a changed Div text restyles the page, and Bokeh's next canvas
+        # render then recomputes every element's style -- most of the browser's time per update)
+        self.probe = ColumnDataSource(data={"msg": [""]}, name="latency-probe")
+        self.ack = ColumnDataSource(data={"msg": ["0"]}, name="ack")
         # The probe also carries when the engine had the newest block's last frame: once the maps
         # are drawn, the browser measures that frame -> this page on its own clock (the engine's and
         # the browser's are one clock on one machine) and sends it back with the acknowledgement.
-        self.probe.js_on_change("text", CustomJS(args=dict(probe=self.probe, ack=self.ack), code="""
-            const [sent, version, completed] = probe.text.split(" ");
+        self.probe.js_on_change("data", CustomJS(args=dict(probe=self.probe, ack=self.ack), code="""
+            const [sent, version, completed] = probe.data.msg[0].split(" ");
             const s = parseFloat(sent);
             if (!Number.isNaN(s)) { (window.stemliveDelays = window.stemliveDelays || []).push(Date.now() / 1000 - s); }
             requestAnimationFrame(() => {  // after the maps are drawn
@@ -80,7 +82,7 @@ class Page:
                 d = Date.now() / 1000 - c;
                 (window.stemliveFrameDelays = window.stemliveFrameDelays || []).push(d);
               }
-              ack.text = version + " " + d;
+              ack.data = {msg: [version + " " + d]};
             });
         """))
         self.sent_version = 0
@@ -90,9 +92,11 @@ class Page:
         self._completed_sent: float | None = None
         self._rate: list[tuple[float, int]] = []  # (monotonic, frames seen): frames/s over the last RATE_S
         self._sent_stamps: dict[int, float] = {}
-        self.ack.on_change("text", self._on_ack)
-        self.root = column(self.status, self.probe, self.ack, sizing_mode="stretch_width")
+        self.ack.on_change("data", self._on_ack)
+        self.root = column(self.status, sizing_mode="stretch_width")
         doc.add_root(self.root)
+        doc.add_root(self.probe)
+        doc.add_root(self.ack)
         doc.title = "stemlive"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stemlive-pacbed")  # block PACBED requests
         self._busy = False
@@ -112,10 +116,11 @@ class Page:
         self._ring_stale = False  # new frames since the last request
         self._ring_asked_at = -math.inf
         self._rings_drawn = 0
-        self.rings_drawn = Div(text="", visible=False, name="rings-drawn")
+        self.rings_drawn = ColumnDataSource(data={"msg": [""]}, name="rings-drawn")
+        doc.add_root(self.rings_drawn)
         # slider let go (browser) -> those rings drawn (browser): the delay the operator sees
-        self.rings_drawn.js_on_change("text", CustomJS(args=dict(div=self.rings_drawn), code="""
-            const drawn = JSON.parse(div.text || "{}").rings || {};
+        self.rings_drawn.js_on_change("data", CustomJS(args=dict(div=self.rings_drawn), code="""
+            const drawn = JSON.parse(div.data.msg[0] || "{}").rings || {};
             const asked = window.stemliveRingAsked;
             requestAnimationFrame(() => {
               if (!asked) return;
@@ -234,7 +239,7 @@ class Page:
         if self.rings is not None:
             virtual = row(virtual, self.rings.layout())
         self.root.children = [
-            self.status, self.probe, self.ack, self.rings_drawn, self.models, row(grids[0], side),
+            self.status, self.models, row(grids[0], side),
             Div(text="<b>Virtual detectors</b> (scan grid)"), virtual]
         if cfigs:
             cgrid = gridplot(cfigs, ncols=4, toolbar_location="right")
@@ -431,8 +436,8 @@ class Page:
                 fresh = completed is not None and rows and completed != self._completed_sent
                 if fresh:
                     self._completed_sent = completed
-                self.probe.text = (f"{sent if sent is not None and rows else 'nan'} {snap.version} "
-                                   f"{completed if fresh else 'nan'}")
+                self.probe.data = {"msg": [f"{sent if sent is not None and rows else 'nan'} {snap.version} "
+                                           f"{completed if fresh else 'nan'}"]}
         if self.chosen is None:
             self._show_latest(snap)
         if self._ring_stale and not self._ring_busy and time.monotonic() - self._ring_asked_at >= RING_REFRESH_S:
@@ -440,7 +445,7 @@ class Page:
         self._status(snap)
 
     def _on_ack(self, attr, old, new) -> None:
-        parts = str(new).split(" ")
+        parts = str(new["msg"][0]).split(" ")
         try:
             sent = self._sent_stamps.pop(int(parts[0]), None)
         except ValueError:
@@ -457,8 +462,8 @@ class Page:
     def _browser_ready(self) -> bool:
         """The browser has applied the last update (or has not answered for 5 s: send anyway)."""
         try:
-            acked = int(self.ack.text.split(" ")[0])
-        except ValueError:
+            acked = int(self.ack.data["msg"][0].split(" ")[0])
+        except (ValueError, KeyError, IndexError):
             acked = 0
         return acked >= self.sent_version or time.monotonic() - self.sent_at > 5.0
 
@@ -471,7 +476,7 @@ class Page:
                 cols = self._columns(key, derived, 1, True)
                 e["source"].patch({name: row_patch(vals[0], rows) for name, vals in cols.items()})
             if e["auto"]:
-                e["mapper"].low, e["mapper"].high = auto_range(derived[key], e["kind"])
+                set_range(e["mapper"], settled_range((e["mapper"].low, e["mapper"].high), auto_range(derived[key], e["kind"])))
         if full or self.factor > 1:
             self.flag_source.data = {"bits": [self._flag_bits(derived)]}
         elif rows:
@@ -492,7 +497,7 @@ class Page:
                 else:  # only the scan rows that changed
                     e["source"].patch({"image": row_patch(img, virtual_rows)})
                 if e["auto"]:
-                    e["mapper"].low, e["mapper"].high = auto_range(img, "sequential")
+                    set_range(e["mapper"], settled_range((e["mapper"].low, e["mapper"].high), auto_range(img, "sequential")))
         if self.range_mode.active == 0:
             if time.monotonic() - self._range_at >= STATUS_S:  # at most twice a second
                 self._range_at = time.monotonic()
@@ -673,7 +678,8 @@ class Page:
             self.rings.info.text = (f"{len(images)} ring image(s) from the {header.get('source', 'engine')}, "
                                     f"{done} of {int(np.prod(self.feed.snapshot.scan_shape))} scan points recorded")
             self._rings_drawn += 1
-            self.rings_drawn.text = json.dumps({"n": self._rings_drawn, "rings": {k: list(v[:2]) for k, v in rings.items()}})
+            self.rings_drawn.data = {"msg": [json.dumps({"n": self._rings_drawn,
+                                                         "rings": {k: list(v[:2]) for k, v in rings.items()}})]}
         if self._ring_again:
             self._ask_rings()
 

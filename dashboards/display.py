@@ -154,6 +154,29 @@ def auto_range(values: np.ndarray, kind: str) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
+RANGE_TOLERANCE = 0.02  # an auto colour range follows its data once an end moved this much (of the span)
+
+
+def settled_range(current: tuple[float | None, float | None], new: tuple[float, float],
+                  tolerance: float = RANGE_TOLERANCE) -> tuple[float, float]:
+    """``new`` unless both its ends lie within ``tolerance`` of the span from ``current``'s.
+
+    A live image's data range creeps with every frame; each change of a colour mapper redraws
+    its colour bar (ticks, labels, text metrics), the browser's largest cost per update, for a
+    change no eye sees."""
+    lo, hi = current
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return new
+    slack = tolerance * (hi - lo)
+    return (lo, hi) if abs(new[0] - lo) <= slack and abs(new[1] - hi) <= slack else new
+
+
+def set_range(mapper, rng: tuple[float, float]) -> None:
+    """Set a colour mapper's range; untouched (no message to the browser) when it is already that."""
+    if (mapper.low, mapper.high) != tuple(rng):
+        mapper.low, mapper.high = rng
+
+
 @dataclass(frozen=True)
 class RegionStat:
     title: str
@@ -251,6 +274,8 @@ def status_text(status: dict, delay_s: float | None, atoms: int, connected: bool
             parts.append(f"{recent_fps:,.0f} frames/s" if recent_fps is not None else f"{fps:,.0f} frames/s")
             if quiet_s is not None and quiet_s > QUIET_S:
                 parts.append(f"<b>no new frames for {duration_text(quiet_s)}</b>")
+            lost = int(status.get("frames_dropped", 0))  # frames the scan passed that never came
+            parts.append("no frames lost so far" if lost == 0 else f"<b>{lost:,} frames lost so far</b>")
     else:
         took = status.get("elapsed_s")
         if took is None and fps > 0:

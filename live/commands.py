@@ -111,6 +111,9 @@ def add_parsers(sub) -> None:
     ap.add_argument("--arm-timeout", type=positive(), default=60.0, help="passive mode: seconds to wait for an arm")
     ap.add_argument("--stall-timeout", type=positive(), default=30.0,
                     help="seconds without a frame from the detector before the run is aborted (default 30)")
+    ap.add_argument("--frame-time-us", type=positive(), default=None,
+                    help="the detector's frame time: at slow rates partitions end where blocks do, so each "
+                         "block is analysed within 0.1 s of its last frame (DECTRIS: asked of the detector)")
     add_run_options(ap)
     ap.set_defaults(func=run_live)
 
@@ -205,7 +208,8 @@ def run_live(args) -> int:
                                  api_port=args.api_port, data_host=args.data_host or args.api_host,
                                  data_port=args.data_port, scan_shape=tuple(args.scan_shape), mode=args.mode,
                                  executor=args.executor, workers=args.workers, record=args.record,
-                                 arm_timeout_s=args.arm_timeout))
+                                 arm_timeout_s=args.arm_timeout,
+                                 frame_time_s=args.frame_time_us * 1e-6 if args.frame_time_us else None))
 
 
 def run_replay(args) -> int:

@@ -77,6 +77,8 @@ class EngineStats:
         return self.checks_done / (t1 - t0) if self.checks_done and t1 and t1 > t0 else 0.0
 
 
+LOST_AFTER_S = 5.0  # a frame missing this long after a later one arrived is counted lost
+VIRTUAL_INTERVAL_S = 0.25  # new frames reach the virtual images (and the browsers) at most this often
 IDPC_INTERVAL_S = 1.0  # the live iDPC is integrated at most this often (and when the last frame is in)
 
 
@@ -109,6 +111,7 @@ class BlockEngine:
         self._queued = np.zeros(grid.shape, bool)
         self._precomputed: dict[tuple[int, int], object] = {}  # block -> estimate from the calibration
         self._frames_seen = np.zeros(grid.scan_shape, bool)
+        self._fronts: list[tuple[float, int]] = []  # (when, newest frame index seen): the lost-frame count
         self._bins = None  # the VirtualDetectorUDF's per-frame record (LiberTEM's result buffers)
         self._have = np.zeros(int(np.prod(grid.scan_shape)), bool)
         self.atoms = atoms  # AtomStitcher or None
@@ -161,11 +164,28 @@ class BlockEngine:
                 self._queue.put(("frames", fresh))
         seen = int(self._frames_seen.sum()) if virtual is not None else int(counts.sum())
         elapsed = time.perf_counter() - self._t0
-        status = self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9))
+        lost = self._lost_so_far() if virtual is not None else {}
+        status = self.state.update_status(frames_seen=seen, frames_per_s=seen / max(elapsed, 1e-9), **lost)
         if self.publisher is not None and time.perf_counter() - self._status_sent > 0.2:  # ≤ 5 Hz
             self._status_sent = time.perf_counter()
             self.publisher.status(status)
         self.stats.ingest_s.append(time.perf_counter() - t)
+
+    def _lost_so_far(self) -> dict:
+        """Frames the scan passed ``LOST_AFTER_S`` ago or earlier that never arrived: the running
+        count of lost frames (a frame still in a partition being reduced is not lost yet)."""
+        flat = self._frames_seen.ravel()
+        now = time.monotonic()
+        newest = int(np.flatnonzero(flat)[-1]) if flat.any() else -1
+        if not self._fronts or newest > self._fronts[-1][1]:
+            self._fronts.append((now, newest))
+        while len(self._fronts) > 1 and self._fronts[1][0] <= now - LOST_AFTER_S:
+            self._fronts.pop(0)  # the newest front old enough stays first
+        t, front = self._fronts[0]
+        if t > now - LOST_AFTER_S or front < 0:
+            return {}
+        passed = ~self._unscanned.ravel()[:front + 1]
+        return {"frames_dropped": int(passed.sum()) - int(np.count_nonzero(flat[:front + 1] & passed))}
 
     def _calibrate_now(self, idx: np.ndarray, means: np.ndarray) -> None:
         estimates = self.analyzer.analyze(means)
@@ -180,33 +200,46 @@ class BlockEngine:
 
     # -- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
-        held = _NOTHING  # an item taken while coalescing blocks, handled next
+        """Blocks first, in batches of what is waiting; new frames' virtual pixels gathered and
+        published at most every ``VIRTUAL_INTERVAL_S`` (each publish sums profiles, writes the
+        store and sends rows the browsers redraw: per partition at a slow scan that is ~10 a
+        second, and the blocks queued behind them -- the maps the operator watches -- waited)."""
+        fresh = np.zeros(self.grid.scan_shape, bool)  # frames arrived, not yet published
+        recompute, published_at = False, -np.inf
         while True:
-            item, held = (self._queue.get() if held is _NOTHING else held), _NOTHING
-            if item is None:
-                return
+            due = published_at + VIRTUAL_INTERVAL_S - time.monotonic() if fresh.any() else None
             try:
-                if item[0] == "blocks":
-                    items = [item]
-                    # one batch of what is waiting, up to the networks' batch size
-                    while sum(len(it[1]) for it in items) < self.batch:
-                        try:
-                            nxt = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if nxt is None or nxt[0] != "blocks":
-                            held = nxt
-                            break
-                        items.append(nxt)
-                    self._analyse(items)
-                elif item[0] == "recompute":
-                    self._recompute_virtual()
-                else:
-                    self._frames(item[1])
+                items = [self._queue.get(timeout=max(due, 0.0)) if due is not None else self._queue.get()]
+            except queue.Empty:
+                items = []
+            while True:  # everything waiting now
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(it is None for it in items)
+            try:
+                blocks = [it for it in items if it is not None and it[0] == "blocks"]
+                if blocks:
+                    self._analyse(blocks)
+                for it in items:
+                    if it is not None and it[0] == "frames":
+                        fresh |= it[1]
+                recompute |= any(it is not None and it[0] == "recompute" for it in items)
+                if (fresh.any() or recompute) and (stop or time.monotonic() - published_at >= VIRTUAL_INTERVAL_S):
+                    self._have[fresh.ravel()] = True
+                    if recompute:
+                        self._recompute_virtual()
+                    else:
+                        self._publish_virtual(np.flatnonzero(fresh.ravel()))
+                    fresh[:] = False
+                    recompute, published_at = False, time.monotonic()
                 self._find_atoms()
             except BaseException as exc:  # surfaced to the acquisition loop by on_result/close
                 log.exception("engine worker failed")
                 self._error = exc
+                return
+            if stop:
                 return
 
     def _analyse(self, items) -> None:
@@ -271,11 +304,6 @@ class BlockEngine:
         if self.mrad_per_px:
             return RingScale(radius_px=self.alpha_mrad / self.mrad_per_px, mrad_per_px=self.mrad_per_px)
         return None
-
-    def _frames(self, mask) -> None:
-        flat = np.flatnonzero(mask.ravel())
-        self._have[flat] = True
-        self._publish_virtual(flat)
 
     def _recompute_virtual(self) -> None:
         if self._bins is not None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..udf import BlockGrid, BlockPacbedUDF, VirtualDetectorUDF
 from ..udf.radial_bins import DEFAULT_RINGS
+from ..udf.virtual_detector import PROVISIONAL
 from .engine import BlockEngine
 from .run import BIN_PX, open_run
 
@@ -297,6 +298,8 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
 
     timing = {} if timing is None else timing
 
+    provisional = [False]  # the first partition's provisional centre was passed on (or calibration came)
+
     def consume():
         try:
             timing["start"] = time.perf_counter()
@@ -317,6 +320,13 @@ def _iterate(ctx, dataset, settings: Settings, engine: BlockEngine, roi, grid: B
                 cal = engine.take_calibration()
                 if cal is not None:  # from now on the UDF reads the rings directly
                     it.update_parameters_experimental([{}, {"center": cal.center_px, "radius_px": cal.radius_px}])
+                    provisional[0] = True
+                elif not provisional[0] and (per_frame["recorded"] == PROVISIONAL).any():
+                    # the first partition's provisional centre for every partition until the calibration
+                    first = int(np.flatnonzero(per_frame["recorded"].ravel() == PROVISIONAL)[0])
+                    centre = per_frame["center_used"].reshape(-1, 2)[first]
+                    it.update_parameters_experimental([{}, {"provisional_center": tuple(float(c) for c in centre)}])
+                    provisional[0] = True
         except BaseException as exc:
             box["error"] = exc
         finally:

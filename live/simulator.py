@@ -114,7 +114,7 @@ def _port_safe_sim(path: Path, port: int, zmqport: int, dwelltime: int | None):
                 uri=f"tcp://127.0.0.1:{zmqport}" if zmqport else "tcp://127.0.0.1", random_port=not bool(zmqport),
                 path=str(path), name="zmq_replay", arm_event=arm_event, trigger_event=trigger_event,
                 stop_event=self.stop_event, dwelltime=dwelltime, tolerate_timeouts=True, verbose=False)
-            headers = self.zmq_replay.read_headers()
+            headers = _paced_headers(self.zmq_replay.read_headers(), dwelltime)
             self.zmq_replay.daemon = True
             self.api_server = multiprocessing.Process(
                 target=_run_api_with_parent, daemon=True,
@@ -122,6 +122,16 @@ def _port_safe_sim(path: Path, port: int, zmqport: int, dwelltime: int | None):
                         "listen_event": self.api_listen_event, "port_value": self.api_port})
 
     return PortSafeDectrisSim()
+
+
+UNPACED_FRAME_TIME_S = 1e-6  # what an unpaced simulator reports: faster than any detector
+
+
+def _paced_headers(headers, dwell_us: int | None) -> list:
+    """The detector config the REST API reports, with the frame time the replay keeps: clients
+    size their work by it (stemlive: partitions), so it must be the pace, not the dump's value."""
+    frame_time = dwell_us * 1e-6 if dwell_us else UNPACED_FRAME_TIME_S
+    return [headers[0], {**headers[1], "frame_time": frame_time, "count_time": frame_time}, *headers[2:]]
 
 
 def _run_api_with_parent(**kwargs) -> None:

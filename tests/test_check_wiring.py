@@ -483,3 +483,29 @@ def test_render_check_shows_a_shipped_setting_fit():
     shown = render_check(checker, disk * 7.0, est)
     assert shown["model"].shape == (64, 64) and np.isfinite(shown["model"]).sum() > 1000
     assert np.all(np.isfinite(shown["residual"][np.isfinite(shown["model"])]))
+
+
+def test_frames_the_scan_passed_and_never_came_are_counted_lost_while_it_runs(tmp_path, monkeypatch):
+    """The running lost-frame count: a gap behind the newest frame counts once it is LOST_AFTER_S old."""
+    import stemlive.live.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LOST_AFTER_S", 0.2)
+    engine, state, _ = _engine(tmp_path, None)
+    engine.mrad_per_px = None  # no ring scale: the virtual images (not under test) are not computed
+    counts = np.zeros((2, 3), np.int64)
+    pac = np.zeros((2, 3, 16, 16), np.float32)
+    bins = {"bins": np.zeros((8 * 12, 4), np.float32)}
+    damage = np.zeros((8, 12), bool)
+    damage.ravel()[:40] = True
+    damage.ravel()[20:23] = False  # three frames of the first rows never came
+    engine.on_result({"counts": counts, "pacbed": pac}, bins, damage)
+    assert state.status["frames_dropped"] == 0  # too early to call them lost: a partition may still bring them
+    time.sleep(0.3)
+    damage.ravel()[40:60] = True
+    engine.on_result({"counts": counts, "pacbed": pac}, bins, damage)
+    assert state.status["frames_dropped"] == 3
+    damage.ravel()[20:23] = True  # late after all (out of order): no longer counted
+    time.sleep(0.3)
+    engine.on_result({"counts": counts, "pacbed": pac}, bins, damage)
+    assert state.status["frames_dropped"] == 0
+    engine.close("aborted")

@@ -157,6 +157,8 @@ def test_region_stats_and_status_words():
                         "frames_total": 400, "frames_per_s": 50.0}, 0.12, 0, frame_delay_s=0.85, recent_fps=98.6)
     assert "99 frames/s" in live and "850 ms after its last frame reached the engine" in live and "120 ms" not in live
     assert "no frames lost" in status_text({"state": "complete", "frames_dropped": 0}, None, 0)
+    assert "no frames lost so far" in running
+    assert "7 frames lost so far" in status_text({"state": "running", "frames_seen": 50, "frames_dropped": 7}, None, 0)
     assert "no new frames for 12.0 s" in status_text({"state": "running", "frames_seen": 5}, None, 0, quiet_s=12)
     assert "no new frames" not in status_text({"state": "running", "frames_seen": 5}, None, 0, quiet_s=3)
 
@@ -263,7 +265,7 @@ def test_block_pacbed_requests_run_off_the_event_loop():
     assert page.pacbed.figure.title.text == "PACBED — pinned to block (1, 2)"
     assert page.chosen_source.data["left"] == [2 * 4 * 0.1]
     # the browser's acknowledgement carries its measured last frame -> drawn delay
-    page.ack.text = "1 0.42"
+    page.ack.data = {"msg": ["1 0.42"]}
     assert page.frame_delay_s == pytest.approx(0.42) and page._browser_ready()
     assert "No library fit" in page.pacbed.fit_info.text  # this feed sent none: said in words
 

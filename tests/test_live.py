@@ -139,9 +139,15 @@ def test_live_pipelined_passive_mode(scan, replayed, tmp_path):
     """Passive: the microscope software arms the detector; stemlive waits for it."""
     from libertem_live.detectors.dectris.DEigerClient import DEigerClient
 
+    from stemlive.live.acquire import dectris_frame_time, partition_frames
+
     _, meta, _, dump = scan
     out = tmp_path / "passive.h5"
-    with SimDetector(dump, 0, 0) as sim:
+    with SimDetector(dump, 0, 0, dwell_us=2000) as sim:  # paced at 500 frames/s
+        assert dectris_frame_time("127.0.0.1", sim.api_port) == pytest.approx(2e-3)
+        assert partition_frames(SCAN, settings(out, meta).block, 2e-3, "pipelined") == 8 * 48  # block rows
+        assert partition_frames(SCAN, settings(out, meta).block, 2e-3, "inline") == 48
+
         def arm_later():
             time.sleep(2.0)
             DEigerClient("127.0.0.1", port=sim.api_port).sendDetectorCommand("arm")
@@ -152,6 +158,42 @@ def test_live_pipelined_passive_mode(scan, replayed, tmp_path):
                        executor="pipelined", workers=2, arm_timeout_s=60)
     assert summary.state == "complete"
     assert_same_maps(read_store(out), replayed)
+
+
+def test_live_inline_at_a_slow_rate_hands_each_block_over_as_it_completes(scan, replayed, tmp_path):
+    """At 200 frames/s the partitions are two block widths (80 ms), not block rows (1.9 s); the
+    frames before the calibration are binned around the first partition's centre."""
+    _, meta, _, dump = scan
+    out = tmp_path / "paced.h5"
+    with SimDetector(dump, 0, 0, dwell_us=5000) as sim:
+        summary = live(settings(out, meta), detector="dectris", api_host="127.0.0.1", api_port=sim.api_port,
+                       data_host="127.0.0.1", data_port=sim.data_port, scan_shape=SCAN, executor="inline")
+    assert summary.state == "complete"
+    assert_same_maps(read_store(out), replayed)
+    assert summary.first_result_frames == 16  # the first partition: two block widths, not a block row (384)
+
+
+def test_partitions_end_where_blocks_do_at_a_slow_frame_rate():
+    """A block is handed to the analysis when the partition holding its last frame ends."""
+    from stemlive.live.acquire import frames_per_partition
+
+    assert frames_per_partition((64, 64), (8, 8)) == 512  # rate unknown: whole block rows
+    assert frames_per_partition((64, 64), (8, 8), frame_time_s=1e-6) == 512  # fast: the same
+    assert frames_per_partition((64, 64), (8, 8), frame_time_s=1e-2) == 8  # 100 frames/s: one block width
+    assert frames_per_partition((64, 64), (8, 8), frame_time_s=1e-3) == 64  # one scan row, 64 ms
+    assert frames_per_partition((256, 256), (16, 16), frame_time_s=1e-4) == 512  # two rows, 51 ms
+    for ft in (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):  # partitions end on block boundaries, ≤ 0.1 s where possible
+        n = frames_per_partition((96, 96), (8, 8), frame_time_s=ft)
+        assert n % 8 == 0 and (96 % n == 0 or n % 96 == 0) and (n * ft <= 0.1 or n == 8)
+    assert frames_per_partition((97, 90), (8, 8), frame_time_s=1e-3) == 90  # ragged blocks: whole rows
+
+
+def test_the_simulator_reports_its_pace_as_the_frame_time(scan):
+    from stemlive.live.acquire import dectris_frame_time
+    from stemlive.live.simulator import UNPACED_FRAME_TIME_S
+
+    with SimDetector(scan[3], 0, 0) as sim:
+        assert dectris_frame_time("127.0.0.1", sim.api_port) == pytest.approx(UNPACED_FRAME_TIME_S)
 
 
 def test_replay_on_a_dask_cluster_equals_inline(scan, replayed, tmp_path):

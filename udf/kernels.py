@@ -94,3 +94,17 @@ def radial_profiles(flat: np.ndarray, taps, out: np.ndarray, dipole: np.ndarray 
         _radial_profiles(flat, taps.bins, taps.frac, taps.n_bins, out)
     else:
         _radial_profiles_dipoles(flat, taps.bins, taps.frac, taps.unit, taps.n_bins, out, dipole)
+
+
+def warm_up() -> None:
+    """Load every kernel's compiled code (numba's on-disk cache, or a compile on first use) for
+    the pixel types detectors send, so a worker's first partition costs what the others do."""
+    from .radial_bins import bin_taps, n_bins_for
+
+    nb = n_bins_for((4, 4), 0.5)
+    taps = bin_taps((4, 4), (1.5, 1.5), 0.5, nb)
+    for dtype in (np.uint8, np.uint16, np.uint32, np.float32):
+        flat = np.ones((2, 16), dtype)
+        add_block_sums(flat, np.zeros(2, np.int64), np.zeros((1, 16), np.float32))
+        radial_profiles(flat, taps, np.zeros((2, nb), np.float32))
+        radial_profiles(flat, taps, np.zeros((2, nb), np.float32), np.zeros((2, nb, 2), np.float32))

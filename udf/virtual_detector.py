@@ -69,6 +69,11 @@ class VirtualDetectorUDF(UDF):
         (so a ``true_center`` given later can still correct them).
     images
         Compute the ring images in ``get_results`` (off in the live engine, which does it itself).
+    provisional_center
+        While ``center`` is not known, record every partition around this one instead of its own
+        first frames' centroid (the live engine passes the first partition's: a block-wide
+        partition's few frames can put the centroid 1-3 px off, more than the first-order
+        recentering corrects).
 
     Results
     -------
@@ -86,7 +91,7 @@ class VirtualDetectorUDF(UDF):
     def __init__(self, center: tuple[float, float] | None = None, radius_px: float | None = None,
                  alpha_mrad: float | None = None, mrad_per_px: float | None = None,
                  rings: dict | None = None, bin_px: float = 0.5, true_center: tuple[float, float] | None = None,
-                 mode: str = "auto", images: bool = True):
+                 mode: str = "auto", images: bool = True, provisional_center: tuple[float, float] | None = None):
         if mode not in ("auto", "bins"):
             raise ValueError(f"mode must be 'auto' or 'bins', got {mode!r}")
         rings = {k: tuple(v) for k, v in (DEFAULT_RINGS if rings is None else rings).items()}
@@ -98,7 +103,8 @@ class VirtualDetectorUDF(UDF):
                          radius_px=radius_px, alpha_mrad=alpha_mrad, mrad_per_px=mrad_per_px,
                          rings=rings, bin_px=float(bin_px),
                          true_center=None if true_center is None else tuple(float(c) for c in true_center),
-                         mode=mode, images=images)
+                         mode=mode, images=images,
+                         provisional_center=None if provisional_center is None else tuple(float(c) for c in provisional_center))
 
     def _sig(self) -> tuple[int, int]:
         sig = tuple(self.meta.dataset_shape.sig)
@@ -182,7 +188,9 @@ class VirtualDetectorUDF(UDF):
 
     def process_tile(self, tile):
         if self.params.center is None and "provisional" not in self.task_data.matrices:
-            if not self._gather_first_frames(tile):
+            if self.params.provisional_center is not None:  # one for every partition until the centre is known
+                self.task_data.matrices["provisional"] = tuple(round(c * 8) / 8 for c in self.params.provisional_center)
+            elif not self._gather_first_frames(tile):
                 return  # held back until the partition's first frames are whole
         self._record(np.asarray(tile).reshape(len(tile), -1), tuple(self.meta.sig_slice.get(sig_only=True)),
                      self.results)

@@ -178,6 +178,20 @@ def print_js_profile(profile: dict, top: int) -> None:
     print(f"page CPU profile (session 0, {total / 1e3:.1f} s sampled):")
     for name, ms in self_ms.most_common(top):
         print(f"  {ms:8.0f} ms {100 * ms / total:5.1f} %  {name}")
+    parent = {c: n["id"] for n in profile["nodes"] for c in n.get("children", [])}
+    callers: Counter = Counter()  # who the busiest native calls come from (3 frames up)
+    for node, dt in zip(profile["samples"], profile["timeDeltas"]):
+        if nodes[node]["functionName"] in ("getPropertyValue", "getComputedStyle"):
+            chain, k = [], node
+            for _ in range(4):
+                k = parent.get(k)
+                if k is None:
+                    break
+                f = nodes[k]
+                chain.append(f"{f['functionName'] or '(anon)'}:{f['lineNumber']}:{f['columnNumber']}")
+            callers[" < ".join(chain)] += dt / 1e3
+    for chain, ms in callers.most_common(6):
+        print(f"  {ms:8.0f} ms  style read from {chain}")
 
 
 def status_listener(address: str, stop: threading.Event, out: list, published: dict) -> None:

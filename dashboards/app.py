@@ -35,7 +35,8 @@ from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, Col
 from bokeh.plotting import figure
 
 from . import hover
-from .display import (COM_VIEWS, settled_range, set_range, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
+from .display import (ANOMALY_COLOUR, COM_VIEWS, UNKNOWN_COLOUR, settled_range, set_range, species_colours,
+                      species_legend, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
                       display_factor, doubtful, downsample, holder_text, region_stats, status_text)
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
@@ -44,7 +45,7 @@ from .ring_panel import LABELS, RingPanel
 
 TRANSPARENT = (0, 0, 0, 0)
 MAP_PX = 260  # the longer side of a map's frame, in screen px
-REFRESH_MS = 100
+REFRESH_MS = 50
 FOLLOW_S = 1.0  # "follow latest" fetches the newest block's PACBED at most this often
 BACKGROUND_S = 1.0  # virtual-image rows alone are drawn at most this often (each redraws 4-8 plots)
 STATUS_S = 0.5  # the status line (and the spinners' auto range) change at most this often
@@ -103,7 +104,8 @@ class Page:
         self._wanted: tuple[tuple[int, int], bool] | None = None
         self._shown: tuple[int, int] | None = None
         self._followed_at = -math.inf
-        self._drawn_at = -math.inf
+        self._virtual_drawn_at = -math.inf
+        self._virtual_due: set[int] | str | None = None  # virtual-image rows not yet drawn ("all": every row)
         self._status_at = -math.inf
         self._range_at = -math.inf
         # the operator's rings: asked for on their own worker (a slow sum never delays a PACBED)
@@ -182,11 +184,18 @@ class Page:
                                     palette, kind, self.virtual, (sx * self.s, sy * self.s), vf, blocks=False)
                  for key, title, unit, palette, kind in COM_VIEWS if key in snap.virtual]
         # atomic columns over the virtual images (off at first: at full view they hide the image)
+        # coloured by species where the per-column analyses ran; anomalous columns squared
+        self.species_names = list(snap.meta.get("species_names") or [])
         self.atom_source = ColumnDataSource(self._atom_columns(snap.atoms), name="source-atoms")
+        self.anomaly_source = ColumnDataSource(self._anomaly_columns(snap.atoms), name="source-anomalies")
         self.atoms_shown = len(snap.atoms["positions"])
         self.atom_renderers = [f.scatter(x="x", y="y", source=self.atom_source, marker="circle", size=5,
-                                         fill_alpha=0, line_color="red", line_width=1.2,
+                                         fill_alpha=0, line_color="colour", line_width=1.2,
                                          name=f"atoms-{f.name[4:]}", visible=False) for f in vfigs]
+        self.anomaly_renderers = [f.scatter(x="x", y="y", source=self.anomaly_source, marker="square", size=10,
+                                            fill_alpha=0, line_color=ANOMALY_COLOUR, line_width=1.5,
+                                            name=f"anomalies-{f.name[4:]}", visible=False) for f in vfigs]
+        self.atom_legend = Div(text=species_legend(self.species_names), name="atom-legend", visible=False)
         # doubtful blocks greyed over the thickness map: an image on the block grid, patched by rows
         # like the maps (a glyph per doubtful block grew too slow on large grids)
         self.doubt_source = ColumnDataSource({"image": [self._doubt_mask(snap)]}, name="source-doubt")
@@ -320,10 +329,14 @@ class Page:
             const dark = theme.active == 1;  // the page around the plots (Divs, widgets' labels)
             document.body.style.backgroundColor = dark ? "#15191c" : "";
             document.body.style.color = dark ? "#e6e6e6" : "";"""))
-        self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images"], active=[],
-                                        name="show-atoms")
-        self.show_atoms.js_on_change("active", CustomJS(args=dict(renderers=self.atom_renderers, box=self.show_atoms),
-            code="for (const r of renderers) { r.visible = box.active.includes(0); }"))
+        self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images (colour: species)",
+                                                "anomalous columns (point defects)"], active=[], name="show-atoms")
+        self.show_atoms.js_on_change("active", CustomJS(
+            args=dict(renderers=self.atom_renderers, anomalies=self.anomaly_renderers, legend=self.atom_legend,
+                      box=self.show_atoms),
+            code="""for (const r of renderers) { r.visible = box.active.includes(0); }
+                    for (const r of anomalies) { r.visible = box.active.includes(1); }
+                    legend.visible = box.active.length > 0;"""))
         self.show_doubt = CheckboxGroup(labels=["grey out doubtful blocks on the thickness map (flags, σ > 5 nm)"],
                                         active=[0], name="show-doubt")
         self.show_doubt.js_on_change("active", CustomJS(args=dict(r=self.doubt_renderer, box=self.show_doubt),
@@ -341,7 +354,7 @@ class Page:
         download.on_click(self._send_csv)
         return column(Div(text="<b>Display</b> (each plot's save tool exports a PNG)"),
                       row(self.range_map, self.range_low, self.range_high), self.range_mode, self.theme,
-                      self.show_atoms, self.show_doubt, download)
+                      self.show_atoms, self.atom_legend, self.show_doubt, download)
 
     # -- control callbacks (server side: every session keeps its own ranges) ------------------
     def _entry(self, key: str) -> dict:
@@ -399,6 +412,15 @@ class Page:
 
     # -- updates ------------------------------------------------------------------------------
     def _refresh(self) -> None:
+        """One tick: every change it makes leaves as one combined message (each property change
+        would be its own websocket message, serialised and applied in the browser one by one)."""
+        self.doc.hold("combine")
+        try:
+            self._refresh_held()
+        finally:
+            self.doc.unhold()
+
+    def _refresh_held(self) -> None:
         snap = self.feed.snapshot
         if snap is None:
             self._status(None)
@@ -413,17 +435,24 @@ class Page:
                 complete_log = len(changes) >= snap.version - self.version
                 kinds = {kind for kind, _ in changes}
                 full = not complete_log or "state" in kinds  # a resync: everything
-                if not full and kinds <= {"virtual", "status"} and time.monotonic() - self._drawn_at < BACKGROUND_S \
-                        and snap.status.get("state", "running") == "running":
-                    # new scan rows only: they wait (at most BACKGROUND_S), so the browser is free
-                    # when analysed blocks come -- the maps' delay is what the operator watches
+                rows = sorted(set().union(*[r for kind, r in changes if kind == "blocks"]))
+                running = snap.status.get("state", "running") == "running"
+                since = time.monotonic() - self._virtual_drawn_at
+                for kind, r in changes:  # new scan rows of the virtual images, drawn when due
+                    if kind == "virtual":
+                        self._virtual_due = "all" if r is None or self._virtual_due == "all" else \
+                            (self._virtual_due or set()) | set(r)
+                # Virtual rows wait (at most BACKGROUND_S, or twice that while blocks keep coming),
+                # so the browser is free when analysed blocks come: the maps' delay is what the
+                # operator watches, and an update with both redraws every plot on the page.
+                virtual = full or (self._virtual_due is not None and (
+                    not running or since >= (2 * BACKGROUND_S if rows else BACKGROUND_S)))
+                if not full and not rows and not virtual and "atoms" not in kinds:
                     self._status(snap)
                     return
-                self._drawn_at = time.monotonic()
-                vrows = [r for kind, r in changes if kind == "virtual"]
-                virtual_rows = None if full or any(r is None for r in vrows) else sorted(set().union(*vrows))
-                virtual = full or "virtual" in kinds
-                rows = sorted(set().union(*[r for kind, r in changes if kind == "blocks"]))
+                virtual_rows = None if full or self._virtual_due == "all" else sorted(self._virtual_due or ())
+                if virtual:
+                    self._virtual_drawn_at, self._virtual_due = time.monotonic(), None
                 self._draw(snap, full, rows, virtual, virtual_rows)
                 if full or "atoms" in kinds:
                     self._draw_atoms(snap, full)
@@ -507,17 +536,38 @@ class Page:
     def _draw_atoms(self, snap, full: bool) -> None:
         """Send the atoms found since the last draw (all of them after a resync)."""
         n = len(snap.atoms["positions"])
+        names = list(snap.meta.get("species_names") or [])
+        if names != self.species_names:  # the classes became known: every marker and the legend anew
+            self.species_names, full = names, True
+            self.atom_legend.text = species_legend(names)
         if full or n < self.atoms_shown:
             self.atom_source.data = self._atom_columns(snap.atoms)
+            self.anomaly_source.data = self._anomaly_columns(snap.atoms)
         elif n > self.atoms_shown:
             self.atom_source.stream(self._atom_columns(snap.atoms, self.atoms_shown))
+            flagged = self._anomaly_columns(snap.atoms, self.atoms_shown)
+            if len(flagged["x"]):
+                self.anomaly_source.stream(flagged)
         self.atoms_shown = n
 
     def _atom_columns(self, atoms: dict, start: int = 0) -> dict[str, np.ndarray]:
         """Atom table rows from ``start`` as plot columns (pixel (r, c) spans [c, c+1) × [r, r+1))."""
         pos = np.asarray(atoms["positions"], np.float64)[start:]
+        kind = np.asarray(atoms["species"], np.int64)[start:]
+        colours = np.array(species_colours(self.species_names) + [UNKNOWN_COLOUR])
+        names = np.array(self.species_names + ["unknown"])
+        known = (kind >= 0) & (kind < len(self.species_names))
+        pick = np.where(known, kind, len(self.species_names))
         return {"x": (pos[:, 1] + 0.5) * self.s, "y": (pos[:, 0] + 0.5) * self.s,
-                "confidence": np.asarray(atoms["confidence"], np.float64)[start:]}
+                "confidence": np.asarray(atoms["confidence"], np.float64)[start:],
+                "colour": colours[pick].tolist(), "species": names[pick].tolist()}
+
+    def _anomaly_columns(self, atoms: dict, start: int = 0) -> dict[str, np.ndarray]:
+        """The flagged columns from ``start`` on (point-defect score above the card's level)."""
+        flagged = np.asarray(atoms["anomaly_flag"], bool)[start:]
+        pos = np.asarray(atoms["positions"], np.float64)[start:][flagged]
+        return {"x": (pos[:, 1] + 0.5) * self.s, "y": (pos[:, 0] + 0.5) * self.s,
+                "score": np.asarray(atoms["anomaly"], np.float64)[start:][flagged]}
 
     def _doubt_mask(self, snap) -> np.ndarray:
         """1 where a block's thickness is doubtful, NaN elsewhere (drawn transparent)."""

@@ -154,6 +154,27 @@ def auto_range(values: np.ndarray, kind: str) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
+SPECIES_PALETTE = ("#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b")
+SPECIES_GREY = {"vacant": "#7f7f7f"}
+UNKNOWN_COLOUR = "#d62728"  # columns without a species (analyses off, or not classified)
+ANOMALY_COLOUR = "#ff00ff"
+
+
+def species_colours(names: list[str]) -> list[str]:
+    """One marker colour per species class, in the classifier's order."""
+    return [SPECIES_GREY.get(n, SPECIES_PALETTE[k % len(SPECIES_PALETTE)]) for k, n in enumerate(names)]
+
+
+def species_legend(names: list[str]) -> str:
+    """The atom overlay's legend (HTML): a swatch per species, unknown, and the anomaly marker."""
+    swatch = '<span style="color:{};font-size:15px">&#9711;</span>&nbsp;{}'
+    items = [swatch.format(c, n) for n, c in zip(names, species_colours(names))]
+    items.append(swatch.format(UNKNOWN_COLOUR, "column, species unknown" if names else "atomic column"))
+    items.append(f'<span style="color:{ANOMALY_COLOUR};font-size:15px">&#9633;</span>&nbsp;'
+                 "anomalous (point-defect score above the flag level)")
+    return "&emsp;".join(items)
+
+
 RANGE_TOLERANCE = 0.02  # an auto colour range follows its data once an end moved this much (of the span)
 
 

@@ -189,6 +189,8 @@ class LiveFeed:
                 rows = ("virtual", set(range(r0, r1)))
             elif kind == "atoms":
                 new = atoms_from(arrays)
+                if header.get("species_names"):
+                    snap.meta["species_names"] = list(header["species_names"])
                 snap.atoms = {k: np.concatenate([snap.atoms[k], new[k]]) for k in ATOM_FIELDS}
                 snap.status["atoms"] = len(snap.atoms["positions"])
                 rows = ("atoms", None)

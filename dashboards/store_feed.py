@@ -54,7 +54,10 @@ def read_view(path: str | Path) -> dict:
         if "atoms" in f:
             g = f["atoms"]
             n = int(g["count"][()])
-            out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block")}
+            out["atoms"] = {k: g[k][:n] for k in ("positions", "confidence", "intensity", "block",
+                                                  "species", "anomaly", "anomaly_flag") if k in g}
+            if "species" in g and "names" in g["species"].attrs:
+                out["species_names"] = json.loads(g["species"].attrs["names"])
         if "virtual/radial" in f:
             out["radial"] = _radial_info(f)
     return out
@@ -149,6 +152,8 @@ def snapshot_of(view: dict, path, version: int) -> Snapshot:
             "rings": a.get("rings", {}), "read_only": True, "radial": view.get("radial"),
             "method": str(a.get("method", "network")), "check": _json(a.get("check", "{}")),
             "holder_axis_deg": float(a["holder_axis_deg"]) if "holder_axis_deg" in a else None}
+    if view.get("species_names"):
+        meta["species_names"] = list(view["species_names"])
     return Snapshot(meta=meta, status=status, scan_shape=tuple(int(v) for v in a["scan_shape"]),
                     block_shape=tuple(int(v) for v in a["block_shape"]), flag_names=list(a["flag_names"]),
                     maps=view["maps"], virtual=view["virtual"], done=view["done"], counts=view["counts"],

@@ -95,6 +95,21 @@ def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | 
     assert names and not any(br.model_prop(d, n, "visible") for n in names)
     br.click_widget(d, "show-atoms", "input")
     br.wait_for(lambda: all(br.model_prop(d, n, "visible") for n in names), 10, what="the atom overlay shown")
+    # coloured by species (where the run classified its columns), with the legend; anomalous
+    # columns on their own tick
+    assert br.model_prop(d, "atom-legend", "visible")
+    legend = br.model_prop(d, "atom-legend", "text")
+    colours = d.execute_script("return Array.from(Bokeh.documents[0].get_model_by_name('source-atoms').data.colour)")
+    species = store.get("atoms", {}).get("species_names")
+    if species:
+        assert all(name in legend for name in species)
+        assert len(set(colours)) >= 2, set(colours)  # cation columns of two kinds at least
+    else:
+        assert "atomic column" in legend and len(set(colours)) <= 1
+    anomalies = [n.replace("atoms-", "anomalies-") for n in names]
+    assert not any(br.model_prop(d, n, "visible") for n in anomalies)
+    br.click_widget(d, "show-atoms", "input", 1)
+    br.wait_for(lambda: all(br.model_prop(d, n, "visible") for n in anomalies), 10, what="the anomaly overlay shown")
     assert br.model_prop(d, "doubt", "visible")
     br.click_widget(d, "show-doubt", "input")
     br.wait_for(lambda: br.model_prop(d, "doubt", "visible") is False, 10, what="the doubt hatching hidden")

@@ -645,8 +645,8 @@ class Page:
         now = time.monotonic()
         # between bursts of blocks: the fetch, the library fit and four images redrawn would hold
         # up the maps' next update (measured: 90th percentile frame -> pixel 1.0-1.8 s with, 0.8-0.9 s without)
-        due = now - self._followed_at >= FOLLOW_S and (now - self._blocks_sent_at >= FOLLOW_QUIET_S
-                                                        or now - self._followed_at >= FOLLOW_MAX_S)
+        due = self._shown is None or (now - self._followed_at >= FOLLOW_S and (
+            now - self._blocks_sent_at >= FOLLOW_QUIET_S or now - self._followed_at >= FOLLOW_MAX_S))
         if latest is not None and latest != self._shown and (force or due):
             self._followed_at = now
             self._request(latest, pinned=False)

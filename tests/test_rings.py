@@ -190,6 +190,6 @@ def test_store_page_redraws_a_ring_the_operator_moves(tmp_path):
         want = ring_images(rec, {"h": (2.0, 3.5, "alpha")}, scale, BIN, CENTER)["h"]
         np.testing.assert_allclose(page.virtual["haadf"]["source"].data["image"][0], want, rtol=2e-5)
         assert "27.2–47.6 mrad (2.00–3.50 α)" in page.virtual["haadf"]["figure"].title.text
-        assert json.loads(page.rings_drawn.text)["rings"]["haadf"] == [2.0, 3.5]
+        assert json.loads(page.rings_drawn.data["msg"][0])["rings"]["haadf"] == [2.0, 3.5]
     finally:
         feed.close()

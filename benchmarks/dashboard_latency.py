@@ -12,6 +12,7 @@ figures leave out the engine's smallest receive lag (a few ms).  Prints per sess
 and 90th percentile of (pixel drawn - last frame sent) over the scan's blocks.
 
     python benchmarks/dashboard_latency.py [--scan 64 64] [--block 8 8] [--dwell-us 10000] [--sessions 2]
+                                           [--repeat 5]   (runs pooled: this machine's load varies)
 
 --stand-in: a stand-in engine (LiveState + the real Publisher) publishes a --blocks² map evenly
 over --minutes and the script prints each 10 s the median publish -> browser delay per session,
@@ -147,6 +148,22 @@ function tick() {
   requestAnimationFrame(tick);
 }
 requestAnimationFrame(tick);
+// paints per plot and their time: which plots an update makes the browser redraw
+window.stemlivePaints = {};
+const plotView = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('map-thickness'));
+const proto = Object.getPrototypeOf(plotView);
+if (!proto.__stemliveCounted) {
+  const paint = proto._actual_paint;
+  proto._actual_paint = function () {
+    const t = performance.now();
+    const r = paint.call(this);
+    const name = this.model.name || this.model.title?.text || 'plot';
+    const e = window.stemlivePaints[name] || (window.stemlivePaints[name] = [0, 0]);
+    e[0] += 1; e[1] += performance.now() - t;
+    return r;
+  };
+  proto.__stemliveCounted = true;
+}
 """
 
 
@@ -280,6 +297,7 @@ def real_engine(args) -> None:
                 f"{k} {metrics1[k] - metrics0[k]:.2f}" for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
                                                                 "RecalcStyleDuration") if k in metrics1)
                   + f"; layouts {metrics1.get('LayoutCount', 0) - metrics0.get('LayoutCount', 0):.0f}")
+        paints = drivers[0].execute_script("return window.stemlivePaints || {}")
         drawn = [drv.execute_script("return window.stemliveDrawn") for drv in drivers]
         # the page's own probe: publish -> the update carrying it reached the browser (before drawing)
         arrived = [np.array(drv.execute_script("return window.stemliveDelays || []"), float) for drv in drivers]
@@ -317,7 +335,8 @@ def real_engine(args) -> None:
         lat = np.array([rec[str(k)] for k in idx]) - sent[idx]
         med, p90 = float(np.median(lat)), float(np.percentile(lat, 90))
         page = np.array([rec[str(k)] for k in idx]) - pub_t[idx]
-        summary["sessions"].append({"measured_blocks": int(idx.size), "median_s": med, "p90_s": p90,
+        summary["sessions"].append({"latencies_s": lat.tolist(), "measured_blocks": int(idx.size), "median_s": med,
+                                    "p90_s": p90,
                                     "max_s": float(lat.max()), "published_to_drawn_median_s": float(np.nanmedian(page)),
                                     "published_to_drawn_p90_s": float(np.nanpercentile(page, 90))})
         print(f"session {n}: {idx.size} blocks, last frame sent -> pixel drawn: median {med * 1e3:.0f} ms, "
@@ -325,7 +344,33 @@ def real_engine(args) -> None:
               f"median {np.nanmedian(page) * 1e3:.0f} ms, 90th percentile {np.nanpercentile(page, 90) * 1e3:.0f} ms "
               f"(the newest block's update reached the page {np.median(arrived[n]) * 1e3:.0f} ms after publishing, "
               f"median of {arrived[n].size} updates)")
-    print(json.dumps(summary))
+    if paints:
+        busiest = sorted(paints.items(), key=lambda kv: -kv[1][1])
+        print(f"session 0 repainted plots {sum(n for n, _ in paints.values())} times "
+              f"({sum(ms for _, ms in paints.values()) / 1e3:.1f} s of script): " + ", ".join(
+                  f"{name} {n}× {ms:.0f} ms" for name, (n, ms) in busiest[:12]))
+    print(json.dumps({**summary, "sessions": [{k: v for k, v in s.items() if k != "latencies_s"}
+                                              for s in summary["sessions"]]}))
+    return summary
+
+
+def repeated(args) -> None:
+    """--repeat N runs of the real path, one after another with a pause (the machine's load
+    settles): every block of every run and session pooled, and each run's medians."""
+    runs = []
+    for k in range(args.repeat):
+        if k:
+            time.sleep(args.pause)
+        print(f"--- run {k + 1} of {args.repeat}", flush=True)
+        runs.append(real_engine(args))
+    pooled = np.concatenate([s["latencies_s"] for r in runs for s in r["sessions"]])
+    engine = [r["last_frame_to_published_median_s"] for r in runs]
+    medians = [s["median_s"] for r in runs for s in r["sessions"]]
+    print(f"=== {args.repeat} runs × {args.sessions} sessions, {pooled.size} blocks drawn: last frame sent -> pixel "
+          f"drawn median {np.median(pooled) * 1e3:.0f} ms (target ≤ 500), 90th percentile "
+          f"{np.percentile(pooled, 90) * 1e3:.0f} ms; per run and session medians "
+          + " ".join(f"{m * 1e3:.0f}" for m in medians)
+          + "; engine (last frame -> published) medians " + " ".join(f"{m * 1e3:.0f}" for m in engine) + " ms")
 
 
 def main() -> None:
@@ -339,6 +384,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds the engine may take")
     ap.add_argument("--js-profile", type=int, default=0, metavar="N",
                     help="print the N functions session 0's page spent most time in (Chrome's profiler)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the real path, pooled")
+    ap.add_argument("--pause", type=float, default=20.0, help="seconds between repeated runs")
     ap.add_argument("--work", default=str(ROOT / ".bench-cache" / "dashboard_latency"), help="store and stream dump")
     ap.add_argument("--minutes", type=float, default=5.0, help="stand-in: how long")
     ap.add_argument("--blocks", type=int, default=256, help="stand-in: blocks per side of the map")
@@ -348,7 +395,12 @@ def main() -> None:
     why = br.available()
     if why:
         sys.exit(f"cannot run: {why}")
-    (stand_in if args.stand_in else real_engine)(args)
+    if args.stand_in:
+        stand_in(args)
+    elif args.repeat > 1:
+        repeated(args)
+    else:
+        real_engine(args)
 
 
 

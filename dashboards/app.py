@@ -31,15 +31,17 @@ from bokeh.events import SelectionGeometry, Tap
 from bokeh.layouts import column, gridplot, row
 from bokeh.models import (BoxSelectTool, BoxZoomTool, Button, CheckboxGroup, ColorBar, ColumnDataSource,
                           CustomJS, Div, HoverTool, LinearColorMapper, MetricLength, PanTool, RadioButtonGroup,
-                          Range1d, ResetTool, SaveTool, ScaleBar, Select, Spinner, TapTool, WheelZoomTool)
+                          Range1d, ResetTool, SaveTool, ScaleBar, Select, Spinner, TabPanel, Tabs, TapTool,
+                          WheelZoomTool)
 from bokeh.plotting import figure
 
 from . import hover
 from .display import (ANOMALY_COLOUR, COM_VIEWS, UNKNOWN_COLOUR, settled_range, set_range, species_colours,
-                      species_legend, GREY, MAP_BY_KEY, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
+                      species_legend, GREY, MAP_BY_KEY, MAP_TABS, MAPS, VIRTUAL, auto_range, crystal_correction, derived_maps,
                       display_factor, doubtful, downsample, holder_text, region_stats, status_text)
 from .exports import maps_csv
 from .pacbed_panel import PacbedPanel, block_text
+from .one_message import one_message
 from .patches import row_patch
 from .ring_panel import LABELS, RingPanel
 
@@ -90,6 +92,7 @@ class Page:
         """))
         self.sent_version = 0
         self.sent_at = 0.0
+        self._before_last = 0  # the version of the update sent before the last one
         self.browser_delay_s: float | None = None  # engine publish -> this browser applied it
         self.frame_delay_s: float | None = None  # a block's last frame -> drawn here (measured by the browser)
         self._completed_sent: float | None = None
@@ -109,6 +112,8 @@ class Page:
         self._blocks_sent_at = -math.inf  # the last update with analysed blocks
         self._virtual_drawn_at = -math.inf
         self._virtual_due: set[int] | str | None = None  # virtual-image rows not yet drawn ("all": every row)
+        self._atoms_due = False  # atomic columns not yet sent
+        self._histogram_due = False  # analysed blocks not yet in the histogram
         self._status_at = -math.inf
         self._range_at = -math.inf
         # the operator's rings: asked for on their own worker (a slow sum never delays a PACBED)
@@ -238,30 +243,53 @@ class Page:
                                    if self.holder_axis is not None else "")),
                           name="models", sizing_mode="stretch_width")
         side = column(self.pacbed.layout(), self.region_info, self.hist_map, self.hist_fig, controls)
-        grids = [gridplot(figs, ncols=3, toolbar_location="right")]
+        by_key = dict(zip((m.key for m in MAPS), figs))
+        map_tabs = self._tabs([(title, [by_key[k] for k in keys], self._grid([by_key[k] for k in keys], 2,
+                                                                            "stemlive-maps"))
+                               for title, keys in MAP_TABS], "map-tabs")
+        # the detectors below, in tabs too (only the tab on show is repainted)
+        detector_tabs = []
         if vfigs:
             # beside the ring sliders, three a row (the page stays within a 1750 px window)
-            grids.append(gridplot(vfigs, ncols=3 if self.rings is not None else 4, toolbar_location="right"))
-            grids[-1].name = "virtual-grid"
-        for grid, name in zip(grids, ("stemlive-maps", "stemlive-virtual")):
-            for tool in grid.toolbar.tools:  # the merged save tool: a file name, no prompt
-                if isinstance(tool, SaveTool):
-                    tool.filename = name
-        virtual = grids[1] if vfigs else Div()
-        if self.rings is not None:
-            virtual = row(virtual, self.rings.layout())
-        self.root.children = [
-            self.status, self.models, row(grids[0], side),
-            Div(text="<b>Virtual detectors</b> (scan grid)"), virtual]
+            vgrid = self._grid(vfigs, 3 if self.rings is not None else 4, "stemlive-virtual")
+            vgrid.name = "virtual-grid"
+            detector_tabs.append(("Virtual detectors (scan grid)", vfigs,
+                                  row(vgrid, self.rings.layout()) if self.rings is not None else vgrid))
         if cfigs:
-            cgrid = gridplot(cfigs, ncols=4, toolbar_location="right")
+            cgrid = self._grid(cfigs, 4, "stemlive-com")
             cgrid.name = "com-grid"
-            self.root.children += [Div(text="<b>Centre of mass</b> (DPC shift from the calibrated disk centre, "
-                                            "in the scan frame; iDPC its integral: columns bright)"), cgrid]
+            detector_tabs.append(("Centre of mass", cfigs, column(Div(text="DPC shift from the calibrated disk centre, "
+                                                                           "in the scan frame; iDPC its integral: "
+                                                                           "columns bright"), cgrid)))
+        self.root.children = [self.status, self.models, row(map_tabs, side)]
+        if detector_tabs:
+            self.root.children += [self._tabs(detector_tabs, "detector-tabs")]
         self.built = True
         self._histogram(derived)
         if self.rings is not None:
             self._ask_rings()  # the custom annulus
+
+    @staticmethod
+    def _tabs(panels: list, name: str) -> Tabs:
+        """Tabs of (title, figures, layout).  The figures of a tab not on show hold their render:
+        a hidden Bokeh tab's plots still repaint on every change of their data."""
+        groups = [figs for _, figs, _ in panels]
+        for figs in groups[1:]:
+            for f in figs:
+                f.hold_render = True
+        tabs = Tabs(tabs=[TabPanel(child=layout, title=title) for title, _, layout in panels], name=name)
+        tabs.js_on_change("active", CustomJS(args=dict(tabs=tabs, groups=groups), code="""
+            groups.forEach((figs, k) => { for (const f of figs) f.hold_render = k != tabs.active; });"""))
+        return tabs
+
+    @staticmethod
+    def _grid(figs, ncols: int, name: str):
+        """Figures sharing one toolbar; its save tool names the file (no prompt)."""
+        grid = gridplot(figs, ncols=ncols, toolbar_location="right")
+        for tool in grid.toolbar.tools:
+            if isinstance(tool, SaveTool):
+                tool.filename = name
+        return grid
 
     def _image_figure(self, key, title, unit, values, palette, kind, registry, extent, factor, blocks: bool):
         dw, dh = extent
@@ -285,6 +313,7 @@ class Page:
                           BoxSelectTool(), TapTool(), ResetTool(), SaveTool(filename=f"stemlive-{key}")],
                    x_axis_label=axis, y_axis_label=axis)
         f.toolbar.logo = None
+        f.grid.visible = False  # under an image it is never seen, yet each repaint reads its styles
         img = f.image(image="image", x=0, y=0, dw=dw, dh=dh, source=source, color_mapper=mapper)
         f.add_tools(HoverTool(tooltips=tooltips, formatters=formatters, renderers=[img]))
         f.add_layout(ColorBar(color_mapper=mapper, width=8), "right")
@@ -334,6 +363,7 @@ class Page:
             document.body.style.color = dark ? "#e6e6e6" : "";"""))
         self.show_atoms = CheckboxGroup(labels=["atomic columns over the virtual images (colour: species)",
                                                 "anomalous columns (point defects)"], active=[], name="show-atoms")
+        self.show_atoms.on_change("active", self._on_overlay)
         self.show_atoms.js_on_change("active", CustomJS(
             args=dict(renderers=self.atom_renderers, anomalies=self.anomaly_renderers, legend=self.atom_legend,
                       box=self.show_atoms),
@@ -402,6 +432,22 @@ class Page:
         for f in self.figures:  # the doubt mask and outlines stay visible on both
             f.background_fill_color = "#20262b" if dark else "#ffffff"
 
+    def _together(self, callback, *args) -> None:
+        """``callback(*args)``'s changes as one message (a PACBED shown changes four plots)."""
+        with one_message(self.doc):
+            callback(*args)
+
+    def _overlay_shown(self) -> bool:
+        return bool(self.show_atoms.active)
+
+    def _on_overlay(self, attr, old, new) -> None:
+        """Overlay ticked: the columns found while it was hidden go now."""
+        snap = self.feed.snapshot
+        if new and self._atoms_due and snap is not None:
+            with self.feed.lock:
+                self._draw_atoms(snap, False)
+            self._atoms_due = False
+
     def _send_csv(self) -> None:
         snap = self.feed.snapshot
         with self.feed.lock:
@@ -415,13 +461,10 @@ class Page:
 
     # -- updates ------------------------------------------------------------------------------
     def _refresh(self) -> None:
-        """One tick: every change it makes leaves as one combined message (each property change
-        would be its own websocket message, serialised and applied in the browser one by one)."""
-        self.doc.hold("combine")
-        try:
+        """One tick: every change it makes leaves as one websocket message (Bokeh would send each
+        change on its own, serialised and applied in the browser one by one)."""
+        with one_message(self.doc):
             self._refresh_held()
-        finally:
-            self.doc.unhold()
 
     def _refresh_held(self) -> None:
         snap = self.feed.snapshot
@@ -450,17 +493,25 @@ class Page:
                 # operator watches, and an update with both redraws every plot on the page.
                 virtual = full or (self._virtual_due is not None and (
                     not running or since >= (2 * BACKGROUND_S if rows else BACKGROUND_S)))
-                if not full and not rows and not virtual and "atoms" not in kinds:
+                # New atomic columns go with the virtual images they are drawn over, and only while
+                # the overlay is shown (a changed source repaints its plots, drawn or not); all of
+                # them once the run has ended.
+                self._atoms_due = self._atoms_due or "atoms" in kinds
+                atoms = full or (self._atoms_due and (not running or (self._overlay_shown() and (
+                    virtual or since >= 2 * BACKGROUND_S))))
+                if not (full or rows or virtual or atoms or (self._histogram_due and not running)):
                     self._status(snap)
                     return
                 virtual_rows = None if full or self._virtual_due == "all" else sorted(self._virtual_due or ())
                 if virtual:
                     self._virtual_drawn_at, self._virtual_due = time.monotonic(), None
                 self._draw(snap, full, rows, virtual, virtual_rows)
-                if full or "atoms" in kinds:
+                if atoms:
                     self._draw_atoms(snap, full)
+                    self._atoms_due = False
                 self.version = snap.version
                 sent = getattr(self.feed, "last_sent", None)
+                self._before_last = self.sent_version
                 self.sent_version, self.sent_at = snap.version, time.monotonic()
                 if rows:
                     self._blocks_sent_at = self.sent_at
@@ -494,12 +545,13 @@ class Page:
             self.frame_delay_s = max(0.0, delay)
 
     def _browser_ready(self) -> bool:
-        """The browser has applied the last update (or has not answered for 5 s: send anyway)."""
+        """The browser has drawn the update before the last one (or has not answered for 5 s: send
+        anyway): one update travels while the browser draws the other, and no more queue up."""
         try:
             acked = int(self.ack.data["msg"][0].split(" ")[0])
         except (ValueError, KeyError, IndexError):
             acked = 0
-        return acked >= self.sent_version or time.monotonic() - self.sent_at > 5.0
+        return acked >= self._before_last or time.monotonic() - self.sent_at > 5.0
 
     def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True, virtual_rows=None) -> None:
         derived = derived_maps(snap.maps)
@@ -536,7 +588,12 @@ class Page:
             if time.monotonic() - self._range_at >= STATUS_S:  # at most twice a second
                 self._range_at = time.monotonic()
                 self._show_range()  # the spinners show the auto range of the chosen map
-        self._histogram(derived)
+        # the histogram goes with the virtual images (≤ 1/s, 1 per 2 s while blocks come): drawn
+        # with each block update it was the page's costliest plot
+        self._histogram_due = self._histogram_due or bool(rows)
+        if self._histogram_due and (full or virtual or snap.status.get("state", "running") != "running"):
+            self._histogram(derived)
+            self._histogram_due = False
 
     def _draw_atoms(self, snap, full: bool) -> None:
         """Send the atoms found since the last draw (all of them after a resync)."""
@@ -669,7 +726,7 @@ class Page:
             result, error = self.feed.block_pacbed(*block), None
         except (TimeoutError, ValueError, OSError, KeyError) as exc:
             result, error = None, exc
-        self.doc.add_next_tick_callback(partial(self._arrived, block, pinned, result, error))
+        self.doc.add_next_tick_callback(partial(self._together, self._arrived, block, pinned, result, error))
 
     def _arrived(self, block, pinned, result, error) -> None:
         self._busy = False
@@ -717,7 +774,7 @@ class Page:
             result, error = self.feed.ring_images(rings), None
         except (TimeoutError, ValueError, OSError, KeyError) as exc:
             result, error = None, exc
-        self.doc.add_next_tick_callback(partial(self._rings_arrived, rings, result, error))
+        self.doc.add_next_tick_callback(partial(self._together, self._rings_arrived, rings, result, error))
 
     def _rings_arrived(self, rings: dict, result, error) -> None:
         self._ring_busy = False

@@ -85,6 +85,7 @@ class PacbedPanel:
                    tools="pan,wheel_zoom,reset,save", name="pacbed", x_axis_label="mrad (axis 1)",
                    y_axis_label="mrad (axis 0)", x_range=Range1d(-1, 1), y_range=Range1d(1, -1))
         p.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image, color_mapper=self.mapper)
+        p.grid.visible = False  # hidden by the image, read on every repaint
         p.circle(x="x", y="y", radius="r", source=self.rings, fill_alpha=0, line_color="white",
                  line_dash="dashed", line_alpha=0.8, name="rings")
         p.add_layout(LabelSet(x="lx", y="ly", text="name", source=self.rings, text_color="white",
@@ -111,6 +112,7 @@ class PacbedPanel:
                        tools="", toolbar_location=None, x_axis_label=FIT_AXES.format(unit="mrad"),
                        x_range=Range1d(-1, 1), y_range=Range1d(1, -1))
             f.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
+            f.grid.visible = False
             f.xaxis.major_label_text_font_size = f.yaxis.major_label_text_font_size = "8px"
             f.xaxis.axis_label_text_font_size = "9px"
             f.xaxis.ticker.desired_num_ticks = f.yaxis.ticker.desired_num_ticks = 4

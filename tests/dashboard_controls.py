@@ -28,6 +28,25 @@ def _wait_file(folder: Path, pattern: str, timeout: float = 30.0) -> Path:
     return br.wait_for(found, timeout, what=f"a download {pattern} in {folder}")
 
 
+def show_tab(d, tabs: str, index: int, figure: str) -> None:
+    """Click tab ``index`` of the Tabs ``tabs``; wait until ``figure`` on it is on show and painted."""
+    br.click_widget(d, tabs, ".bk-tab", index)
+    br.wait_for(lambda: br.model_prop(d, tabs, "active") == index, 10, what=f"tab {index} of {tabs} active")
+    br.wait_for(lambda: d.execute_script(
+        "const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(arguments[0]));"
+        "return v != null && v.is_displayed && v.el.getBoundingClientRect().width > 0", figure), 10,
+        what=f"{figure} shown")
+    assert br.model_prop(d, figure, "hold_render") is False
+
+
+def hidden_tabs_hold(d) -> None:
+    """The maps of tabs not on show hold their render (a hidden Bokeh plot still repaints)."""
+    active = br.model_prop(d, "map-tabs", "active")
+    shown = {0: "map-thickness", 1: "map-tilt1", 2: "map-flags"}
+    for k, name in shown.items():
+        assert br.model_prop(d, name, "hold_render") is (k != active), (name, active)
+
+
 def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | None = None) -> None:
     """Click every control; ``store``: `read_store` of the finished run the page shows;
     ``holder_axis_deg``: the page's holder axis (region statistics then give α/β)."""
@@ -115,6 +134,12 @@ def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | 
     br.wait_for(lambda: br.model_prop(d, "doubt", "visible") is False, 10, what="the doubt hatching hidden")
     br.click_widget(d, "show-doubt", "input")
 
+    # map tabs: each shows (draws) its own maps; the tilt components for the block click
+    hidden_tabs_hold(d)
+    for index, shown in ((2, "map-flags"), (1, "map-tilt1")):
+        show_tab(d, "map-tabs", index, shown)
+        hidden_tabs_hold(d)
+
     # block click: the panel pins to it, outlines it on every map; "follow latest" lets go
     i, j = 1, 2
     br.click_data_point(d, "map-tilt1", (j + 0.5) * bx, (i + 0.5) * by)
@@ -150,6 +175,7 @@ def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | 
                 what="follow latest")
 
     # box select on a map: mean ± sd and count of every map in the region
+    show_tab(d, "map-tabs", 0, "map-thickness")
     br.tool_button(d, "map-thickness", "BoxSelectTool").click()
     br.drag(d, "map-thickness", (0.2 * bx, 0.2 * by), (2.8 * bx, 1.8 * by))
     text = br.wait_for(lambda: (lambda t: t if "Region" in t else None)(br.text_of(d, "region-info")), 20,
@@ -174,6 +200,9 @@ def exercise_controls(d, store: dict, downloads: Path, holder_axis_deg: float | 
     region = region[np.isfinite(region)]
     want = f"<td>Thickness</td><td>{region.mean():.3g} ± {region.std(ddof=1):.3g} nm</td><td>{region.size}</td>"
     br.wait_for(lambda: want in br.text_of(d, "region-info"), 20, what="region statistics from the azimuth map")
+    if br.model_prop(d, "com-grid", "name") is not None:  # the centre-of-mass tab and back
+        show_tab(d, "detector-tabs", 1, "map-idpc")
+        show_tab(d, "detector-tabs", 0, "map-haadf" if br.model_prop(d, "map-haadf", "name") else "map-custom")
     if "radial" in store:
         exercise_rings(d, store)
     time.sleep(0.5)

@@ -306,3 +306,74 @@ def test_holder_correction_brings_the_zone_axis_onto_the_beam():
         assert np.hypot(*left) < 0.01 * max(1.0, np.hypot(*t)), (t, phi, left)
     text = holder_text((0.5, -0.2), 90)
     assert "α by +0.20 mrad (+0.011°)" in text and "β by +0.50 mrad (+0.029°)" in text
+
+
+def test_a_ticks_changes_leave_as_one_patch_message():
+    """What `one_message` sends to each browser connection: one PATCH-DOC with every change of the
+    block, in order, minus the echo of a change to the connection it came from."""
+    import weakref
+
+    from bokeh.document import Document
+    from bokeh.models import ColumnDataSource, Div
+    from bokeh.protocol import Protocol
+
+    from stemlive.dashboards.one_message import one_message
+
+    class Socket:
+        def __init__(self):
+            self.sent = []
+
+        def send_message(self, message):
+            self.sent.append(message)
+            return None
+
+    class Connection:
+        def __init__(self):
+            self.protocol, self._socket = Protocol(), Socket()
+
+    class Session:  # the parts of Bokeh's ServerSession that one_message uses
+        def __init__(self, doc):
+            self._subscribed_connections = [Connection(), Connection()]
+            self._current_patch_connection = self._subscribed_connections[1]
+            self._pending_writes = []
+            self.plain = []
+            doc.callbacks.on_change_dispatch_to(self)
+
+        def _document_patched(self, event):  # Bokeh's way: a message per change
+            self.plain.append(event)
+
+    class Context:
+        pass
+
+    doc = Document()
+    divs = [Div(text="a"), Div(text="b")]
+    source = ColumnDataSource({"x": [0, 1, 2]})
+    for m in (*divs, source):
+        doc.add_root(m)
+    doc.models.flush_synced()
+    ctx = Context()
+    ctx._session = session = Session(doc)
+    doc._session_context = weakref.ref(ctx)
+    echo = Div(text="e")
+    doc.add_root(echo)
+    doc.models.flush_synced()
+    session.plain.clear()
+    with one_message(doc):
+        divs[0].text = "a1"
+        divs[0].text = "a2"  # combined with the one before
+        divs[1].text = "b1"
+        source.patch({"x": [(1, 10)]})
+        echo.set_from_json("text", "from the browser", setter=session)  # a change the browser on connection 1 made
+    assert session.plain == []
+    first, second = (c._socket.sent for c in session._subscribed_connections)
+    assert len(first) == 1 and len(second) == 1 and session._pending_writes == [None, None]
+    events = first[0].content["events"]
+    assert [e["kind"] for e in events] == ["ModelChanged", "ModelChanged", "ColumnsPatched", "ModelChanged"]
+    assert [e.get("new") for e in events if e["kind"] == "ModelChanged"] == ["a2", "b1", "from the browser"]
+    assert len(second[0].content["events"]) == 3  # no echo
+    # outside a server session: Bokeh's own way, a message per change
+    doc._session_context = None
+    with one_message(doc):
+        divs[0].text = "a3"
+        divs[1].text = "b3"
+    assert len(session.plain) == 2

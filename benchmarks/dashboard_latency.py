@@ -263,7 +263,7 @@ def real_engine(args) -> None:
             sys.exit("the dashboard did not start")
         listener = threading.Thread(target=status_listener, args=(sub_addr, stop, statuses, published), daemon=True)
         listener.start()
-        engine = subprocess.Popen(cli + ["live", "--detector", "dectris", "--api-port", str(api), "--data-port", str(data),
+        engine = subprocess.Popen(cli + ["live", "--nice", str(args.nice), "--detector", "dectris", "--api-port", str(api), "--data-port", str(data),
                                          "--scan-shape", *map(str, scan), "--block", *map(str, block),
                                          "--alpha-mrad", str(meta.get("alpha_mrad", 13.6)), "--kv", str(meta.get("kv", 200)),
                                          "--mrad-per-px", str(meta["mrad_per_px"]),
@@ -318,7 +318,8 @@ def real_engine(args) -> None:
     sent = t0 + last_frame_index(scan, block).ravel() * dwell
     print(f"demo scan {scan[0]}×{scan[1]} frames of {meta['frame_shape']}, blocks {block[0]}×{block[1]} "
           f"({sent.size}), dwell {args.dwell_us} µs ({1 / dwell:.0f} frames/s; engine received {rate:.0f} frames/s), "
-          f"method {args.method}, {args.sessions} Chromium sessions at 10 Hz; load: {os.getloadavg()[0]:.1f}")
+          f"method {args.method}, engine at nice {args.nice}, {args.sessions} Chromium sessions at 10 Hz; "
+          f"load: {os.getloadavg()[0]:.1f}")
     nx = -(-scan[1] // block[1])
     pub_t = np.array([published.get((k // nx, k % nx), np.nan) for k in range(sent.size)])
     engine_part = pub_t - sent
@@ -384,6 +385,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds the engine may take")
     ap.add_argument("--js-profile", type=int, default=0, metavar="N",
                     help="print the N functions session 0's page spent most time in (Chrome's profiler)")
+    ap.add_argument("--nice", type=int, default=10,
+                    help="the engine's `stemlive live --nice` (0: at the dashboard's and browsers' priority)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the real path, pooled")
     ap.add_argument("--pause", type=float, default=20.0, help="seconds between repeated runs")
     ap.add_argument("--work", default=str(ROOT / ".bench-cache" / "dashboard_latency"), help="store and stream dump")

@@ -114,6 +114,10 @@ def add_parsers(sub) -> None:
     ap.add_argument("--frame-time-us", type=positive(), default=None,
                     help="the detector's frame time: at slow rates partitions end where blocks do, so each "
                          "block is analysed within 0.1 s of its last frame (DECTRIS: asked of the detector)")
+    ap.add_argument("--nice", type=int, choices=range(0, 20), default=0, metavar="0-19",
+                    help="lower the engine's CPU priority by this much (its workers too): with the dashboard "
+                         "and the operator's browser on the same machine, 10 keeps the page prompt while "
+                         "the engine still gets every cycle they leave (default 0)")
     add_run_options(ap)
     ap.set_defaults(func=run_live)
 
@@ -204,6 +208,8 @@ def exit_stuck(message: str, code: int = 1) -> None:
 def run_live(args) -> int:
     from .acquire import live
 
+    if args.nice:
+        os.nice(args.nice)  # before any worker starts: they inherit it
     return _guarded(lambda: live(settings_from(args), detector=args.detector, api_host=args.api_host,
                                  api_port=args.api_port, data_host=args.data_host or args.api_host,
                                  data_port=args.data_port, scan_shape=tuple(args.scan_shape), mode=args.mode,

@@ -52,3 +52,10 @@ def test_export_engines_refuses_without_a_gpu():
         pytest.skip("a CUDA device is present")
     res = stemlive("export", "engines")
     assert res.returncode == 1 and "no CUDA device" in res.stderr and "tensorrt" not in res.stdout
+
+
+@pytest.mark.parametrize("nice", ["-1", "20", "high"])
+def test_live_refuses_a_priority_outside_0_to_19(nice):
+    res = stemlive("live", "--detector", "dectris", "--api-port", "1", "--data-port", "2", "--scan-shape", "4", "4",
+                   "--out", "x.h5", "--nice", nice)
+    assert res.returncode == 2 and "--nice" in res.stderr, res.stderr

@@ -68,7 +68,7 @@ def test_dashboard_live(live_scan, tmp_path):
                           "--scan-shape", "32", "48", "--block", "8", "8", "--alpha-mrad", "13.6", "--kv", "200",
                           "--mrad-per-px", str(meta["mrad_per_px"]), "--scan-step-nm", str(meta["scan_step_nm"]),
                           "--out", str(store), "--pub", sub_addr,
-                          "--rep", req_addr, "--quiet", "--executor", "inline", "--com")
+                          "--rep", req_addr, "--quiet", "--executor", "inline", "--com", "--nice", "5")
         procs.append(engine)
         url = f"http://127.0.0.1:{web}/"
         a = br.browser()
@@ -76,6 +76,9 @@ def test_dashboard_live(live_scan, tmp_path):
         a.get(url)
         br.wait_for(lambda: any(w in br.text_of(a, "status") for w in ("Scanning", "Waiting for the first frames")),
                     what="status: scanning")
+        # the engine runs at the priority it was given (field 19 of /proc/PID/stat: its nice value)
+        stat = Path(f"/proc/{engine.pid}/stat").read_text()
+        assert int(stat[stat.rindex(")") + 2:].split()[16]) == 5
         # maps fill in as the simulator streams
         first = br.wait_for(lambda: finite_count(br.model_data(a, "source-thickness") or [[]]), what="a first block")
         br.wait_for(lambda: finite_count(br.model_data(a, "source-thickness")) > first, what="more blocks")

@@ -186,6 +186,8 @@ def test_dashboard_live(live_scan, tmp_path):
         assert "Library fit" in br.text_of(a, "pacbed-fit-info")
         wide = a.execute_script("const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
         assert wide[0] <= wide[1], f"the page is {wide[0]} px wide in a {wide[1]} px window"
+        a.execute_script("window.scrollTo(0, 0)")  # the page from its top, as it opens
+        time.sleep(0.3)
         a.save_screenshot(str(ARTIFACTS / "dashboard-finished.png"))
         # the ring set after the restart covers the whole scan, as summed from the store's profiles
         want = store_ring(final, *late_ring, "mrad")

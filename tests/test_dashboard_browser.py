@@ -91,7 +91,12 @@ def test_dashboard_live(live_scan, tmp_path):
         assert frame_delays and all(0 <= v < 60 for v in frame_delays), frame_delays
         print(f"\nmid-scan status: {status}\nlast frame -> drawn in the browser: {len(frame_delays)} updates, "
               f"median {np.median(frame_delays) * 1e3:.0f} ms, max {max(frame_delays) * 1e3:.0f} ms", flush=True)
+        # the PACBED panel follows the latest block while the scan runs
+        br.wait_for(lambda: a.execute_script("const m = Bokeh.documents[0].get_model_by_name('source-pacbed');"
+                                             "return m.data.image.length > 0"), 20, what="a PACBED mid-scan")
+        assert "following the latest block" in br.model_prop(a, "pacbed", "title.text")
         ARTIFACTS.mkdir(exist_ok=True)
+        time.sleep(0.5)  # drawn
         a.save_screenshot(str(ARTIFACTS / "dashboard-midscan.png"))
         assert br.console_errors(a) == []  # the page loaded and updated without errors
         # the dashboard dies mid-scan; the engine goes on without it

@@ -17,6 +17,7 @@ check and a card (`models/cards.py`).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +90,14 @@ def accuracy_by_dose(probs: np.ndarray, y: np.ndarray, dose: np.ndarray) -> dict
 
 def train_species(out_dir: Path, work_dir: Path, n_images: int = 400, n_val_images: int = 48, steps: int = 2500,
                   batch: int = 128, width: int = 16, threads: int = 1, balance: float = 1.0,
-                  reference: bool = True, centre: bool = False, progress: bool = True) -> Path:
+                  reference: bool = True, centre: bool = False, progress: bool = True,
+                  sampling_A: tuple[float, float] | None = None) -> Path:
     import torch
 
     from .train_config import TrainConfig
     from .trainer import fit, publish
 
-    ranges = SpeciesRanges()
+    ranges = SpeciesRanges() if sampling_A is None else replace(SpeciesRanges(), sampling_A=tuple(sampling_A))
     work_dir.mkdir(parents=True, exist_ok=True)
     geometry = {"reference": True} if reference else {}
     train = np.load(write_patches(work_dir / "train.npz", n_images, seed=0, ranges=ranges, progress=progress, **geometry))
@@ -169,13 +171,17 @@ def main(argv=None) -> None:
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="two channels only (no neighbour reference): the classifier before the reference")
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--sampling-A", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="scan steps [Å/px] the specimens are drawn from (log-uniform; default the image "
+                         "model's 0.1-0.3)")
     ap.add_argument("--centre", action="store_true",
                     help="the head also reads the central features (measured: better on the simulated benchmark, "
                          "worse on the multislice replay scan of tests/test_live.py; not shipped)")
     args = ap.parse_args(argv)
     path = train_species(args.out, args.work, n_images=args.images, steps=args.steps, batch=args.batch,
                          threads=args.threads, balance=args.balance,
-                         reference=args.reference, width=args.width, centre=args.centre)
+                         reference=args.reference, width=args.width, centre=args.centre,
+                         sampling_A=tuple(args.sampling_A) if args.sampling_A else None)
     print(f"card: {path}")
 
 

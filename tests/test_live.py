@@ -98,7 +98,9 @@ def test_replay_gives_every_column_its_species_and_anomaly(replayed, scan):
     dist, idx = cKDTree(cols).query(a["positions"])
     truth = np.where(kinds[idx] == "O+Ti", "Ti-O", kinds[idx])
     names = np.array(a["species_names"])[a["species"]]
-    assert (dist < 1.0).all() and (names == truth).mean() >= 0.7  # measured 0.74 (the rest: "partial")
+    print(f"\nspecies right on the multislice replay scan: {(names == truth).mean():.3f} of {n} columns; "
+          f"called partial: {(names == 'partial').mean():.3f}", flush=True)
+    assert (dist < 1.0).all() and (names == truth).mean() >= 0.8  # measured 0.85 (the rest: "partial")
     models = [m["task"] for m in replayed["attrs"]["models"]]
     assert "column-species" in models and "column-anomaly" in models
 

@@ -125,7 +125,6 @@ from octahedra_accuracy import CACHE, NUMERICS, SYSTEMS, THICKNESS_NM
 from stemlive.simulate import octahedra as oc
 from stemlive.simulate import octahedra_images as oi
 from stemlive.simulate.crystals import rms_displacements
-from stemlive.simulate.phonons import layer_offset
 
 ROLES = ("A", "B", "O")  # octahedra.build's site codes 0, 1, 2
 
@@ -185,23 +184,13 @@ def scene(structure: dict, seed: int, thickness_nm, displaced: bool = True) -> S
     every column's atoms sit a few pm off their sites; ``displaced=False``: the ideal sites)."""
     import abtem
 
-    built = oc.build(structure["system"], structure["angles_deg"], structure["a_site"], structure["b_site"],
-                     square_xy=structure["zone"] == "[110]")
-    zc = oc.project(built, structure["zone"])
-    per = oi.PLANES_PER_REPEAT[structure["zone"]]
-    repeat = zc.repeat_z
-    atoms = zc.atoms.copy()
-    atoms.positions[:, 2] += layer_offset(atoms.positions[:, 2], repeat, per)
-    atoms.wrap()
-    cell = np.array(zc.in_plane)
-    reps = tuple(int(np.ceil(NUMERICS.min_extent_A / c)) for c in cell)
     thick = np.asarray(thickness_nm, float)
-    dz = repeat / per
-    n_z = int(np.ceil((thick.max() * 10 - 0.5 * dz) / repeat))
-    crystal = atoms * (reps[0], reps[1], n_z)
+    rc = oi.run_crystal(oi.Structure(**{**structure, "angles_deg": tuple(structure["angles_deg"])}),
+                        NUMERICS.min_extent_A, thick)
+    crystal, cell, reps, dz = rc.crystal, np.array(rc.cell), rc.reps, rc.slice_A
     if displaced:
-        config_seed = int(np.random.SeedSequence([int(seed), 0]).generate_state(1)[0])
-        fp = abtem.FrozenPhonons(crystal, num_configs=1, sigmas=rms_displacements(crystal), seed=config_seed)
+        fp = abtem.FrozenPhonons(crystal, num_configs=1, sigmas=rms_displacements(crystal),
+                                 seed=oi.config_seed(seed, 0))
         pos = fp.randomize(crystal).positions
     else:
         pos = crystal.positions.copy()

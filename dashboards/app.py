@@ -505,7 +505,7 @@ class Page:
                 virtual_rows = None if full or self._virtual_due == "all" else sorted(self._virtual_due or ())
                 if virtual:
                     self._virtual_drawn_at, self._virtual_due = time.monotonic(), None
-                self._draw(snap, full, rows, virtual, virtual_rows)
+                self._draw(snap, full, rows, virtual, virtual_rows, running)
                 if atoms:
                     self._draw_atoms(snap, full)
                     self._atoms_due = False
@@ -553,7 +553,8 @@ class Page:
             acked = 0
         return acked >= self._before_last or time.monotonic() - self.sent_at > 5.0
 
-    def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True, virtual_rows=None) -> None:
+    def _draw(self, snap, full: bool, rows: list[int], virtual: bool = True, virtual_rows=None,
+              running: bool = True) -> None:
         derived = derived_maps(snap.maps)
         for key, e in self.maps.items():
             if full or e["factor"] > 1:
@@ -591,7 +592,7 @@ class Page:
         # the histogram goes with the virtual images (≤ 1/s, 1 per 2 s while blocks come): drawn
         # with each block update it was the page's costliest plot
         self._histogram_due = self._histogram_due or bool(rows)
-        if self._histogram_due and (full or virtual or snap.status.get("state", "running") != "running"):
+        if self._histogram_due and (full or virtual or not running):
             self._histogram(derived)
             self._histogram_due = False
 

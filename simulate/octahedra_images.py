@@ -146,6 +146,40 @@ def _aberrations(probe: Probe) -> dict[str, float]:
 METHODS = ("multislice", "prism")
 
 
+@dataclass
+class RunCrystal:
+    """The atoms a run propagates through: the projected cell tiled to the probe window and
+    stacked to the thickest exit plane (`simulate_run`; a study rebuilding a run uses the same)."""
+
+    crystal: object  # ase.Atoms, z = depth below the entrance surface
+    cell: tuple[float, float]  # projected cell [Å]
+    reps: tuple[int, int]  # in-plane copies in the probe window
+    repeat_A: float  # the supercell's repeat along the beam
+    slice_A: float  # one atomic plane: the slice thickness
+    n_z: int  # repeats along the beam
+
+
+def run_crystal(structure: Structure, min_extent_A: float, thickness_nm) -> RunCrystal:
+    """The crystal of ``structure`` for exit planes up to max(``thickness_nm``)."""
+    built = oc.build(structure.system, structure.angles_deg, structure.a_site, structure.b_site,
+                     square_xy=structure.zone == "[110]")
+    zc = oc.project(built, structure.zone)
+    per_repeat = PLANES_PER_REPEAT[structure.zone]
+    repeat = zc.repeat_z
+    atoms = zc.atoms.copy()
+    atoms.positions[:, 2] += layer_offset(atoms.positions[:, 2], repeat, per_repeat)
+    atoms.wrap()
+    cell = tuple(zc.in_plane)
+    reps = tuple(int(np.ceil(min_extent_A / c)) for c in cell)
+    n_z = int(np.ceil(np.max(thickness_nm) * 10 / repeat))
+    return RunCrystal(atoms * (reps[0], reps[1], n_z), cell, reps, repeat, repeat / per_repeat, n_z)
+
+
+def config_seed(seed: int, config: int) -> int:
+    """The random seed of frozen-phonon configuration ``config`` of a run seeded ``seed``."""
+    return int(np.random.SeedSequence([int(seed), int(config)]).generate_state(1)[0])
+
+
 def simulate_run(structure: Structure, probes: Probe | list[Probe] = Probe(), numerics: Numerics = Numerics(),
                  thickness_nm=(5.0, 10.0, 20.0, 30.0), seed: int = 0, method: str = "multislice") -> list[RunImages]:
     """One run: ABF and HAADF over one projected cell at every thickness, for each probe.
@@ -176,18 +210,10 @@ def simulate_run(structure: Structure, probes: Probe | list[Probe] = Probe(), nu
         raise ValueError(f"ABF outer angle {numerics.abf_mrad[1]} mrad lies outside the bright field ({alpha} mrad)")
     built = oc.build(structure.system, structure.angles_deg, structure.a_site, structure.b_site,
                      square_xy=structure.zone == "[110]")
-    zc = oc.project(built, structure.zone)
     truth = oc.projected_truth(built, structure.zone)
+    rc = run_crystal(structure, numerics.min_extent_A, thick)
+    crystal, cell, reps, n_z, dz = rc.crystal, rc.cell, rc.reps, rc.n_z, rc.slice_A
     per_repeat = PLANES_PER_REPEAT[structure.zone]
-    repeat = zc.repeat_z
-    atoms = zc.atoms.copy()
-    atoms.positions[:, 2] += layer_offset(atoms.positions[:, 2], repeat, per_repeat)
-    atoms.wrap()
-    cell = zc.in_plane
-    reps = tuple(int(np.ceil(numerics.min_extent_A / c)) for c in cell)
-    n_z = int(np.ceil(thick.max() * 10 / repeat))
-    crystal = atoms * (reps[0], reps[1], n_z)
-    dz = repeat / per_repeat
     # the last slice of each thickness (rounded to whole slices; the realised thickness is stored)
     planes = sorted({min(max(int(round(t * 10 / dz)) - 1, 0), n_z * per_repeat - 1) for t in thick})
     sigmas = rms_displacements(crystal)
@@ -197,8 +223,7 @@ def simulate_run(structure: Structure, probes: Probe | list[Probe] = Probe(), nu
     acc = np.zeros((len(probes), 2, len(planes)) + gpts)
     t0, c0 = time.perf_counter(), time.process_time()
     for config in range(numerics.phonon_configs):
-        config_seed = int(np.random.SeedSequence([seed, config]).generate_state(1)[0])
-        frozen = abtem.FrozenPhonons(crystal, num_configs=1, sigmas=sigmas, seed=config_seed)
+        frozen = abtem.FrozenPhonons(crystal, num_configs=1, sigmas=sigmas, seed=config_seed(seed, config))
         if method == "multislice":
             potential = abtem.Potential(frozen, sampling=numerics.sampling_A, slice_thickness=dz,
                                         projection="infinite", exit_planes=tuple(planes))
